@@ -129,3 +129,13 @@ def tiny_sae(d_in: int, hook_name: str, d_sae: int = 64, architecture: str = "st
             else:
                 param.zero_()
     return sae.eval()
+
+
+def tiny_sae_from_spec(spec: str, model, d_sae: int = 64):
+    """`tiny:HOOK_NAME[:ARCHITECTURE]` → a random SAE reading that hook of `model` (d_in = the model's width)."""
+    _, hook_name, *arch = spec.split(":")
+    if not hook_name:
+        raise ValueError(f"expected tiny:HOOK_NAME[:ARCHITECTURE], got {spec!r}")
+    cfg = model.config
+    d_in = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    return tiny_sae(d_in, hook_name, d_sae=d_sae, architecture=arch[0] if arch else "standard")

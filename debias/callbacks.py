@@ -1,0 +1,149 @@
+"""Callbacks: held-out metrics at validation, and the before/after report with the export at the end of `fit`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torchmetrics import MeanMetric
+
+from debias.metrics import FeatureActivation
+
+
+class HeldOutAggregate:
+    """Aggregates `DebiasModule.evaluate_batch` outputs into the held-out metrics."""
+
+    def __init__(self, n_features: int, device):
+        self.feature = FeatureActivation(n_features).to(device)
+        self.lm_loss = MeanMetric().to(device)
+        self.kl = MeanMetric().to(device)
+
+    def update(self, kind: str, out: dict[str, torch.Tensor]) -> None:
+        if kind == "bias":
+            self.feature.update(out["latents"], out["real"])
+        else:
+            self.lm_loss.update(out["nll"], out["nll_mask"].float())
+            self.kl.update(out["kl"], out["kl_mask"].float())
+
+    def compute(self) -> dict[str, float]:
+        feature = {k: float(v) for k, v in self.feature.compute().items()}
+        lm_loss = float(self.lm_loss.compute())
+        return {**feature, "lm_loss": lm_loss, "perplexity": float(torch.tensor(lm_loss).exp()),
+                "kl": float(self.kl.compute())}
+
+
+def evaluate_heldout(module: LightningModule, datamodule, edited: bool = True) -> dict[str, float]:
+    """Held-out metrics of the edited model (or, with `edited=False`, of the original one)."""
+    agg = HeldOutAggregate(len(module.features), module.device)
+    was_training = module.training
+    module.eval()
+    try:
+        for kind, loader in zip(datamodule.VAL_SETS, datamodule.val_dataloader()):
+            for texts in loader:
+                if edited:
+                    agg.update(kind, module.evaluate_batch(texts, kind))
+                else:
+                    with module.delta.disabled():
+                        agg.update(kind, module.evaluate_batch(texts, kind))
+        metrics = agg.compute()
+        metrics.update(_behaviour(module, datamodule, edited))
+    finally:
+        module.train(was_training)
+    return metrics
+
+
+def _behaviour(module, datamodule, edited: bool) -> dict[str, float]:
+    """Bias gap and explicit-cue margin on the held-out prompt files."""
+    from debias import bias
+
+    prompt_dir = datamodule.hparams.prompt_dir
+    gap_prompts = bias.load_gap_prompts("heldout", prompt_dir)
+    cue_prompts = bias.load_cue_prompts("heldout", prompt_dir)
+    with torch.no_grad():
+        if edited:
+            gap, cue = bias.bias_gap(module.net, module.tokenizer, gap_prompts), bias.cue_margin(module.net, module.tokenizer, cue_prompts)
+        else:
+            with module.delta.disabled():
+                gap, cue = bias.bias_gap(module.net, module.tokenizer, gap_prompts), bias.cue_margin(module.net, module.tokenizer, cue_prompts)
+    return {"bias_gap": gap["bias_gap"], "bias_gap_ci": gap["bias_gap_ci"],
+            "cue_margin": cue["cue_margin"], "cue_margin_ci": cue["cue_margin_ci"],
+            "gap_per_profession": gap.get("per_profession", {})}
+
+
+class HeldOutMetrics(Callback):
+    """Logs `val/feature_act`, `val/feature_fire_rate`, `val/lm_loss`, `val/perplexity`, `val/kl`,
+    `val/bias_gap` and `val/cue_margin` at each validation (progress bar and loggers)."""
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.agg = HeldOutAggregate(len(pl_module.features), pl_module.device)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.agg.update(trainer.datamodule.VAL_SETS[dataloader_idx], outputs)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = self.agg.compute()
+        metrics.update({k: v for k, v in _behaviour(pl_module, trainer.datamodule, True).items()
+                        if isinstance(v, float)})
+        shown = ("feature_act", "kl", "bias_gap", "cue_margin")
+        for name, value in metrics.items():
+            pl_module.log(f"val/{name}", value, prog_bar=name in shown, add_dataloader_idx=False)
+
+
+class ReportAndExport(Callback):
+    """Evaluates the original model before `fit`, the edited one after, prints both and exports the edit.
+
+    With a `ModelCheckpoint(monitor=...)` in the trainer, the exported delta is the best checkpoint's, not the
+    last step's. Only rank 0 writes.
+    """
+
+    def __init__(self, export_dir: str | None = "runs/export", overwrite: bool = False):
+        self.export_dir = export_dir
+        self.overwrite = overwrite
+        if export_dir:
+            from debias.export import check_target
+
+            check_target(Path(export_dir), overwrite)  # fail before training, not after
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.started = time.time()
+        self.before = evaluate_heldout(pl_module, trainer.datamodule, edited=False)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if getattr(checkpoint, "monitor", None) else ""
+        if best:
+            state = torch.load(best, map_location=pl_module.device, weights_only=False)["state_dict"]
+            pl_module.load_state_dict(state, strict=False)
+        self.after = evaluate_heldout(pl_module, trainer.datamodule, edited=True)
+        self.report = {"before": self.before, "after": self.after, "train_seconds": time.time() - self.started,
+                       "checkpoint": best or "last step", "steps": trainer.global_step}
+        if trainer.is_global_zero:
+            print(format_table(self.before, self.after))
+            if self.export_dir:
+                from debias.export import export
+
+                path = export(pl_module, self.export_dir, self.report, overwrite=self.overwrite)
+                print(f"exported to {path}")
+
+
+ROWS = ("feature_act", "feature_fire_rate", "lm_loss", "perplexity", "kl", "bias_gap", "cue_margin")
+
+
+def format_table(before: dict, after: dict) -> str:
+    """A plain before/after table of the held-out metrics."""
+    lines = [f"{'held-out metric':<20}{'before':>12}{'after':>12}{'change':>10}"]
+    for name in ROWS:
+        if name in before and name in after:
+            b, a = before[name], after[name]
+            change = f"{(a - b) / abs(b):+.1%}" if b and name != "kl" else ""
+            lines.append(f"{name:<20}{b:>12.4f}{a:>12.4f}{change:>10}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=float))

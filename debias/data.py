@@ -1,0 +1,143 @@
+"""Prompt sets and the DataModule: bias and neutral texts, with explicit train and held-out splits.
+
+A source is one of
+- `package:NAME`: a file shipped in `debias/prompts/`;
+- a `.txt` file (one text per line; blank lines and lines starting with `#` are skipped);
+- a `.jsonl` file (the `text` field of each line);
+- `hf:DATASET[:CONFIG]:SPLIT:FIELD`, anything `datasets.load_dataset` can open.
+Batches are lists of raw strings (no chat template); the module tokenises them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader
+
+from debias.bias import default_prompt_dir
+
+PROMPT_DIR = default_prompt_dir()
+
+
+def resolve_source(source: str) -> Path:
+    """The file a `package:` or path source names; raises if it does not exist."""
+    path = PROMPT_DIR / source.removeprefix("package:") if source.startswith("package:") else Path(source)
+    if not path.is_file():
+        shipped = sorted(p.name for p in PROMPT_DIR.glob("*.txt"))
+        raise FileNotFoundError(f"prompt file {source!r} not found (looked at {path}); shipped files: {shipped}")
+    return path
+
+
+def read_texts(source: str, limit: int | None = None) -> list[str]:
+    """The texts of a source (see the module docstring); raises if it is missing or empty."""
+    if source.startswith("hf:"):
+        texts = _read_hf(source)
+    else:
+        path = resolve_source(source)
+        if path.suffix == ".jsonl":
+            texts = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if "text" not in row:
+                        raise ValueError(f"{path}:{n}: JSONL rows need a 'text' field, got keys {sorted(row)}")
+                    texts.append(row["text"])
+        else:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            texts = [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+    if not texts:
+        raise ValueError(f"prompt source {source!r} holds no texts")
+    return texts[:limit] if limit else texts
+
+
+def _read_hf(source: str) -> list[str]:
+    from datasets import load_dataset
+
+    parts = source.removeprefix("hf:").split(":")
+    if len(parts) not in (3, 4):
+        raise ValueError(f"expected hf:DATASET[:CONFIG]:SPLIT:FIELD, got {source!r}")
+    name, config, split, field = parts if len(parts) == 4 else (parts[0], None, parts[1], parts[2])
+    rows = load_dataset(name, config, split=split)
+    if field not in rows.column_names:
+        raise ValueError(f"{source!r}: no field {field!r}; the dataset has {rows.column_names}")
+    return [t for t in rows[field] if t and t.strip()]
+
+
+def _identity(batch):
+    return batch
+
+
+class DebiasDataModule(LightningDataModule):
+    """Bias and neutral prompts for the mask, training (train splits) and held-out evaluation.
+
+    Training batches are `{"bias": [str], "neutral": [str], "cue": [str]}`, cycling the shorter sets;
+    validation has one loader per held-out set, in the order of `VAL_SETS`.
+    """
+
+    VAL_SETS = ("bias", "neutral")
+
+    def __init__(
+        self,
+        bias_train: str = "package:bias_train.txt",
+        bias_heldout: str = "package:bias_heldout.txt",
+        neutral_train: str = "package:neutral_train.txt",
+        neutral_heldout: str = "package:neutral_heldout.txt",
+        cue_train: str | None = None,
+        prompt_dir: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        max_texts: int | None = None,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            bias_train: texts where the bias feature fires; used for the mask and the removal terms.
+            bias_heldout: held-out bias texts, only evaluated.
+            neutral_train: text for the preservation KL.
+            neutral_heldout: held-out neutral text for LM loss and KL.
+            cue_train: explicit-cue prompts for the cue KL (None: the shipped train split when the term is on).
+            prompt_dir: directory with the bias-metric files (professions, templates, relatives); None: shipped.
+            batch_size: texts per set in one training step.
+            eval_batch_size: texts per batch in evaluation and the mask pass.
+            max_texts: keep only the first N texts of each set (quick runs).
+            seed: shuffling seed.
+        """
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        self.save_hyperparameters()
+        self.texts: dict[str, list[str]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.texts:
+            return
+        hp = self.hparams
+        sources = {"bias_train": hp.bias_train, "bias_heldout": hp.bias_heldout,
+                   "neutral_train": hp.neutral_train, "neutral_heldout": hp.neutral_heldout}
+        if hp.cue_train:
+            sources["cue_train"] = hp.cue_train
+        self.texts = {name: read_texts(src, hp.max_texts) for name, src in sources.items()}
+        overlap = set(self.texts["bias_train"]) & set(self.texts["bias_heldout"])
+        if overlap:
+            raise ValueError(f"{len(overlap)} bias prompts are in both train and held-out sets, e.g. {sorted(overlap)[:2]}")
+
+    def _loader(self, texts: list[str], batch_size: int, shuffle: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(texts, batch_size=batch_size, shuffle=shuffle, collate_fn=_identity, generator=gen)
+
+    def train_dataloader(self):
+        sets = {name: self.texts[f"{name}_train"] for name in ("bias", "neutral", "cue") if f"{name}_train" in self.texts}
+        loaders = {name: self._loader(texts, self.hparams.batch_size, True) for name, texts in sets.items()}
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self):
+        return [self._loader(self.texts[f"{name}_heldout"], self.hparams.eval_batch_size, False) for name in self.VAL_SETS]
+
+    def mask_batches(self) -> list[list[str]]:
+        """The train bias texts in evaluation-sized batches, in file order (the mask's input)."""
+        texts, size = self.texts["bias_train"], self.hparams.eval_batch_size
+        return [texts[i:i + size] for i in range(0, len(texts), size)]

@@ -1,0 +1,206 @@
+"""`DebiasModule`: train only the instability-masked entries of one layer's `W_out`."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+
+from debias import hooks
+from debias.delta import SparseDelta
+from debias.mask import InstabilityMask, compute_mask, real_token_mask, resolve_k
+from debias.objective import ObjectiveWeights, ablate, feature_term, mean_kl, token_kl
+
+
+class DebiasModule(LightningModule):
+    """A HF causal LM, an SAE feature and a sparse delta on the `W_out` of the SAE's layer.
+
+    The mask is computed in `setup` from the DataModule's train bias prompts (or loaded from `mask_path`).
+    The original model is the same network with the delta disabled: no second copy is held.
+    """
+
+    def __init__(
+        self,
+        base_model: str = "tiny-llama",
+        sae: str = "tiny:blocks.1.hook_mlp_out",
+        sae_id: str | None = None,
+        features: list[int] | None = None,
+        fraction: float | None = 0.01,
+        k: int | None = None,
+        mask_strategy: str = "gradient",
+        mask_path: str | None = None,
+        objective: ObjectiveWeights | None = None,
+        lr: float = 1e-2,
+        dtype: str = "float32",
+        max_length: int = 64,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            base_model: hub id, local HF directory, or a spec (`smollm2-135m`, `tiny-llama`, ...).
+            sae: a directory saved with `sae.save_model`, a sae_lens release name, or `tiny:HOOK_NAME` (a random
+                SAE at that hook, for `tiny-*` models and smoke tests).
+            sae_id: the SAE's id within a sae_lens release.
+            features: SAE feature (latent) indices whose driving weights are edited.
+            fraction: share of W_out's entries to train (k = max(1, floor(fraction × numel))).
+            k: number of entries to train; overrides `fraction`.
+            mask_strategy: how entries are ranked: gradient (|∂a/∂W|), grad_x_weight, random.
+            mask_path: use this saved mask instead of computing one.
+            objective: weights of the loss terms.
+            lr: Adam learning rate of the delta.
+            dtype: model weights' dtype (float32, bfloat16, float16); the delta is float32.
+            max_length: tokens per text (longer texts are truncated).
+            seed: seed for the random mask strategy.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.objective = objective or ObjectiveWeights()
+        self.features = list(features if features is not None else [0])
+        from debias.models import load_model
+        from debias.sae import check_features, check_sae_fits, load_sae
+        from debias.tiny import tiny_sae_from_spec
+
+        loaded = load_model(base_model, dtype=dtype)
+        self.net, self.tokenizer, self.model_id = loaded.model, loaded.tokenizer, loaded.model_id
+        self.model_path = loaded.path or loaded.model_id
+        self.sae = tiny_sae_from_spec(sae, self.net) if sae.startswith("tiny:") else load_sae(sae, sae_id)
+        for p in self.sae.parameters():
+            p.requires_grad_(False)
+        self.site = hooks.resolve_hook(self.net, self.sae.cfg.metadata.hook_name, self.tokenizer)
+        check_sae_fits(self.sae, self.net, self.site)
+        check_features(self.sae, self.features)
+        self.parameter = hooks.w_out_name(self.net, self.site.layer)
+        numel = self.net.get_parameter(self.parameter).numel()
+        self.k = resolve_k(numel, None if k is not None else fraction, k)
+        self.delta: SparseDelta | None = None
+        self.register_buffer("feature_baseline", torch.ones(len(self.features)))
+        self.strict_loading = False  # checkpoints hold only the trainable state
+
+    # ----- set-up: the mask and the feature's value before training -----
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
+                             max_length=self.hparams.max_length)
+        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def real(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return real_token_mask(batch["input_ids"], batch["attention_mask"], self.tokenizer.bos_token_id)
+
+    def setup(self, stage: str) -> None:
+        self.prepare(self.trainer.datamodule)
+
+    def prepare(self, datamodule) -> None:
+        """Compute (or load) the mask from `datamodule`'s train bias prompts and attach the delta; idempotent."""
+        if self.delta is not None:
+            return
+        datamodule.setup("fit")
+        batches = [self.tokenize(b) for b in datamodule.mask_batches()]
+        self.attach(self.build_mask(batches) if not self.hparams.mask_path else InstabilityMask.load(self.hparams.mask_path))
+        self.feature_baseline.copy_(self.mean_feature_acts(batches))
+        if not (self.feature_baseline > 0).all():
+            silent = [f for f, b in zip(self.features, self.feature_baseline.tolist()) if b <= 0]
+            raise ValueError(f"feature(s) {silent} never fire on the train bias prompts; nothing to remove")
+
+    def build_mask(self, batches: list[dict]) -> InstabilityMask:
+        """The instability mask of this module's SAE feature(s) over tokenised `batches`."""
+        return compute_mask(self.net, self.sae, self.site, self.parameter, batches, self.features, self.k,
+                            strategy=self.hparams.mask_strategy, seed=self.hparams.seed,
+                            bos_token_id=self.tokenizer.bos_token_id, model_id=self.model_id,
+                            sae_id=":".join(filter(None, [self.hparams.sae, self.hparams.sae_id])))
+
+    def attach(self, mask: InstabilityMask) -> None:
+        """Put a trainable zero delta on `mask`'s entries."""
+        if mask.parameter != self.parameter or mask.k != self.k and self.hparams.mask_path is None:
+            raise ValueError(f"mask is for {mask.parameter} with k={mask.k}; this run edits {self.parameter}, k={self.k}")
+        self.mask = mask
+        self.delta = SparseDelta(self.net, mask)
+
+    @torch.no_grad()
+    def mean_feature_acts(self, batches: list[dict]) -> torch.Tensor:
+        """[n_features] mean activation over real tokens, original model."""
+        total, count = torch.zeros(len(self.features), device=self.device), 0
+        with self.delta.disabled():
+            for batch in batches:
+                latents = self.latents(batch)
+                real = self.real(batch)
+                total += (latents * real.unsqueeze(-1)).sum(dim=(0, 1))
+                count += int(real.sum())
+        return total / max(count, 1)
+
+    def latents(self, batch: dict, acts: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, seq, n_features] SAE activations of the chosen features."""
+        if acts is None:
+            acts = hooks.forward_until(self.net, self.site, **batch)
+        return self.sae.encode(acts.to(self.sae.W_enc.dtype))[..., self.features]
+
+    # ----- training -----
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.net(**batch).logits
+
+    def loss_terms(self, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+        """Unweighted value of every active term on one training batch."""
+        w, terms = self.objective, {}
+        bias = self.tokenize(texts["bias"])
+        real = self.real(bias)
+        if w.ablation:
+            with torch.no_grad(), self.delta.disabled(), \
+                    hooks.replace(self.net, self.site, lambda a: ablate(self.sae, a, self.features)):
+                ablated = self(bias)
+            with hooks.capture(self.net, self.site) as cap:
+                logits = self(bias)
+            terms["ablation"] = mean_kl(ablated, logits, bias["attention_mask"].bool())
+            if w.feature:
+                terms["feature"] = feature_term(self.latents(bias, cap.value), real, self.feature_baseline)
+        elif w.feature:
+            terms["feature"] = feature_term(self.latents(bias), real, self.feature_baseline)
+        if w.kl:
+            neutral = self.tokenize(texts["neutral"])
+            with torch.no_grad(), self.delta.disabled():
+                ref = self(neutral)
+            terms["kl"] = mean_kl(ref, self(neutral), neutral["attention_mask"].bool())
+        return terms
+
+    def training_step(self, batch: dict, batch_idx: int):
+        terms = self.loss_terms(batch)
+        weights = self.objective.active()
+        loss = sum(weights[name] * value for name, value in terms.items())
+        if not torch.isfinite(loss):
+            # Skip the update, so the weights (and the last checkpoint) stay the last good ones, and stop.
+            self.print(f"loss is {loss.item()} at step {self.global_step}: stopping; the delta keeps its last finite value")
+            self.trainer.should_stop = True
+            return None
+        self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, batch_size=len(batch["bias"]))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["bias"]))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([self.delta.values], lr=self.hparams.lr)
+
+    # ----- held-out evaluation (the callbacks aggregate what these return) -----
+    @torch.no_grad()
+    def evaluate_batch(self, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
+        """Per-token held-out quantities of the current model: `kind` is "bias" or "neutral"."""
+        batch = self.tokenize(texts)
+        if kind == "bias":
+            return {"latents": self.latents(batch), "real": self.real(batch)}
+        logits = self(batch)
+        with self.delta.disabled():
+            ref = self(batch)
+        targets = batch["input_ids"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+        next_real = batch["attention_mask"][:, 1:].bool()
+        return {"nll": nll.view_as(targets), "nll_mask": next_real,
+                "kl": token_kl(ref, logits), "kl_mask": batch["attention_mask"].bool()}
+
+    def validation_step(self, batch: list[str], batch_idx: int, dataloader_idx: int = 0):
+        return self.evaluate_batch(batch, self.trainer.datamodule.VAL_SETS[dataloader_idx])
+
+    # ----- checkpoints hold only the trainable state -----
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        keep = ("supertuning_values", "supertuning_indices", ".values", ".indices", "feature_baseline")
+        return {k: v for k, v in self.state_dict().items() if any(s in k for s in keep)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = self.trainable_state()
+        checkpoint["debias_mask"] = {"indices": self.mask.indices, "parameter": self.mask.parameter}
+
+    def changed_entries(self) -> int:
+        return int((self.delta.values != 0).sum())
