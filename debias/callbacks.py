@@ -35,8 +35,12 @@ class HeldOutAggregate:
                 "kl": float(self.kl.compute())}
 
 
-def evaluate_heldout(module: LightningModule, datamodule, edited: bool = True) -> dict[str, float]:
-    """Held-out metrics of the edited model (or, with `edited=False`, of the original one)."""
+def evaluate_heldout(module: LightningModule, datamodule, edited: bool = True, cue_limit: int | None = 256) -> dict:
+    """Held-out metrics of the edited model (or, with `edited=False`, of the original one).
+
+    The explicit-cue margin uses a seeded subset of `cue_limit` held-out cue prompts, balanced over cue gender
+    and pro/anti-stereotypical profession (None: all of them).
+    """
     agg = HeldOutAggregate(len(module.features), module.device)
     was_training = module.training
     module.eval()
@@ -49,19 +53,19 @@ def evaluate_heldout(module: LightningModule, datamodule, edited: bool = True) -
                     with module.delta.disabled():
                         agg.update(kind, module.evaluate_batch(texts, kind))
         metrics = agg.compute()
-        metrics.update(_behaviour(module, datamodule, edited))
+        metrics.update(_behaviour(module, datamodule, edited, cue_limit))
     finally:
         module.train(was_training)
     return metrics
 
 
-def _behaviour(module, datamodule, edited: bool) -> dict[str, float]:
+def _behaviour(module, datamodule, edited: bool, cue_limit: int | None) -> dict:
     """Bias gap and explicit-cue margin on the held-out prompt files."""
     from debias import bias
 
     prompt_dir = datamodule.hparams.prompt_dir
     gap_prompts = bias.load_gap_prompts("heldout", prompt_dir)
-    cue_prompts = bias.load_cue_prompts("heldout", prompt_dir)
+    cue_prompts = bias.load_cue_prompts("heldout", prompt_dir, limit=cue_limit)
     with torch.no_grad():
         if edited:
             gap, cue = bias.bias_gap(module.net, module.tokenizer, gap_prompts), bias.cue_margin(module.net, module.tokenizer, cue_prompts)
@@ -87,7 +91,7 @@ class HeldOutMetrics(Callback):
         if trainer.sanity_checking:
             return
         metrics = self.agg.compute()
-        metrics.update({k: v for k, v in _behaviour(pl_module, trainer.datamodule, True).items()
+        metrics.update({k: v for k, v in _behaviour(pl_module, trainer.datamodule, True, 128).items()
                         if isinstance(v, float)})
         shown = ("feature_act", "kl", "bias_gap", "cue_margin")
         for name, value in metrics.items():

@@ -126,8 +126,12 @@ class DebiasDataModule(LightningDataModule):
             raise ValueError(f"{len(overlap)} bias prompts are in both train and held-out sets, e.g. {sorted(overlap)[:2]}")
 
     def _loader(self, texts: list[str], batch_size: int, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(texts, batch_size=batch_size, shuffle=shuffle, collate_fn=_identity, generator=gen)
+        if shuffle:
+            # One seeded permutation, the same every epoch: a run resumed from a checkpoint at an epoch
+            # boundary then sees exactly the batches of a run that never stopped.
+            order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.hparams.seed))
+            texts = [texts[i] for i in order]
+        return DataLoader(texts, batch_size=batch_size, shuffle=False, collate_fn=_identity)
 
     def train_dataloader(self):
         sets = {name: self.texts[f"{name}_train"] for name in ("bias", "neutral", "cue") if f"{name}_train" in self.texts}

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+from conftest import make_data, make_module, make_trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from debias.delta import apply_delta
+from debias.export import export
+
+REPORT_KEYS = {"base_model", "hook_name", "layer", "parameter", "features", "k", "before", "after"}
+METRIC_KEYS = {"feature_act", "feature_fire_rate", "lm_loss", "kl", "bias_gap", "cue_margin"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    module = make_module()
+    make_trainer(tmp, max_steps=6).fit(module, datamodule=make_data())
+    return module
+
+
+def _logits(model, tok, text="My sister, a carpenter, said that"):
+    with torch.no_grad():
+        return model(**tok([text], return_tensors="pt")).logits
+
+
+def test_export_reloads_both_ways_with_the_trained_logits(trained, tmp_path):
+    run = {"before": {k: 1.0 for k in METRIC_KEYS}, "after": {k: 0.5 for k in METRIC_KEYS}}
+    out = export(trained, tmp_path / "export", run)
+    expected = _logits(trained.net, trained.tokenizer)
+
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    torch.testing.assert_close(_logits(merged, tok), expected, rtol=1e-5, atol=1e-5)
+
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(trained.model_path)
+    with_adapter = PeftModel.from_pretrained(base, out / "adapter")
+    torch.testing.assert_close(_logits(with_adapter, tok), expected, rtol=1e-5, atol=1e-5)
+
+    plain = apply_delta(AutoModelForCausalLM.from_pretrained(trained.model_path), out / "debias" / "delta.safetensors")
+    torch.testing.assert_close(_logits(plain, tok), expected, rtol=1e-5, atol=1e-5)
+
+    report = json.loads((out / "debias" / "report.json").read_text())
+    assert REPORT_KEYS <= set(report) and METRIC_KEYS <= set(report["after"])
+    assert report["k"] == trained.k and report["parameter"] == trained.parameter
+    assert (out / "debias" / "delta.safetensors").stat().st_size < 4096
+    assert (out / "README.md").read_text().startswith("---")
+
+
+def test_merged_checkpoint_changes_exactly_the_trained_entries(trained, tmp_path):
+    out = export(trained, tmp_path / "export", {"before": {}, "after": {}})
+    base = AutoModelForCausalLM.from_pretrained(trained.model_path).get_parameter(trained.parameter)
+    edited = AutoModelForCausalLM.from_pretrained(out).get_parameter(trained.parameter)
+    changed = (base != edited).flatten().nonzero().flatten()
+    assert changed.numel() == trained.changed_entries() > 0
+    assert set(changed.tolist()) <= set(trained.mask.indices.tolist())
+
+
+def test_export_refuses_a_non_empty_directory_and_leaves_nothing_half_written(trained, tmp_path, monkeypatch):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "keep.txt").write_text("a user's file")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(trained, target, {"before": {}, "after": {}})
+    assert (target / "keep.txt").read_text() == "a user's file"
+
+    import debias.export as ex
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ex, "model_card", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export(trained, target, {"before": {}, "after": {}}, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary directory left behind
+    assert (target / "keep.txt").exists()  # the old export survives a failed overwrite
+
+
+def test_gpt2_export_has_no_adapter_but_a_delta(tmp_path):
+    module = make_module(base_model="tiny-gpt2")
+    make_trainer(tmp_path, max_steps=3).fit(module, datamodule=make_data())
+    out = export(module, tmp_path / "export", {"before": {}, "after": {}})
+    assert not (out / "adapter").exists()
+    tok = AutoTokenizer.from_pretrained(out)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(out), tok),
+                               _logits(module.net, module.tokenizer), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,106 @@
+import pytest
+import torch
+from conftest import make_data, make_module, make_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from debias.callbacks import evaluate_heldout
+from debias.objective import ObjectiveWeights
+
+
+def _snapshot(module):
+    return {name: p.detach().clone() for name, p in module.net.named_parameters() if "supertuning" not in name}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fit_changes_only_the_masked_entries(family, tmp_path):
+    module = make_module(base_model=f"tiny-{family}")
+    before = {n.replace(".base_layer.", "."): p.detach().clone() for n, p in module.net.named_parameters()}
+    make_trainer(tmp_path).fit(module, datamodule=make_data())
+    assert sum(p.numel() for p in module.parameters() if p.requires_grad) == module.k == 40
+    after = {n.replace(".base_layer.", "."): p for n, p in module.net.named_parameters() if "supertuning" not in n
+             and not n.endswith((".values",))}
+    assert set(after) == set(before)
+    for name, value in after.items():
+        assert torch.equal(value, before[name]), f"{name} changed; the base weights must stay frozen"
+    assert module.changed_entries() > 0  # the delta itself did train
+    module.delta.merge()
+    changed = (module.delta.base_weight() != before[module.parameter]).flatten().nonzero().flatten()
+    assert set(changed.tolist()) <= set(module.mask.indices.tolist())
+    module.delta.unmerge()
+    assert torch.equal(module.delta.base_weight(), before[module.parameter])
+
+
+def test_optimizer_state_is_order_k(tmp_path):
+    module = make_module()
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, datamodule=make_data())
+    state = trainer.optimizers[0].state
+    numel = sum(t.numel() for s in state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0)
+    assert numel == 2 * module.k  # Adam's two moments over the k values, nothing of the 2048-entry matrix
+
+
+def test_feature_falls_and_was_nonzero_before(tmp_path):
+    module, data = make_module(), make_data()
+    make_trainer(tmp_path, max_steps=15).fit(module, datamodule=data)
+    with module.delta.disabled():
+        original = evaluate_heldout(module, data, edited=False)
+    edited = evaluate_heldout(module, data, edited=True)
+    assert original["feature_act"] > 0
+    assert edited["feature_act"] < 0.8 * original["feature_act"]
+    assert original["kl"] == pytest.approx(0.0, abs=1e-7) and edited["kl"] > 0
+
+
+def test_checkpoint_holds_only_trainable_state_and_resumes(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    module = make_module()
+    make_trainer(tmp_path, max_steps=6, callbacks=[ckpt], enable_checkpointing=True).fit(module, datamodule=make_data())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    keys = set(saved["state_dict"])
+    assert any("supertuning_values" in k for k in keys) and any("supertuning_indices" in k for k in keys)
+    assert not any(k.endswith("embed_tokens.weight") or "base_layer" in k for k in keys), keys
+    assert sum(v.numel() for v in saved["state_dict"].values()) < 3 * module.k + 10
+
+    restored = make_module()  # fit with the checkpoint's own max_steps: restores and trains nothing
+    make_trainer(tmp_path, max_steps=6).fit(restored, datamodule=make_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert torch.equal(restored.delta.values, module.delta.values)
+    assert torch.equal(restored.mask.indices, module.mask.indices)
+
+    resumed = make_module()
+    trainer = make_trainer(tmp_path, max_steps=9)
+    trainer.fit(resumed, datamodule=make_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 9 and not torch.equal(resumed.delta.values, module.delta.values)
+    adam = trainer.optimizers[0].state[resumed.delta.values]
+    assert int(adam["step"]) == 9  # the optimizer state came back with the delta
+
+
+def test_nan_loss_stops_and_keeps_last_good_delta(tmp_path, monkeypatch):
+    module = make_module()
+    calls = {"n": 0}
+    real_terms = module.loss_terms
+
+    def poisoned(texts):
+        calls["n"] += 1
+        terms = real_terms(texts)
+        if calls["n"] >= 3:
+            terms["feature"] = terms["feature"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(module, "loss_terms", poisoned)
+    trainer = make_trainer(tmp_path, max_steps=10)
+    trainer.fit(module, datamodule=make_data())
+    assert calls["n"] == 3 and trainer.global_step == 2
+    assert torch.isfinite(module.delta.values).all() and module.changed_entries() > 0
+
+
+def test_objective_weights_are_validated():
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        ObjectiveWeights(kl=-1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        ObjectiveWeights(feature=0.0)
+
+
+def test_bad_feature_and_fraction_are_refused():
+    with pytest.raises(ValueError, match="99"):
+        make_module(features=[99])
+    with pytest.raises(ValueError, match="fraction"):
+        make_module(k=None, fraction=1.5)
