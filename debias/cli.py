@@ -1,8 +1,8 @@
 """The `debias` command: LightningCLI subcommands (`fit`, `validate`) and plain typed functions (`mask`, `export`).
 
     debias fit --config configs/tiny.yaml [--model.k 20 ...]
-    debias mask --config configs/tiny.yaml --out runs/tiny/mask.safetensors
-    debias export --config configs/tiny.yaml --ckpt_path runs/tiny/.../last.ckpt --out runs/tiny/export2
+    debias mask configs/tiny.yaml --out runs/tiny/mask.safetensors
+    debias export configs/tiny.yaml --ckpt_path runs/tiny/.../last.ckpt --out runs/tiny/export2
 """
 
 from __future__ import annotations
@@ -43,15 +43,15 @@ def _configured(config: str, overrides: list[str]) -> tuple[DebiasModule, Debias
     return cli.model, cli.datamodule
 
 
-def mask(config: str, out: str = "runs/mask.safetensors", overrides: list[str] | None = None) -> None:
+def mask(fit_config: str, out: str = "runs/mask.safetensors", overrides: list[str] | None = None) -> None:
     """Compute the instability mask of a config's model, SAE and feature(s) on its train bias prompts; save it.
 
     Args:
-        config: a `debias fit` YAML config.
+        fit_config: a `debias fit` YAML config.
         out: where to write the mask (safetensors).
         overrides: extra `fit`-style arguments, e.g. ["--model.k=20"].
     """
-    module, datamodule = _configured(config, overrides or [])
+    module, datamodule = _configured(fit_config, overrides or [])
     module.prepare(datamodule)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     module.mask.save(out)
@@ -60,11 +60,11 @@ def mask(config: str, out: str = "runs/mask.safetensors", overrides: list[str] |
     print(f"saved to {out}")
 
 
-def export(config: str, ckpt_path: str, out: str, overwrite: bool = False, overrides: list[str] | None = None) -> None:
+def export(fit_config: str, ckpt_path: str, out: str, overwrite: bool = False, overrides: list[str] | None = None) -> None:
     """Export a trained checkpoint of a config (merged model, adapter, delta, mask, report).
 
     Args:
-        config: the `debias fit` YAML config the checkpoint was trained with.
+        fit_config: the `debias fit` YAML config the checkpoint was trained with.
         ckpt_path: a Lightning checkpoint written by `debias fit`.
         out: the export directory (must be empty unless `overwrite`).
         overwrite: replace a non-empty export directory.
@@ -74,7 +74,7 @@ def export(config: str, ckpt_path: str, out: str, overwrite: bool = False, overr
     from debias.export import export as write_export
 
     check_target(Path(out), overwrite)
-    module, datamodule = _configured(config, overrides or [])
+    module, datamodule = _configured(fit_config, overrides or [])
     module.prepare(datamodule)
     before = evaluate_heldout(module, datamodule, edited=False)
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]

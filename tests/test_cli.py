@@ -1,0 +1,82 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from debias.cli import build_cli, main
+
+CONFIGS = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+ROOT = Path(__file__).parents[1]
+
+# Hub models and SAEs cannot download here: stand-ins of the same architecture and depth, SAEs of the same width.
+STAND_INS = {
+    "google/gemma-2-2b": ("gemma2", 26), "google/gemma-2-2b-it": ("gemma2", 26), "smollm2-135m": ("llama", 30),
+}
+SAE_STAND_INS = {
+    ("gemma-scope-2b-pt-mlp-canonical", "layer_12/width_16k/canonical"): ("blocks.12.hook_mlp_out", 16384, "jumprelu"),
+    ("gemma-scope-2b-pt-res", "layer_21/width_65k/average_l0_20"): ("blocks.21.hook_resid_post", 65536, "jumprelu"),
+}
+
+
+@pytest.fixture
+def offline_stand_ins(monkeypatch):
+    import debias.models
+    import debias.sae
+    from debias.models import LoadedModel
+    from debias.tiny import tiny_model, tiny_sae, tiny_tokenizer
+
+    real_load_model, real_load_sae = debias.models.load_model, debias.sae.load_sae
+
+    def load_model(spec, dtype="float32", device="cpu"):
+        if spec not in STAND_INS:
+            return real_load_model(spec, dtype, device)
+        family, layers = STAND_INS[spec]
+        return LoadedModel(tiny_model(family, n_layers=layers), tiny_tokenizer(), spec, None)
+
+    def load_sae(release, sae_id=None, **kwargs):
+        if (release, sae_id) not in SAE_STAND_INS:
+            return real_load_sae(release, sae_id, **kwargs)
+        hook, width, arch = SAE_STAND_INS[(release, sae_id)]
+        return tiny_sae(32, hook, d_sae=width, architecture=arch)
+
+    monkeypatch.setattr(debias.models, "load_model", load_model)
+    monkeypatch.setattr(debias.sae, "load_sae", load_sae)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_parses_and_builds(config, offline_stand_ins, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # export dirs in configs are relative: keep them out of the repo
+    cli = build_cli(["--config", str(config)], run=False)
+    assert cli.model.site.layer >= 0 and cli.model.k >= 1
+    assert cli.model.parameter.endswith(("down_proj.weight", "c_proj.weight"))
+
+
+def test_tiny_config_runs_end_to_end_and_reduces_the_feature(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.max_steps=12", "--trainer.val_check_interval=6",
+          "--export.export_dir=out/export"])
+    printed = capsys.readouterr().out
+    assert "held-out metric" in printed and "exported to" in printed
+    report = json.loads((tmp_path / "out/export/debias/report.json").read_text())
+    assert 0 < report["after"]["feature_act"] < report["before"]["feature_act"]
+    metrics = next((tmp_path / "runs/tiny").rglob("metrics.csv")).read_text().splitlines()[0]
+    for name in ("val/feature_act", "val/feature_fire_rate", "val/lm_loss", "val/kl", "train/loss"):
+        assert name in metrics
+
+
+def test_mask_command_writes_exactly_k(tmp_path, monkeypatch, capsys):
+    from debias.mask import InstabilityMask
+
+    monkeypatch.chdir(tmp_path)
+    main(["mask", str(ROOT / "configs/tiny.yaml"), "--out", "m.safetensors",
+          "--overrides", '["--model.k=17", "--model.fraction=null"]'])
+    assert InstabilityMask.load(tmp_path / "m.safetensors").k == 17
+    assert "rows_touched" in capsys.readouterr().out
+
+
+def test_typo_in_config_is_reported_with_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "configs/tiny.yaml").read_text().replace("fraction:", "fracton:"))
+    with pytest.raises(SystemExit):
+        build_cli(["--config", str(bad)], run=False)
+    assert "fracton" in capsys.readouterr().err
