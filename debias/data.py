@@ -74,7 +74,8 @@ def _identity(batch):
 class DebiasDataModule(LightningDataModule):
     """Bias and neutral prompts for the mask, training (train splits) and held-out evaluation.
 
-    Training batches are `{"bias": [str], "neutral": [str], "cue": [str]}`, cycling the shorter sets;
+    Training batches are `{"bias", "neutral", "gap_female", "gap_male", "cue"}` → list of texts, cycling the
+    shorter sets (`gap_*`: train profession prompts for the bias term; `cue`: train explicit-cue prompts);
     validation has one loader per held-out set, in the order of `VAL_SETS`.
     """
 
@@ -86,7 +87,6 @@ class DebiasDataModule(LightningDataModule):
         bias_heldout: str = "package:bias_heldout.txt",
         neutral_train: str = "package:neutral_train.txt",
         neutral_heldout: str = "package:neutral_heldout.txt",
-        cue_train: str | None = None,
         prompt_dir: str | None = None,
         batch_size: int = 8,
         eval_batch_size: int = 16,
@@ -99,8 +99,8 @@ class DebiasDataModule(LightningDataModule):
             bias_heldout: held-out bias texts, only evaluated.
             neutral_train: text for the preservation KL.
             neutral_heldout: held-out neutral text for LM loss and KL.
-            cue_train: explicit-cue prompts for the cue KL (None: the shipped train split when the term is on).
-            prompt_dir: directory with the bias-metric files (professions, templates, relatives); None: shipped.
+            prompt_dir: directory with the bias-metric files (professions, templates, relatives, cue templates):
+                the train split feeds the `bias` and `cue_kl` terms, the held-out split the metrics. None: shipped.
             batch_size: texts per set in one training step.
             eval_batch_size: texts per batch in evaluation and the mask pass.
             max_texts: keep only the first N texts of each set (quick runs).
@@ -118,9 +118,12 @@ class DebiasDataModule(LightningDataModule):
         hp = self.hparams
         sources = {"bias_train": hp.bias_train, "bias_heldout": hp.bias_heldout,
                    "neutral_train": hp.neutral_train, "neutral_heldout": hp.neutral_heldout}
-        if hp.cue_train:
-            sources["cue_train"] = hp.cue_train
         self.texts = {name: read_texts(src, hp.max_texts) for name, src in sources.items()}
+        from debias.bias import load_cue_prompts, load_gap_prompts
+
+        gap = load_gap_prompts("train", hp.prompt_dir)
+        self.texts.update(gap_female_train=gap.female[:hp.max_texts], gap_male_train=gap.male[:hp.max_texts],
+                          cue_train=load_cue_prompts("train", hp.prompt_dir).prompts[:hp.max_texts])
         overlap = set(self.texts["bias_train"]) & set(self.texts["bias_heldout"])
         if overlap:
             raise ValueError(f"{len(overlap)} bias prompts are in both train and held-out sets, e.g. {sorted(overlap)[:2]}")
@@ -134,7 +137,7 @@ class DebiasDataModule(LightningDataModule):
         return DataLoader(texts, batch_size=batch_size, shuffle=False, collate_fn=_identity)
 
     def train_dataloader(self):
-        sets = {name: self.texts[f"{name}_train"] for name in ("bias", "neutral", "cue") if f"{name}_train" in self.texts}
+        sets = {name: self.texts[f"{name}_train"] for name in ("bias", "neutral", "gap_female", "gap_male", "cue")}
         loaders = {name: self._loader(texts, self.hparams.batch_size, True) for name, texts in sets.items()}
         return CombinedLoader(loaders, mode="max_size_cycle")
 

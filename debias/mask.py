@@ -194,16 +194,45 @@ def mask_from_scores(scores: torch.Tensor, k: int, **meta) -> InstabilityMask:
     return InstabilityMask(shape=tuple(scores.shape), indices=top_k_flat(scores, k), **meta)
 
 
+def gap_gradient(model, tokenizer, parameter: str, female: list[str], male: list[str], batch_size: int = 16,
+                 progress: bool = True) -> torch.Tensor:
+    """Gradient of the she-vs-he gap (mean margin on `female` prompts − mean on `male`) w.r.t. `parameter`.
+
+    The SAE plays no part: this is the behaviour's own gradient (`mask_from: bias`), float32, summed over batches.
+    """
+    from debias.bias import next_token_logprobs, pronoun_ids
+
+    she, he = pronoun_ids(tokenizer)
+    weight = model.get_parameter(parameter)
+    grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    was = weight.requires_grad
+    weight.requires_grad_(True)
+    try:
+        for texts, sign in ((female, 1.0), (male, -1.0)):
+            for i in tqdm(range(0, len(texts), batch_size), desc="mask: gap gradient", disable=not progress):
+                weight.grad = None
+                logprobs = next_token_logprobs(model, tokenizer, texts[i:i + batch_size], batch_size)
+                (sign * (logprobs[:, she] - logprobs[:, he]).sum() / len(texts)).backward()
+                grad += weight.grad.float()
+    finally:
+        weight.grad = None
+        weight.requires_grad_(was)
+    return grad
+
+
 def compute_mask(model, sae, site: hooks.HookSite, parameter: str, batches: Iterable[dict], features: list[int], k: int,
                  strategy: str = "gradient", seed: int = 0, bos_token_id: int | None = None,
-                 progress: bool = True, **meta) -> InstabilityMask:
-    """Score `parameter`'s entries by `strategy` (see `STRATEGIES`) and keep the top k."""
+                 progress: bool = True, grad: torch.Tensor | None = None, **meta) -> InstabilityMask:
+    """Score `parameter`'s entries by `strategy` (see `STRATEGIES`) and keep the top k.
+
+    The gradient is the feature(s)' (`feature_gradient`) unless another one is passed as `grad`.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown mask strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
     weight = model.get_parameter(parameter)
     if strategy == "random":
         grad = torch.zeros(weight.shape)
-    else:
+    elif grad is None:
         grad = feature_gradient(model, sae, site, parameter, batches, features, bos_token_id, progress)
         if not grad.abs().sum() > 0:
             raise ValueError(

@@ -6,8 +6,9 @@ import torch
 from lightning.pytorch import LightningModule
 
 from debias import hooks
+from debias.bias import gap_from_logprobs, next_token_logprobs, pronoun_ids
 from debias.delta import SparseDelta
-from debias.mask import InstabilityMask, compute_mask, real_token_mask, resolve_k
+from debias.mask import InstabilityMask, compute_mask, gap_gradient, real_token_mask, resolve_k
 from debias.objective import ObjectiveWeights, ablate, feature_term, mean_kl, token_kl
 
 
@@ -27,6 +28,7 @@ class DebiasModule(LightningModule):
         fraction: float | None = 0.01,
         k: int | None = None,
         mask_strategy: str = "gradient",
+        mask_from: str = "feature",
         mask_path: str | None = None,
         objective: ObjectiveWeights | None = None,
         lr: float = 1e-2,
@@ -44,6 +46,8 @@ class DebiasModule(LightningModule):
             fraction: share of W_out's entries to train (k = max(1, floor(fraction × numel))).
             k: number of entries to train; overrides `fraction`.
             mask_strategy: how entries are ranked: gradient (|∂a/∂W|), grad_x_weight, random.
+            mask_from: whose gradient ranks the entries: `feature` (the SAE feature(s): the instability mask) or
+                `bias` (the train she-vs-he gap itself, no SAE: a control).
             mask_path: use this saved mask instead of computing one.
             objective: weights of the loss terms.
             lr: Adam learning rate of the delta.
@@ -55,6 +59,8 @@ class DebiasModule(LightningModule):
         self.save_hyperparameters()
         self.objective = objective or ObjectiveWeights()
         self.features = list(features if features is not None else [0])
+        if mask_from not in ("feature", "bias"):
+            raise ValueError(f"mask_from must be 'feature' or 'bias', got {mask_from!r}")
         from debias.models import load_model
         from debias.sae import check_features, check_sae_fits, load_sae
         from debias.tiny import tiny_sae_from_spec
@@ -69,6 +75,7 @@ class DebiasModule(LightningModule):
         check_sae_fits(self.sae, self.net, self.site)
         check_features(self.sae, self.features)
         self.parameter = hooks.w_out_name(self.net, self.site.layer)
+        self.pronouns = pronoun_ids(self.tokenizer)
         numel = self.net.get_parameter(self.parameter).numel()
         self.k = resolve_k(numel, None if k is not None else fraction, k)
         self.delta: SparseDelta | None = None
@@ -93,17 +100,24 @@ class DebiasModule(LightningModule):
             return
         datamodule.setup("fit")
         batches = [self.tokenize(b) for b in datamodule.mask_batches()]
-        self.attach(self.build_mask(batches) if not self.hparams.mask_path else InstabilityMask.load(self.hparams.mask_path))
+        self.attach(self.build_mask(batches, datamodule) if not self.hparams.mask_path else InstabilityMask.load(self.hparams.mask_path))
         self.feature_baseline.copy_(self.mean_feature_acts(batches))
         if not (self.feature_baseline > 0).all():
             silent = [f for f, b in zip(self.features, self.feature_baseline.tolist()) if b <= 0]
             raise ValueError(f"feature(s) {silent} never fire on the train bias prompts; nothing to remove")
 
-    def build_mask(self, batches: list[dict]) -> InstabilityMask:
-        """The instability mask of this module's SAE feature(s) over tokenised `batches`."""
+    def build_mask(self, batches: list[dict], datamodule=None) -> InstabilityMask:
+        """The instability mask of this module's SAE feature(s) over tokenised `batches` (or, with
+        `mask_from: bias`, of the train gap over `datamodule`'s profession prompts)."""
+        grad = None
+        if self.hparams.mask_from == "bias" and self.hparams.mask_strategy != "random":
+            texts = datamodule.texts
+            grad = gap_gradient(self.net, self.tokenizer, self.parameter, texts["gap_female_train"],
+                                texts["gap_male_train"], datamodule.hparams.eval_batch_size)
         return compute_mask(self.net, self.sae, self.site, self.parameter, batches, self.features, self.k,
                             strategy=self.hparams.mask_strategy, seed=self.hparams.seed,
-                            bos_token_id=self.tokenizer.bos_token_id, model_id=self.model_id,
+                            bos_token_id=self.tokenizer.bos_token_id, model_id=self.model_id, grad=grad,
+                            extra={"mask_from": self.hparams.mask_from},
                             sae_id=":".join(filter(None, [self.hparams.sae, self.hparams.sae_id])))
 
     def attach(self, mask: InstabilityMask) -> None:
@@ -151,12 +165,25 @@ class DebiasModule(LightningModule):
                 terms["feature"] = feature_term(self.latents(bias, cap.value), real, self.feature_baseline)
         elif w.feature:
             terms["feature"] = feature_term(self.latents(bias), real, self.feature_baseline)
+        if w.bias:
+            terms["bias"] = self.train_gap(texts["gap_female"], texts["gap_male"]) ** 2
+        if w.cue_kl:
+            with torch.no_grad(), self.delta.disabled():
+                ref = next_token_logprobs(self.net, self.tokenizer, texts["cue"], len(texts["cue"]))
+            cur = next_token_logprobs(self.net, self.tokenizer, texts["cue"], len(texts["cue"]))
+            terms["cue_kl"] = (ref.exp() * (ref - cur)).sum(-1).mean()
         if w.kl:
             neutral = self.tokenize(texts["neutral"])
             with torch.no_grad(), self.delta.disabled():
                 ref = self(neutral)
             terms["kl"] = mean_kl(ref, self(neutral), neutral["attention_mask"].bool())
         return terms
+
+    def train_gap(self, female: list[str], male: list[str]) -> torch.Tensor:
+        """Differentiable she-vs-he gap: mean margin on `female` prompts − mean on `male` prompts."""
+        logprobs = next_token_logprobs(self.net, self.tokenizer, female + male, len(female) + len(male))
+        is_female = torch.tensor([True] * len(female) + [False] * len(male), device=logprobs.device)
+        return gap_from_logprobs(logprobs, *self.pronouns, is_female)
 
     def training_step(self, batch: dict, batch_idx: int):
         terms = self.loss_terms(batch)
