@@ -133,6 +133,19 @@ class ReportAndExport(Callback):
 
                 path = export(pl_module, self.export_dir, self.report, overwrite=self.overwrite)
                 print(f"exported to {path}")
+                print(f"plots in {self.write_plots(trainer, pl_module, path.parent / 'report.png')}")
+
+    def write_plots(self, trainer: Trainer, pl_module: LightningModule, out: Path) -> Path:
+        from debias.plots import heldout_feature_acts, read_metrics_csv, report_figure
+
+        csv_path = None
+        if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
+            trainer.logger.save()
+            csv_path = Path(trainer.logger.log_dir) / "metrics.csv"
+        before, after = heldout_feature_acts(pl_module, trainer.datamodule)
+        return report_figure(out, read_metrics_csv(csv_path), before, after,
+                             self.before["gap_per_profession"], self.after["gap_per_profession"],
+                             title=f"{pl_module.model_id}: {pl_module.parameter}, k={pl_module.k}, features {pl_module.features}")
 
 
 ROWS = ("feature_act", "feature_fire_rate", "lm_loss", "perplexity", "kl", "bias_gap", "cue_margin")
