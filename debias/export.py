@@ -85,6 +85,7 @@ def build_report(module, run: dict) -> dict:
     return {
         "base_model": module.model_path, "base_model_spec": module.model_id, "hook_name": module.site.hook_name,
         "layer": module.site.layer, "parameter": module.parameter, "features": module.features, "k": module.k,
+        "feature_selection": module.feature_selection,
         "numel": module.mask.numel, "mask_strategy": module.mask.strategy, "seed": hp.get("seed"),
         "config": hp, **run, **environment(),
     }

@@ -8,8 +8,10 @@ from lightning.pytorch import LightningModule
 from debias import hooks
 from debias.bias import gap_from_logprobs, next_token_logprobs, pronoun_ids
 from debias.delta import SparseDelta
-from debias.mask import InstabilityMask, compute_mask, gap_gradient, real_token_mask, resolve_k
+from debias.mask import STRATEGIES, InstabilityMask, compute_mask, gap_gradient, real_token_mask, resolve_k
+from debias.models import DTYPES
 from debias.objective import ObjectiveWeights, ablate, feature_term, mean_kl, token_kl
+from debias.sae_train import SAETrainSettings
 
 
 class DebiasModule(LightningModule):
@@ -24,7 +26,9 @@ class DebiasModule(LightningModule):
         base_model: str = "tiny-llama",
         sae: str = "tiny:blocks.1.hook_mlp_out",
         sae_id: str | None = None,
+        sae_build: SAETrainSettings | None = None,
         features: list[int] | None = None,
+        n_features: int = 9,
         fraction: float | None = 0.01,
         k: int | None = None,
         mask_strategy: str = "gradient",
@@ -39,10 +43,15 @@ class DebiasModule(LightningModule):
         """
         Args:
             base_model: hub id, local HF directory, or a spec (`smollm2-135m`, `tiny-llama`, ...).
-            sae: a directory saved with `sae.save_model`, a sae_lens release name, or `tiny:HOOK_NAME` (a random
-                SAE at that hook, for `tiny-*` models and smoke tests).
+            sae: a directory saved with `sae.save_model`, a sae_lens release name, `train` (the project's own SAE
+                for this model, built with `sae_build` settings when not cached), or `tiny:HOOK_NAME` (a random SAE
+                at that hook, for `tiny-*` models and smoke tests).
             sae_id: the SAE's id within a sae_lens release.
-            features: SAE feature (latent) indices whose driving weights are edited.
+            sae_build: how `sae: train` builds the SAE (hook, width, k, tokens, seed); every field keys the cache.
+            features: SAE feature (latent) indices whose driving weights are edited; None: chosen at fit time by
+                `debias.features.select_features` (top `n_features` latents by attribution to the train bias gap,
+                each confirmed by joint ablation), and recorded in the report.
+            n_features: how many latents the rule picks when `features` is None.
             fraction: share of W_out's entries to train (k = max(1, floor(fraction × numel))).
             k: number of entries to train; overrides `fraction`.
             mask_strategy: how entries are ranked: gradient (|∂a/∂W|), grad_x_weight, random.
@@ -57,30 +66,49 @@ class DebiasModule(LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        _check_args(fraction=fraction, k=k, mask_strategy=mask_strategy, mask_from=mask_from, lr=lr,
+                    max_length=max_length, dtype=dtype, features=features)
         self.objective = objective or ObjectiveWeights()
-        self.features = list(features if features is not None else [0])
-        if mask_from not in ("feature", "bias"):
-            raise ValueError(f"mask_from must be 'feature' or 'bias', got {mask_from!r}")
+        self.features = list(features) if features is not None else []
+        self.feature_selection: dict = {"rule": "given in the config"} if features is not None else {}
         from debias.models import load_model
-        from debias.sae import check_features, check_sae_fits, load_sae
-        from debias.tiny import tiny_sae_from_spec
+        from debias.sae import check_features, check_sae_fits
 
         loaded = load_model(base_model, dtype=dtype)
         self.net, self.tokenizer, self.model_id = loaded.model, loaded.tokenizer, loaded.model_id
         self.model_path = loaded.path or loaded.model_id
-        self.sae = tiny_sae_from_spec(sae, self.net) if sae.startswith("tiny:") else load_sae(sae, sae_id)
+        self.sae = self._load_sae(sae, sae_id, sae_build)
         for p in self.sae.parameters():
             p.requires_grad_(False)
         self.site = hooks.resolve_hook(self.net, self.sae.cfg.metadata.hook_name, self.tokenizer)
         check_sae_fits(self.sae, self.net, self.site)
-        check_features(self.sae, self.features)
+        if self.features:
+            check_features(self.sae, self.features)
         self.parameter = hooks.w_out_name(self.net, self.site.layer)
         self.pronouns = pronoun_ids(self.tokenizer)
         numel = self.net.get_parameter(self.parameter).numel()
         self.k = resolve_k(numel, None if k is not None else fraction, k)
         self.delta: SparseDelta | None = None
-        self.register_buffer("feature_baseline", torch.ones(len(self.features)))
+        self.register_buffer("feature_baseline", torch.ones(max(len(self.features), n_features)))
         self.strict_loading = False  # checkpoints hold only the trainable state
+
+    def say(self, message: str) -> None:
+        """Print once (rank 0), with or without a trainer."""
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(f"debias: {message}", flush=True)
+
+    def _load_sae(self, spec: str, sae_id: str | None, build: SAETrainSettings | None):
+        from debias.sae import load_sae
+
+        if spec.startswith("tiny:"):
+            from debias.tiny import tiny_sae_from_spec
+
+            return tiny_sae_from_spec(spec, self.net)
+        if spec == "train":
+            from debias.sae_train import ensure_sae
+
+            return load_sae(str(ensure_sae(self.net, self.tokenizer, self.model_id, build or SAETrainSettings())))
+        return load_sae(spec, sae_id)
 
     # ----- set-up: the mask and the feature's value before training -----
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -99,6 +127,13 @@ class DebiasModule(LightningModule):
         if self.delta is not None:
             return
         datamodule.setup("fit")
+        if not self.features:
+            from debias.features import select_features
+
+            self.features = select_features(self.net, self.tokenizer, self.sae, self.site, n=self.hparams.n_features,
+                                            prompt_dir=datamodule.hparams.prompt_dir, record=self.feature_selection)
+            self.say(f"selected features {self.features} ({self.feature_selection['rule']})")
+        self.feature_baseline = self.feature_baseline[: len(self.features)].clone()
         batches = [self.tokenize(b) for b in datamodule.mask_batches()]
         self.attach(self.build_mask(batches, datamodule) if not self.hparams.mask_path else InstabilityMask.load(self.hparams.mask_path))
         self.feature_baseline.copy_(self.mean_feature_acts(batches))
@@ -191,7 +226,7 @@ class DebiasModule(LightningModule):
         loss = sum(weights[name] * value for name, value in terms.items())
         if not torch.isfinite(loss):
             # Skip the update, so the weights (and the last checkpoint) stay the last good ones, and stop.
-            self.print(f"loss is {loss.item()} at step {self.global_step}: stopping; the delta keeps its last finite value")
+            self.say(f"loss is {loss.item()} at step {self.global_step}: stopping; the delta keeps its last finite value")
             self.trainer.should_stop = True
             return None
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, batch_size=len(batch["bias"]))
@@ -231,3 +266,28 @@ class DebiasModule(LightningModule):
 
     def changed_entries(self) -> int:
         return int((self.delta.values != 0).sum())
+
+
+def _check_args(fraction, k, mask_strategy, mask_from, lr, max_length, dtype, features) -> None:
+    """Every cheap-to-check problem of the arguments at once, before any model is loaded."""
+    problems = []
+    if k is None and fraction is None:
+        problems.append("give model.fraction or model.k")
+    if k is not None and k < 1:
+        problems.append(f"model.k must be >= 1, got {k}")
+    if k is None and fraction is not None and not 0 < fraction <= 1:
+        problems.append(f"model.fraction must be in (0, 1], got {fraction}")
+    if mask_strategy not in STRATEGIES:
+        problems.append(f"model.mask_strategy must be one of {sorted(STRATEGIES)}, got {mask_strategy!r}")
+    if mask_from not in ("feature", "bias"):
+        problems.append(f"model.mask_from must be 'feature' or 'bias', got {mask_from!r}")
+    if not lr > 0:
+        problems.append(f"model.lr must be > 0, got {lr}")
+    if max_length < 2:
+        problems.append(f"model.max_length must be >= 2, got {max_length}")
+    if dtype not in DTYPES:
+        problems.append(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if features is not None and (not features or any(f < 0 for f in features)):
+        problems.append(f"model.features must be a non-empty list of latent indices >= 0, got {features}")
+    if problems:
+        raise ValueError("invalid DebiasModule arguments:\n  - " + "\n  - ".join(problems))

@@ -19,7 +19,7 @@ SAE_STAND_INS = {
 
 
 @pytest.fixture
-def offline_stand_ins(monkeypatch):
+def offline_stand_ins(monkeypatch, tmp_path):
     import debias.models
     import debias.sae
     from debias.models import LoadedModel
@@ -39,6 +39,15 @@ def offline_stand_ins(monkeypatch):
         hook, width, arch = SAE_STAND_INS[(release, sae_id)]
         return tiny_sae(32, hook, d_sae=width, architecture=arch)
 
+    def ensure_sae(model, tokenizer, model_id, settings=None, force=False):
+        path = tmp_path_factory_dir / settings.hook_name
+        tiny_sae(32, settings.hook_name, d_sae=256, architecture="topk").save_model(path)
+        return path
+
+    import debias.sae_train
+
+    tmp_path_factory_dir = tmp_path
+    monkeypatch.setattr(debias.sae_train, "ensure_sae", ensure_sae)
     monkeypatch.setattr(debias.models, "load_model", load_model)
     monkeypatch.setattr(debias.sae, "load_sae", load_sae)
 

