@@ -1,4 +1,5 @@
-"""The `debias` command: LightningCLI subcommands (`fit`, `validate`) and plain typed functions (`mask`, `export`).
+"""The `debias` command: LightningCLI subcommands (`fit`, `validate`) and plain typed functions
+(`mask`, `export`, `features`, `sae train`).
 
     debias fit --config configs/tiny.yaml [--model.k 20 ...]
     debias mask configs/tiny.yaml --out runs/tiny/mask.safetensors
@@ -84,7 +85,15 @@ def export(fit_config: str, ckpt_path: str, out: str, overwrite: bool = False, o
     print(f"exported to {write_export(module, out, {'before': before, 'after': after, 'checkpoint': ckpt_path}, overwrite)}")
 
 
-COMMANDS = {"mask": mask, "export": export}
+def _lazy_commands() -> dict:
+    """Plain typed functions behind `debias COMMAND` (imported on use: they pull in heavier modules)."""
+    from debias.features import features_command
+    from debias.sae_train import sae_train_command
+
+    return {"mask": mask, "export": export, "features": features_command, "sae": {"train": sae_train_command}}
+
+
+COMMANDS = ("mask", "export", "features", "sae")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from jsonargparse import auto_cli
 
-    auto_cli(COMMANDS, args=argv)
+    auto_cli(_lazy_commands(), args=argv)
 
 
 if __name__ == "__main__":

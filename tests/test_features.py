@@ -92,8 +92,8 @@ def test_planted_feature_is_found_confirmed_and_selected(planted, prompt_dir):
                                 batch_size=BS)
     assert chosen[0] == PLANTED and len(chosen) <= 2
     assert abs(record["ablated_gap"]) < abs(record["train_gap"]) and record["features"] == chosen
-    assert chosen == F.select_features(model, tok, sae, site, n=2, min_fire_rate=0.0, prompt_dir=prompt_dir,
-                                       precomputed=att, batch_size=BS)  # deterministic
+    assert chosen[:1] == F.select_features(model, tok, sae, site, n=1, min_fire_rate=0.0, prompt_dir=prompt_dir,
+                                           precomputed=att, batch_size=BS)
     rows = F.rank_features(model, tok, sae, site, n=3, gap_prompts=prompts, corpus_texts=prompts.prompts,
                            precomputed=att, batch_size=BS)
     assert [r["rank"] for r in rows] == [1, 2, 3] and rows[0]["index"] == PLANTED
