@@ -8,6 +8,7 @@ from lightning.pytorch import LightningModule
 from debias import hooks
 from debias.bias import gap_from_logprobs, next_token_logprobs, pronoun_ids
 from debias.delta import SparseDelta
+from debias.distributed import same_mask_on_all_ranks
 from debias.fastpath import FastPath, cached_upstream, original_output
 from debias.mask import InstabilityMask, compute_mask, gap_gradient, real_token_mask, resolve_k
 from debias.objective import ObjectiveWeights, ablate, feature_term, mean_kl, token_kl
@@ -108,7 +109,8 @@ class DebiasModule(LightningModule):
             return
         datamodule.setup("fit")
         batches = [self.tokenize(b) for b in datamodule.mask_batches()]
-        self.attach(self.build_mask(batches, datamodule) if not self.hparams.mask_path else InstabilityMask.load(self.hparams.mask_path))
+        mask = self.build_mask(batches, datamodule) if not self.hparams.mask_path else InstabilityMask.load(self.hparams.mask_path)
+        self.attach(same_mask_on_all_ranks(mask))  # under DDP every rank trains rank 0's mask
         self.feature_baseline.copy_(self.mean_feature_acts(batches))
         if not (self.feature_baseline > 0).all():
             silent = [f for f, b in zip(self.features, self.feature_baseline.tolist()) if b <= 0]
