@@ -15,8 +15,9 @@ reference log-probs of the KL terms, the feature-ablated logits of the `ablation
 
 Both share one budget (`budget_mb`); what does not fit is recomputed (the plain path), with the same result. The
 fast path switches itself off (plain path, one log line) for model families it has not been tested on, when a
-dropout is active in the network (the cache would freeze one noise draw), and for forwards it cannot key (input
-embeddings, a KV cache, hidden-state outputs).
+dropout is active in the network (the cache would freeze one noise draw), under FSDP (ranks must run the same
+collectives, so none may skip layers the others run), and for forwards it cannot key (input embeddings, a KV cache,
+hidden-state outputs). Under DDP each rank caches its own shard of the data: the forward has no collectives.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def stochastic(net: nn.Module) -> bool:
     return False
 
 
+def sharded(net: nn.Module) -> bool:
+    """Whether `net` holds FSDP-wrapped modules (FSDP1 wrappers, or FSDP2's `FSDP<Name>` classes)."""
+    return any(type(m).__name__.startswith(("FullyShardedDataParallel", "FSDP")) for m in net.modules())
+
+
 class _Standin(nn.Module):
     """Takes the place of a skipped decoder layer: returns the cached input of layer L, whatever it is given."""
 
@@ -140,6 +146,11 @@ class FastPath:
         if not self.supported:
             self._say("family", f"fast path: model_type {self.model_type!r} is not among the tested families "
                                 f"{SUPPORTED}; training uses the plain path (full forward every step)")
+            return False
+        if sharded(self.net):
+            self._say("fsdp", "fast path: the network is sharded (FSDP), whose forward gathers parameters across "
+                              "ranks in lockstep; a cache hit on one rank and a miss on another would hang, so training "
+                              "uses the plain path")
             return False
         if stochastic(self.net):
             self._say("dropout", "fast path: dropout is active in the network, so upstream activations and reference "

@@ -105,6 +105,11 @@ def test_untested_family_and_dropout_fall_back(caplog):
         _assert_same(fast, batches)
     assert "plain path" in caplog.text
     assert fast.fastpath.stats["upstream_hits"] == fast.fastpath.stats["reference_hits"] == 0
+    fast.fastpath.model_type = "gpt2"
+    assert fast.fastpath.usable()
+    layer = fast.fastpath.layers[2]
+    layer.__class__ = type("FSDPGPT2Block", (type(layer),), {})  # what FSDP2's fully_shard does to a module
+    assert not fast.fastpath.usable()  # ranks must run the same collectives: no skipping under FSDP
 
 
 def test_layer_zero_caches_references_only():
