@@ -8,6 +8,8 @@ from lightning.pytorch import LightningModule
 from debias import hooks
 from debias.bias import gap_from_logprobs, next_token_logprobs, pronoun_ids
 from debias.delta import SparseDelta
+from debias.distributed import same_mask_on_all_ranks
+from debias.fastpath import FastPath, cached_upstream, original_output
 from debias.mask import STRATEGIES, InstabilityMask, compute_mask, gap_gradient, real_token_mask, resolve_k
 from debias.models import DTYPES
 from debias.objective import ObjectiveWeights, ablate, feature_term, mean_kl, token_kl
@@ -39,6 +41,8 @@ class DebiasModule(LightningModule):
         dtype: str = "float32",
         max_length: int = 64,
         seed: int = 0,
+        cache_activations: bool = True,
+        cache_budget_mb: float = 1024.0,
     ):
         """
         Args:
@@ -63,6 +67,10 @@ class DebiasModule(LightningModule):
             dtype: model weights' dtype (float32, bfloat16, float16); the delta is float32.
             max_length: tokens per text (longer texts are truncated).
             seed: seed for the random mask strategy.
+            cache_activations: train on cached layer-L inputs and original-model outputs (`debias.fastpath`):
+                each step reruns only layers L..N; same result as the plain path, which runs where it does not apply.
+            cache_budget_mb: memory the training cache may hold (reference logits cost vocab × 4 bytes per token);
+                batches beyond it are recomputed each step.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -89,6 +97,7 @@ class DebiasModule(LightningModule):
         numel = self.net.get_parameter(self.parameter).numel()
         self.k = resolve_k(numel, None if k is not None else fraction, k)
         self.delta: SparseDelta | None = None
+        self.fastpath: FastPath | None = None
         self.register_buffer("feature_baseline", torch.ones(max(len(self.features), n_features)))
         self.strict_loading = False  # checkpoints hold only the trainable state
 
@@ -135,7 +144,8 @@ class DebiasModule(LightningModule):
             self.say(f"selected features {self.features} ({self.feature_selection['rule']})")
         self.feature_baseline = self.feature_baseline[: len(self.features)].clone()
         batches = [self.tokenize(b) for b in datamodule.mask_batches()]
-        self.attach(self.build_mask(batches, datamodule) if not self.hparams.mask_path else InstabilityMask.load(self.hparams.mask_path))
+        mask = self.build_mask(batches, datamodule) if not self.hparams.mask_path else InstabilityMask.load(self.hparams.mask_path)
+        self.attach(same_mask_on_all_ranks(mask))  # under DDP every rank trains rank 0's mask
         self.feature_baseline.copy_(self.mean_feature_acts(batches))
         if not (self.feature_baseline > 0).all():
             silent = [f for f, b in zip(self.features, self.feature_baseline.tolist()) if b <= 0]
@@ -161,6 +171,8 @@ class DebiasModule(LightningModule):
             raise ValueError(f"mask is for {mask.parameter} with k={mask.k}; this run edits {self.parameter}, k={self.k}")
         self.mask = mask
         self.delta = SparseDelta(self.net, mask)
+        if self.hparams.cache_activations:
+            self.fastpath = FastPath(self.net, self.parameter, self.hparams.cache_budget_mb)
 
     @torch.no_grad()
     def mean_feature_acts(self, batches: list[dict]) -> torch.Tensor:
@@ -184,15 +196,18 @@ class DebiasModule(LightningModule):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.net(**batch).logits
 
+    @cached_upstream
     def loss_terms(self, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
         """Unweighted value of every active term on one training batch."""
         w, terms = self.objective, {}
         bias = self.tokenize(texts["bias"])
         real = self.real(bias)
         if w.ablation:
-            with torch.no_grad(), self.delta.disabled(), \
-                    hooks.replace(self.net, self.site, lambda a: ablate(self.sae, a, self.features)):
-                ablated = self(bias)
+            def ablated_logits():
+                with hooks.replace(self.net, self.site, lambda a: ablate(self.sae, a, self.features)):
+                    return self(bias)
+
+            ablated = original_output(self, "ablation", texts["bias"], ablated_logits)
             with hooks.capture(self.net, self.site) as cap:
                 logits = self(bias)
             terms["ablation"] = mean_kl(ablated, logits, bias["attention_mask"].bool())
@@ -203,14 +218,13 @@ class DebiasModule(LightningModule):
         if w.bias:
             terms["bias"] = self.train_gap(texts["gap_female"], texts["gap_male"]) ** 2
         if w.cue_kl:
-            with torch.no_grad(), self.delta.disabled():
-                ref = next_token_logprobs(self.net, self.tokenizer, texts["cue"], len(texts["cue"]))
+            ref = original_output(self, "cue", texts["cue"],
+                                  lambda: next_token_logprobs(self.net, self.tokenizer, texts["cue"], len(texts["cue"])))
             cur = next_token_logprobs(self.net, self.tokenizer, texts["cue"], len(texts["cue"]))
             terms["cue_kl"] = (ref.exp() * (ref - cur)).sum(-1).mean()
         if w.kl:
             neutral = self.tokenize(texts["neutral"])
-            with torch.no_grad(), self.delta.disabled():
-                ref = self(neutral)
+            ref = original_output(self, "kl", texts["neutral"], lambda: self(neutral))
             terms["kl"] = mean_kl(ref, self(neutral), neutral["attention_mask"].bool())
         return terms
 
