@@ -30,7 +30,7 @@ class DebiasCLI(LightningCLI):
         parser.add_lightning_class_args(ReportAndExport, "export")
 
 
-def build_cli(args: list[str], run: bool = True) -> DebiasCLI:
+def build_cli(args: list[str] | None, run: bool = True) -> DebiasCLI:
     return DebiasCLI(
         DebiasModule, DebiasDataModule, args=args, run=run,
         trainer_defaults={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -97,11 +97,12 @@ COMMANDS = ("mask", "export", "features", "sae")
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS or not argv or argv[0] in ("-h", "--help"):
         if not argv or argv[0] in ("-h", "--help"):
             print(f"extra subcommands: {', '.join(COMMANDS)} (debias COMMAND --help)\n")
-        build_cli(argv)
+        build_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself
         return
     from jsonargparse import auto_cli
 
