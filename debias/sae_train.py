@@ -18,7 +18,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -38,11 +37,11 @@ class SAETrainSettings:
     hook_name: str = DEFAULT_HOOK
     d_sae: int = 4096
     k: int = 64  # TopK: latents active per token
-    n_tokens: int = 400_000  # training tokens captured (window tokens incl. separators)
+    n_tokens: int = 350_000  # training tokens captured (window tokens incl. separators)
     epochs: float = 2.0  # passes of the SAE over the captured tokens
     seq_len: int = 128
     lr: float = 1e-3
-    batch_size: int = 4096  # tokens per SAE step
+    batch_size: int = 1024  # tokens per SAE step (more steps beat bigger batches at this budget)
     seed: int = 0
     val_tokens: int = 16_384  # validation tokens for explained variance, L0, dead fraction
     ce_tokens: int = 4_096  # the first ones of those also get the three full forwards of CE-loss-recovered
@@ -108,6 +107,16 @@ def _token_loss(model, input_ids: torch.Tensor, real: torch.Tensor) -> tuple[flo
     return losses[keep].sum().item(), int(keep.sum())
 
 
+def _splice_at(mask: torch.Tensor, fn):
+    """A hook function: t [batch, seq, d] with fn applied to its rows at mask [batch, seq] (in float32)."""
+    def apply(t):
+        m = mask.to(t.device)
+        out = t.clone()
+        out[m] = fn(t[m].float()).to(t.dtype)
+        return out
+    return apply
+
+
 @torch.inference_mode()
 def sae_metrics(model, tokenizer, sae, site: hooks.HookSite, val_tokens: torch.Tensor,
                 ce_tokens: int = 4096, batch: int = 16) -> dict[str, float]:
@@ -133,26 +142,16 @@ def sae_metrics(model, tokenizer, sae, site: hooks.HookSite, val_tokens: torch.T
     n_seq = max(1, int((real.sum(1).cumsum(0) < ce_tokens).sum()) + 1)
     ids, mask = val_tokens[:n_seq], real[:n_seq]
 
-    def splice(fn):
-        def apply(t):  # t [batch, seq, d]; rows of this forward are selected by `current`
-            m = current["mask"].to(t.device)
-            out = t.clone()
-            out[m] = fn(t[m].float()).to(t.dtype)
-            return out
-        return apply
-
-    current: dict[str, Any] = {}
     variants = {"clean": None, "sae": lambda a: sae(a.to(param.dtype)).float(), "zero": torch.zeros_like}
     for name, fn in variants.items():
         total, count = 0.0, 0
         for start in range(0, n_seq, batch):
-            current["mask"] = mask[start:start + batch]
-            chunk = ids[start:start + batch]
+            chunk, chunk_mask = ids[start:start + batch], mask[start:start + batch]
             if fn is None:
-                loss, n = _token_loss(model, chunk, current["mask"])
+                loss, n = _token_loss(model, chunk, chunk_mask)
             else:
-                with hooks.replace(model, site, splice(fn)):
-                    loss, n = _token_loss(model, chunk, current["mask"])
+                with hooks.replace(model, site, _splice_at(chunk_mask, fn)):
+                    loss, n = _token_loss(model, chunk, chunk_mask)
             total, count = total + loss, count + n
         metrics[f"ce_loss_{name}"] = total / max(count, 1)
     gap = metrics["ce_loss_zero"] - metrics["ce_loss_clean"]
@@ -272,7 +271,7 @@ def ensure_sae(model, tokenizer, model_id: str, settings: SAETrainSettings | Non
 
 
 def sae_train_command(model: str = DEFAULT_MODEL, hook_name: str = DEFAULT_HOOK, d_sae: int = 4096, k: int = 64,
-                      n_tokens: int = 400_000, epochs: float = 2.0, lr: float = 1e-3, batch_size: int = 4096,
+                      n_tokens: int = 350_000, epochs: float = 2.0, lr: float = 1e-3, batch_size: int = 1024,
                       seed: int = 0, val_tokens: int = 16_384, ce_tokens: int = 4_096,
                       bias_prompt_file: str | None = str(PACKAGED_BIAS_TRAIN), out: str | None = None,
                       force: bool = False) -> dict:
