@@ -193,6 +193,14 @@ class DebiasModule(LightningModule):
         return self.sae.encode(acts.to(self.sae.W_enc.dtype))[..., self.features]
 
     # ----- training -----
+    def train(self, mode: bool = True):
+        """Lightning puts modules in train mode; the frozen network keeps dropout off (GPT-2 has 0.1), so that
+        the original model is deterministic and the fast path applies."""
+        super().train(mode)
+        self.net.eval()
+        self.sae.eval()
+        return self
+
     def forward(self, batch: dict) -> torch.Tensor:
         return self.net(**batch).logits
 

@@ -121,3 +121,9 @@ def test_features_chosen_by_rule_when_not_given(tmp_path):
     assert 1 <= len(module.features) <= 2 and module.feature_baseline.shape == (len(module.features),)
     assert module.feature_selection["features"] == module.features
     assert (module.feature_baseline > 0).all()
+
+
+def test_frozen_network_keeps_dropout_off_in_train_mode():
+    module = make_module(base_model="tiny-gpt2")
+    module.train()
+    assert module.training and not module.net.training and not module.sae.training
