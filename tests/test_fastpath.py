@@ -97,7 +97,9 @@ def test_over_budget_recomputes_with_the_same_result(caplog):
 
 def test_untested_family_and_dropout_fall_back(caplog):
     fast, batches = _module("tiny-gpt2", "blocks.1.hook_mlp_out", objective=ObjectiveWeights())
-    fast.train()  # GPT-2 has dropout: caching would freeze one noise draw
+    fast.train()
+    assert fast.fastpath.usable()  # DebiasModule keeps the frozen network in eval mode
+    fast.net.train()  # GPT-2's dropout on by hand: caching would freeze one noise draw
     assert stochastic(fast.net) and not fast.fastpath.usable()
     fast.eval()
     fast.fastpath.model_type = "somethingelse"
