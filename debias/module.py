@@ -169,7 +169,7 @@ class DebiasModule(LightningModule):
         """Put a trainable zero delta on `mask`'s entries."""
         if mask.parameter != self.parameter or mask.k != self.k and self.hparams.mask_path is None:
             raise ValueError(f"mask is for {mask.parameter} with k={mask.k}; this run edits {self.parameter}, k={self.k}")
-        self.mask = mask
+        self.mask, self.k = mask, mask.k  # a loaded mask (`mask_path`) brings its own k
         self.delta = SparseDelta(self.net, mask)
         if self.hparams.cache_activations:
             self.fastpath = FastPath(self.net, self.parameter, self.hparams.cache_budget_mb)
