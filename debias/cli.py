@@ -3,7 +3,7 @@
 
     debias fit --config configs/tiny.yaml [--model.k 20 ...]
     debias mask configs/tiny.yaml --out runs/tiny/mask.safetensors
-    debias export configs/tiny.yaml --ckpt_path runs/tiny/.../last.ckpt --out runs/tiny/export2
+    debias export configs/tiny.yaml runs/tiny/lightning_logs/version_0/checkpoints/epoch=1-step=30.ckpt runs/tiny/export2
 """
 
 from __future__ import annotations
