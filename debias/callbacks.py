@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -47,16 +48,18 @@ def evaluate_heldout(module: LightningModule, datamodule, edited: bool = True, c
     try:
         for kind, loader in zip(datamodule.VAL_SETS, datamodule.val_dataloader()):
             for texts in loader:
-                if edited:
+                with _model(module, edited):
                     agg.update(kind, module.evaluate_batch(texts, kind))
-                else:
-                    with module.delta.disabled():
-                        agg.update(kind, module.evaluate_batch(texts, kind))
         metrics = agg.compute()
         metrics.update(_behaviour(module, datamodule, edited, cue_limit))
     finally:
         module.train(was_training)
     return metrics
+
+
+def _model(module, edited: bool):
+    """Context in which `module.net` is the edited model, or the original one (delta disabled)."""
+    return contextlib.nullcontext() if edited else module.delta.disabled()
 
 
 def _behaviour(module, datamodule, edited: bool, cue_limit: int | None) -> dict:
@@ -66,12 +69,9 @@ def _behaviour(module, datamodule, edited: bool, cue_limit: int | None) -> dict:
     prompt_dir = datamodule.hparams.prompt_dir
     gap_prompts = bias.load_gap_prompts("heldout", prompt_dir)
     cue_prompts = bias.load_cue_prompts("heldout", prompt_dir, limit=cue_limit)
-    with torch.no_grad():
-        if edited:
-            gap, cue = bias.bias_gap(module.net, module.tokenizer, gap_prompts), bias.cue_margin(module.net, module.tokenizer, cue_prompts)
-        else:
-            with module.delta.disabled():
-                gap, cue = bias.bias_gap(module.net, module.tokenizer, gap_prompts), bias.cue_margin(module.net, module.tokenizer, cue_prompts)
+    with torch.no_grad(), _model(module, edited):
+        gap = bias.bias_gap(module.net, module.tokenizer, gap_prompts)
+        cue = bias.cue_margin(module.net, module.tokenizer, cue_prompts)
     return {"bias_gap": gap["bias_gap"], "bias_gap_ci": gap["bias_gap_ci"],
             "cue_margin": cue["cue_margin"], "cue_margin_ci": cue["cue_margin_ci"],
             "gap_per_profession": gap.get("per_profession", {})}

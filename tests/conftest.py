@@ -14,6 +14,15 @@ def debias_cache(tmp_path_factory):
     return os.environ["DEBIAS_CACHE"]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second thread only adds synchronisation (slow on a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_module(**overrides):
     from debias.module import DebiasModule
 

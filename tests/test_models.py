@@ -12,12 +12,8 @@ from debias.tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation (slow on a shared 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_thread):
+    pass
 
 
 @pytest.fixture(autouse=True)

@@ -20,12 +20,8 @@ WORDS = ("the nurse engineer doctor teacher pilot said told thinks that she he t
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation (slow on a shared 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_thread):
+    pass
 
 
 def _synthetic_texts() -> list[str]:
