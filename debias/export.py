@@ -6,22 +6,23 @@ Layout of the export directory:
     adapter/                                          PEFT adapter (masked methods on nn.Linear layers, LoRA)
     debias/mask.safetensors, debias/delta.safetensors  the edit as plain files (masked methods only)
     debias/report.json
-Everything is written into a temporary sibling directory, then renamed into place.
+Everything is written into a hidden sibling directory, then renamed into place (`debias.io.atomic_dir`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from debias.io import atomic_dir
+
+#: An edit value this many times the matrix's largest weight is a blown-up run, not an edit.
+ABSURD = 1000.0
 PACKAGES = ("debias", "torch", "transformers", "lightning", "peft", "sae-lens", "transformer-lens", "torchmetrics")
 
 
@@ -34,19 +35,16 @@ def check_target(path: Path, overwrite: bool) -> None:
 
 
 def merged_state_dict(module) -> dict[str, torch.Tensor]:
-    """The HF model's state dict with the edit merged and the adapter's own entries dropped."""
-    delta = module.delta
-    delta.merge()
+    """The HF model's state dict with the edit merged, under the keys it had before the edit wrapped its layer."""
+    edit = module.delta
+    edit.merge()
     try:
-        state = {}
-        own = (f"{delta.module_name}.values", f"{delta.module_name}.indices")  # SparseConv1D's
-        for key, value in module.net.state_dict().items():
-            if "supertuning_" in key or "lora_" in key or key.endswith(own):
-                continue
-            state[key.replace(".base_layer.", ".")] = value.detach().clone()
+        wrapped = module.net.state_dict()
+        prefix = module.parameter.removesuffix("weight")
+        edited = {prefix + key: value for key, value in edit.base_layer.state_dict().items()}
+        return {key: (edited[key] if key in edited else wrapped[key]).detach().clone() for key in module.original_keys}
     finally:
-        delta.unmerge()
-    return state
+        edit.unmerge()
 
 
 def environment() -> dict:
@@ -65,32 +63,16 @@ def environment() -> dict:
     return {"python": sys.version.split()[0], "versions": versions, "git_commit": commit}
 
 
-def file_hashes(paths: dict[str, str]) -> dict[str, str]:
-    """sha256 of each data file (`name -> path`); non-file sources are recorded as given."""
-    out = {}
-    for name, source in paths.items():
-        if not source:
-            continue
-        from debias.data import resolve_source
-
-        try:
-            out[name] = hashlib.sha256(resolve_source(source).read_bytes()).hexdigest()
-        except FileNotFoundError:
-            out[name] = f"unhashed:{source}"
-    return out
-
-
 def build_report(module, run: dict) -> dict:
     """`report.json`: what was edited, metrics before/after (from `run`) and how to reproduce it."""
     hp = dict(module.hparams)
-    hp["objective"] = vars(module.objective)
     return {
         "base_model": module.model_path, "base_model_spec": module.model_id, "hook_name": module.site.hook_name,
-        "layer": module.site.layer, "parameter": module.parameter, "method": hp.get("method", "instability"),
+        "layer": module.site.layer, "parameter": module.parameter, "method": module.edit_args.method,
         "features": module.features, "k": module.k, "changed_parameters": module.delta.changed_parameters(),
         "feature_selection": module.feature_selection,
         "numel": module.numel,
-        "mask_strategy": module.mask.strategy if module.mask is not None else None, "seed": hp.get("seed"),
+        "mask_strategy": module.mask.strategy if module.mask is not None else None, "seed": module.edit_args.seed,
         "config": hp, **run, **environment(),
     }
 
@@ -120,7 +102,7 @@ Files: merged weights here; {_files(report)}`debias/report.json`.
 def _what(report: dict) -> str:
     where = f"`{report['parameter']}` (layer {report['layer']})"
     if report["method"] == "lora":
-        return f"a rank-{report['config'].get('lora_rank')} LoRA adapter ({report['changed_parameters']} parameters) on {where}"
+        return f"a rank-{report['config']['edit']['lora_rank']} LoRA adapter ({report['changed_parameters']} parameters) on {where}"
     if report["method"] == "dense":
         return f"all {report['numel']} entries of {where}"
     return (f"only **{report['k']}** of the {report['numel']} entries of {where} changed, chosen by the "
@@ -128,12 +110,9 @@ def _what(report: dict) -> str:
 
 
 def _files(report: dict) -> str:
-    if report["method"] == "lora":
-        return "`adapter/` (PEFT LoRA); "
-    if report["method"] == "dense":
-        return ""
-    return ("`adapter/` (PEFT, where the layer type has it); `debias/delta.safetensors` (indices + values, apply "
-            "with `debias.delta.apply_delta(model, path)`); `debias/mask.safetensors`; ")
+    from debias.edits import registry
+
+    return registry.get(report["method"]).export_files
 
 
 def _completions(report: dict) -> str:
@@ -147,12 +126,14 @@ def _completions(report: dict) -> str:
 
 
 def export(module, out_dir: str | Path, run: dict, overwrite: bool = False) -> Path:
-    """Write the export directory for a trained `DebiasModule` atomically; returns its path."""
+    """Write the export directory for a trained `DebiasModule` atomically (`debias.io.atomic_dir`); returns its path.
+
+    Merged weights, adapter, mask, delta and report all come from the module's one edit.
+    """
     out = Path(out_dir)
     check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    check_edit(module)
+    with atomic_dir(out, replace=True) as tmp:
         module.net.save_pretrained(tmp, state_dict=merged_state_dict(module))
         module.tokenizer.save_pretrained(tmp)
         peft_model = getattr(module.delta, "peft_model", None)
@@ -166,15 +147,19 @@ def export(module, out_dir: str | Path, run: dict, overwrite: bool = False) -> P
         report = build_report(module, run)
         (tmp / "debias" / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (tmp / "README.md").write_text(model_card(report))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def check_edit(module) -> None:
+    """Refuse to export an edit with a non-finite or absurd value (a blown-up training run)."""
+    for param in module.delta.parameters():
+        values = param.detach()
+        if not torch.isfinite(values).all():
+            raise ValueError(f"the trained edit has {int((~torch.isfinite(values)).sum())} non-finite values; "
+                             "nothing was exported (lower model.train.lr)")
+    scale = float(module.delta.base_layer.weight.detach().abs().max())
+    for param in module.delta.parameters():
+        largest = float(param.detach().abs().max()) if param.numel() else 0.0
+        if largest > ABSURD * max(scale, 1e-6):
+            raise ValueError(f"the trained edit has a value of {largest:.3g}, over {ABSURD:g}× the largest weight of "
+                             f"{module.parameter} ({scale:.3g}); nothing was exported (lower model.train.lr)")

@@ -81,11 +81,6 @@ def report_figure(out: str | Path, curves: dict, acts_before: torch.Tensor, acts
     return Path(out)
 
 
-METHOD_COLOURS = {"instability": "tab:red", "instability_gxw": "tab:orange", "random": "tab:gray",
-                  "bias_gradient": "tab:blue", "dense": "tab:purple", "lora": "tab:green", "sae_clamp": "tab:brown",
-                  "steering_vector": "tab:cyan"}
-
-
 def pareto_figure(rows: list[dict], title: str = "") -> bytes:
     """PNG bytes: held-out bias-gap reduction against KL, one point per (pooled) cell of the default objective;
     random masks carry their seeds' spread as error bars, marker size grows with k."""
@@ -93,6 +88,8 @@ def pareto_figure(rows: list[dict], title: str = "") -> bytes:
     import math
 
     import matplotlib
+
+    from debias.edits import registry
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -102,7 +99,7 @@ def pareto_figure(rows: list[dict], title: str = "") -> bytes:
     for r in rows:
         if r["objective"] != "default":
             continue
-        colour = METHOD_COLOURS.get(r["method"], "black")
+        colour = registry.colour(r["method"])
         size = 30 + 25 * math.log10(r["k"]) if r.get("k") else 60
         kl = max(r["kl"], 1e-6)
         ax.errorbar(kl, 100 * r["gap_reduction"], xerr=r.get("kl_sd"),

@@ -71,7 +71,7 @@ def default_hook(n_layers: int) -> str:
 
 
 def load_plain(args):
-    from debias.models import load_model
+    from debias.models.load import load_model
 
     loaded = load_model(args.model)
     return loaded.model, loaded.tokenizer
@@ -79,8 +79,8 @@ def load_plain(args):
 
 def make_sae(workdir: Path, hook: str, d_in: int, d_sae: int):
     """A random TopK SAE at `hook`, saved once under `workdir` (so subprocesses load the same one)."""
-    from debias.sae import load_sae
-    from debias.tiny import tiny_sae
+    from debias.models.tiny import tiny_sae
+    from debias.sae.load import load_sae
 
     path = workdir / ("sae-" + hook.replace(".", "_"))
     if not (path / "cfg.json").is_file():
@@ -92,7 +92,7 @@ def make_sae(workdir: Path, hook: str, d_in: int, d_sae: int):
 
 
 def data(args):
-    from debias.data import DebiasDataModule
+    from debias.training.data import DebiasDataModule
 
     dm = DebiasDataModule(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size)
     dm.setup("fit")
@@ -112,8 +112,9 @@ def mask_batches(tokenizer, dm, max_length):
 # ----- (a) mask -----
 def mask_naive(net, sae, site, parameter, batches, features, bos):
     """Feature gradient through a full forward (all layers and the logits), as a plain training loop would do."""
-    from debias import hooks
-    from debias.mask import real_token_mask, summed_feature_acts
+    from debias.models import hooks
+    from debias.models.scoring import real_token_mask
+    from debias.sae.ops import summed_feature_acts
 
     weight = net.get_parameter(parameter)
     grad = torch.zeros(weight.shape)
@@ -133,13 +134,13 @@ def mask_naive(net, sae, site, parameter, batches, features, bos):
 
 
 def mask_debias(net, sae, site, parameter, batches, features, bos):
-    from debias.mask import feature_gradient
+    from debias.edits.mask import feature_gradient
 
     return feature_gradient(net, sae, site, parameter, batches, features, bos, progress=False)
 
 
 def mask_setup(net, workdir, hook, d_sae):
-    from debias import hooks
+    from debias.models import hooks
 
     site = hooks.resolve_hook(net, hook)
     parameter = hooks.w_out_name(net, site.layer)
@@ -149,8 +150,8 @@ def mask_setup(net, workdir, hook, d_sae):
 
 def pick_feature(net, sae, site, batches, bos) -> int:
     """The latent with the largest summed activation on the bias prompts (a random SAE has no meaningful one)."""
-    from debias import hooks
-    from debias.mask import real_token_mask
+    from debias.models import hooks
+    from debias.models.scoring import real_token_mask
 
     total = 0
     with torch.no_grad():
@@ -166,7 +167,7 @@ class NaiveTrainer:
     """The whole W_out trainable: full forwards every step, dense gradient masked to the k entries, dense Adam."""
 
     def __init__(self, net, tokenizer, sae, site, parameter, mask, features, baseline, max_length, lr=1e-2):
-        from debias.objective import ObjectiveWeights
+        from debias.training.objective import ObjectiveWeights
 
         self.net, self.tok, self.sae, self.site = net, tokenizer, sae, site
         self.weight = net.get_parameter(parameter)
@@ -178,9 +179,9 @@ class NaiveTrainer:
         self.opt = torch.optim.Adam([self.weight], lr=lr)
 
     def loss(self, texts):
-        from debias import hooks
-        from debias.mask import real_token_mask
-        from debias.objective import feature_term, mean_kl
+        from debias.models import hooks
+        from debias.models.scoring import real_token_mask
+        from debias.training.objective import feature_term, mean_kl
 
         bias = tokenize(self.tok, texts["bias"], self.max_length)
         with hooks.capture(self.net, self.site) as cap:
@@ -246,7 +247,7 @@ class DebiasTrainer:
 
 
 def make_module(args, sae_path, feature, mask_path, cache):
-    from debias.module import DebiasModule
+    from debias.training.module import DebiasModule
 
     module = DebiasModule(base_model=args.model, sae=sae_path, features=[feature], fraction=args.fraction,
                           max_length=args.max_length, mask_path=mask_path, cache_activations=cache)
@@ -305,7 +306,7 @@ def peak_rss_mb() -> float:
 
 
 def _load_mask(meta):
-    from debias.mask import InstabilityMask
+    from debias.edits.mask import InstabilityMask
 
     return InstabilityMask.load(meta["mask_path"])
 
@@ -367,10 +368,10 @@ def run(args) -> dict:
         mask_rows.append((f"mask, {label} ({h})", *mask_times[label], same))
 
     # the mask and feature every training path uses
-    from debias.mask import compute_mask
+    from debias.edits.mask import compute_mask
 
     _, sae_path = make_sae(workdir, hook, net.config.hidden_size, args.d_sae)
-    from debias.mask import resolve_k
+    from debias.edits.mask import resolve_k
 
     k = resolve_k(net.get_parameter(main_parameter).numel(), args.fraction)
     mask = compute_mask(net, main_sae, main_site, main_parameter, mbatches, [args.feature], k, bos_token_id=bos,

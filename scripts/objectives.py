@@ -16,9 +16,9 @@ from pathlib import Path
 
 from lightning.pytorch import Trainer
 
-from debias.callbacks import evaluate_heldout
-from debias.cli import build_cli
-from debias.objective import ObjectiveWeights
+from debias.commands.fit import build_cli
+from debias.evaluation.heldout import evaluate_heldout
+from debias.training.objective import ObjectiveWeights
 
 OBJECTIVES = {
     "feature + kl": dict(feature=1.0, kl=1.0),

@@ -23,17 +23,34 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_module(**overrides):
-    from debias.module import DebiasModule
+GROUPS = {"sae": ("sae_id", "build", "features", "n_features"),
+          "edit": ("method", "fraction", "k", "mask_strategy", "mask_path", "seed", "lora_rank", "clamp_value",
+                   "steering_alpha", "steering_kind"),
+          "train": ("lr", "max_length", "cache_activations", "cache_budget_mb")}
 
-    kwargs = dict(base_model="tiny-llama", sae="tiny:blocks.1.hook_mlp_out", features=[3], k=40, lr=0.05,
-                  max_length=32)
-    kwargs.update(overrides)
-    return DebiasModule(**kwargs)
+
+def module_args(**overrides) -> dict:
+    """`DebiasModule` keyword arguments from flat test overrides (`k=5`, `sae="tiny:..."`, `lr=0.1`)."""
+    from debias.training.args import EditArgs, SAEArgs, TrainArgs
+
+    flat = dict(sae="tiny:blocks.1.hook_mlp_out", features=[3], k=40, lr=0.05, max_length=32)
+    flat.update(overrides)
+    if flat.get("method") not in (None, "instability", "random", "bias_gradient") and "k" not in overrides:
+        flat["k"] = None
+    grouped = {name: {key: flat.pop(key) for key in keys if key in flat} for name, keys in GROUPS.items()}
+    grouped["sae"]["spec"] = flat.pop("sae")
+    return {"sae": SAEArgs(**grouped["sae"]), "edit": EditArgs(**grouped["edit"]),
+            "train": TrainArgs(**grouped["train"]), "base_model": "tiny-llama", **flat}
+
+
+def make_module(**overrides):
+    from debias.training.module import DebiasModule
+
+    return DebiasModule(**module_args(**overrides))
 
 
 def make_data(**overrides):
-    from debias.data import DebiasDataModule
+    from debias.training.data import DebiasDataModule
 
     kwargs = dict(batch_size=4, eval_batch_size=16, max_texts=24)
     kwargs.update(overrides)

@@ -9,12 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from debias import bias
-from debias.bias import (
-    CueMargin, GapPrompts, StereotypeGap, bias_gap, cue_margin, gap_from_logprobs, load_cue_prompts,
-    load_gap_prompts, next_token_logprobs, pronoun_ids, pronoun_margin, read_prompt_lines,
-)
-from debias.tiny import tiny_model, tiny_tokenizer
+from debias import prompts as bias
+from debias.evaluation.bias_metrics import CueMargin, StereotypeGap, bias_gap, cue_margin
+from debias.models.scoring import gap_from_logprobs, next_token_logprobs, pronoun_ids, pronoun_margin
+from debias.models.tiny import tiny_model, tiny_tokenizer
+from debias.prompts import GapPrompts, load_cue_prompts, load_gap_prompts, read_prompt_lines
 
 PROMPTS = bias.default_prompt_dir()
 GENDERED = {

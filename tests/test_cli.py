@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from debias.cli import build_cli, main
+from debias.commands import main
+from debias.commands.fit import build_cli
 
 CONFIGS = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
 ROOT = Path(__file__).parents[1]
@@ -20,12 +21,12 @@ SAE_STAND_INS = {
 
 @pytest.fixture
 def offline_stand_ins(monkeypatch, tmp_path):
-    import debias.models
-    import debias.sae
-    from debias.models import LoadedModel
-    from debias.tiny import tiny_model, tiny_sae, tiny_tokenizer
+    import debias.models.load
+    import debias.sae.load
+    from debias.models.load import LoadedModel
+    from debias.models.tiny import tiny_model, tiny_sae, tiny_tokenizer
 
-    real_load_model, real_load_sae = debias.models.load_model, debias.sae.load_sae
+    real_load_model, real_load_sae = debias.models.load.load_model, debias.sae.load.load_sae
 
     def load_model(spec, dtype="float32", device="cpu"):
         if spec not in STAND_INS:
@@ -44,12 +45,12 @@ def offline_stand_ins(monkeypatch, tmp_path):
         tiny_sae(32, settings.hook_name, d_sae=256, architecture="topk").save_model(path)
         return path
 
-    import debias.sae_train
+    import debias.sae.build
 
     tmp_path_factory_dir = tmp_path
-    monkeypatch.setattr(debias.sae_train, "ensure_sae", ensure_sae)
-    monkeypatch.setattr(debias.models, "load_model", load_model)
-    monkeypatch.setattr(debias.sae, "load_sae", load_sae)
+    monkeypatch.setattr(debias.sae.build, "ensure_sae", ensure_sae)
+    monkeypatch.setattr(debias.models.load, "load_model", load_model)
+    monkeypatch.setattr(debias.sae.load, "load_sae", load_sae)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -72,7 +73,7 @@ def test_tiny_config_runs_end_to_end_and_reduces_the_feature(tmp_path, monkeypat
     assert report["completions"][0]["before"] in (tmp_path / "out/export/README.md").read_text()
 
     # `debias eval` of the export, against its base, reproduces the report's held-out numbers
-    main(["eval", "out/export", "--config", str(ROOT / "configs/tiny.yaml"), "--suites", "false", "--out", "eval.json"])
+    main(["eval", "out/export", "--fit_config", str(ROOT / "configs/tiny.yaml"), "--suites", "false", "--out", "eval.json"])
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     for name in ("bias_gap", "cue_margin", "feature_act", "kl", "lm_loss"):
         assert evaluated["after"][name] == pytest.approx(report["after"][name], rel=1e-4, abs=1e-6), name
@@ -84,19 +85,19 @@ def test_tiny_config_runs_end_to_end_and_reduces_the_feature(tmp_path, monkeypat
 
 
 def test_eval_refuses_a_model_of_another_architecture(tmp_path):
-    from debias.tiny import save_tiny_model
+    from debias.models.tiny import save_tiny_model
 
     other = save_tiny_model(tmp_path / "gpt2", "gpt2")
     with pytest.raises(ValueError, match="does not fit base model 'tiny-llama'"):
-        main(["eval", str(other), "--config", str(ROOT / "configs/tiny.yaml"), "--suites", "false"])
+        main(["eval", str(other), "--fit_config", str(ROOT / "configs/tiny.yaml"), "--suites", "false"])
 
 
 def test_mask_command_writes_exactly_k(tmp_path, monkeypatch, capsys):
-    from debias.mask import InstabilityMask
+    from debias.edits.mask import InstabilityMask
 
     monkeypatch.chdir(tmp_path)
     main(["mask", str(ROOT / "configs/tiny.yaml"), "--out", "m.safetensors",
-          "--overrides", '["--model.k=17", "--model.fraction=null"]'])
+          "--overrides", '["--model.edit.k=17", "--model.edit.fraction=null"]'])
     assert InstabilityMask.load(tmp_path / "m.safetensors").k == 17
     assert "rows_touched" in capsys.readouterr().out
 

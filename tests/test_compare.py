@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import debias.compare
-from debias.compare import check_request, compare_command, entry_counts, plan
+import debias.commands.compare.run
+from debias.commands.compare.grid import check_request, entry_counts, plan
+from debias.commands.compare.run import compare_command
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
@@ -50,7 +51,7 @@ def test_tiny_grid_is_atomic_resumable_and_exports_each_weight_edit(tmp_path, mo
     out = tmp_path / "compare"
     args = dict(methods=["instability", "random", "lora", "sae_clamp"], k=[20], seeds=[0, 1], lora_ranks=[1],
                 objectives=False, steps=2, out=str(out))
-    real_run_cell, calls = debias.compare.run_cell, []
+    real_run_cell, calls = debias.commands.compare.run.run_cell, []
 
     def interrupted(cell, *a, **kw):
         if cell.name == "lora-r1":
@@ -58,7 +59,7 @@ def test_tiny_grid_is_atomic_resumable_and_exports_each_weight_edit(tmp_path, mo
         calls.append(cell.name)
         return real_run_cell(cell, *a, **kw)
 
-    monkeypatch.setattr(debias.compare, "run_cell", interrupted)
+    monkeypatch.setattr(debias.commands.compare.run, "run_cell", interrupted)
     with pytest.raises(KeyboardInterrupt):
         compare_command(TINY, **args)
     assert calls == ["instability-k20", "random-k20-seed0", "random-k20-seed1"]
@@ -66,7 +67,7 @@ def test_tiny_grid_is_atomic_resumable_and_exports_each_weight_edit(tmp_path, mo
     assert (out / "results.csv").read_text().startswith("# UNFINISHED") and len(_rows(out)) == 3
 
     calls.clear()
-    monkeypatch.setattr(debias.compare, "run_cell", lambda cell, *a, **kw: calls.append(cell.name) or real_run_cell(cell, *a, **kw))
+    monkeypatch.setattr(debias.commands.compare.run, "run_cell", lambda cell, *a, **kw: calls.append(cell.name) or real_run_cell(cell, *a, **kw))
     compare_command(TINY, **args)
     assert calls == ["lora-r1", "sae_clamp"]  # finished cells are not redone
     rows = {r["cell"]: r for r in _rows(out)}

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_data, make_module, make_trainer
-from debias.edits import LoraDelta, StateDiffEdit
-from debias.tiny import tiny_model
+
+from debias.edits.lora import LoraDelta
+from debias.edits.state_diff import StateDiffEdit
+from debias.models.tiny import tiny_model
 
 
 def _logits(net, ids):

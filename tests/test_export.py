@@ -5,7 +5,7 @@ import torch
 from conftest import make_data, make_module, make_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from debias.delta import apply_delta
+from debias.edits.sparse import apply_delta
 from debias.export import export
 
 REPORT_KEYS = {"base_model", "hook_name", "layer", "parameter", "features", "k", "before", "after"}

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import make_data, make_module, make_trainer
 
-from debias.fastpath import FastPath, stochastic
-from debias.objective import ObjectiveWeights
+from debias.training.cache import FastPath, stochastic
+from debias.training.objective import ObjectiveWeights
 
 ALL_TERMS = ObjectiveWeights(feature=1.0, ablation=1.0, bias=1.0, kl=1.0, cue_kl=1.0)
 
@@ -55,7 +55,7 @@ def _assert_same(module, batches, rounds=2):
 
 def _sliding_gemma2(tmp_path):
     """A tiny Gemma-2 whose sliding window (3 tokens) is shorter than the texts, so layer types matter."""
-    from debias.tiny import save_tiny_model
+    from debias.models.tiny import save_tiny_model
 
     path = save_tiny_model(tmp_path / "gemma2-sliding", "gemma2")
     config = json.loads((path / "config.json").read_text())

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from debias import features as F
-from debias import hooks
-from debias.bias import default_prompt_dir, load_gap_prompts, next_token_logprobs, pronoun_ids
-from debias.tiny import tiny_model, tiny_sae, tiny_tokenizer
+from debias.features import attribution as F
+from debias.models import hooks
+from debias.models.scoring import next_token_logprobs, pronoun_ids
+from debias.models.tiny import tiny_model, tiny_sae, tiny_tokenizer
+from debias.prompts import default_prompt_dir, load_gap_prompts
 
 PLANTED = 5
 N_PROFESSIONS, N_TEMPLATES = 6, 3

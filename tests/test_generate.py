@@ -5,11 +5,12 @@ import contextlib
 import pytest
 import torch
 
-from debias import hooks
-from debias.bias import load_gap_prompts
-from debias.generate import complete, default_prompts, generate_command, heldout_completion_prompts, report_completions
-from debias.interventions import SteeringVector
-from debias.tiny import tiny_model, tiny_tokenizer
+from debias.commands.generate import generate_command
+from debias.edits.interventions import SteeringVector
+from debias.evaluation.generate import complete, report_completions
+from debias.models import hooks
+from debias.models.tiny import tiny_model, tiny_tokenizer
+from debias.prompts import default_prompts, heldout_completion_prompts, load_gap_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only adds contention
 HOOK = "blocks.1.hook_mlp_out"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from debias.hooks import (
+from debias.models.hooks import (
     HookSite,
     _placeholder_tokenizer,
     capture,
@@ -18,7 +18,7 @@ from debias.hooks import (
     w_out_name,
     weight_layout,
 )
-from debias.tiny import FAMILIES, tiny_model, tiny_tokenizer
+from debias.models.tiny import FAMILIES, tiny_model, tiny_tokenizer
 
 TEXT = ["The nurse said that she would come back.", "The engineer said that he was late."]
 W_OUT = {

@@ -6,12 +6,17 @@ import math
 import pytest
 import torch
 
-from debias import hooks
-from debias.sae import load_sae_spec
-from debias.interventions import (SAEClamp, SteeringVector, build_intervention, fit_steering_vector,
-                                  mean_activations)
-from debias.objective import ablate
-from debias.tiny import tiny_model, tiny_sae, tiny_sae_from_spec, tiny_tokenizer
+from debias.edits.interventions import (
+    SAEClamp,
+    SteeringVector,
+    build_intervention,
+    fit_steering_vector,
+    mean_activations,
+)
+from debias.models import hooks
+from debias.models.tiny import tiny_model, tiny_sae, tiny_sae_from_spec, tiny_tokenizer
+from debias.sae.load import load_sae_spec
+from debias.sae.ops import ablate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only adds contention
 HOOK = "blocks.1.hook_mlp_out"

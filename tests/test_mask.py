@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from debias import hooks
-from debias.mask import InstabilityMask, compute_mask, feature_gradient, resolve_k, top_k_flat
-from debias.tiny import tiny_model, tiny_sae, tiny_tokenizer
+from debias.edits.mask import InstabilityMask, compute_mask, feature_gradient, resolve_k, top_k_flat
+from debias.models import hooks
+from debias.models.tiny import tiny_model, tiny_sae, tiny_tokenizer
 
 PROMPTS = ["The nurse said that", "My brother, a nurse, said that he was tired.", "The engineer told us that"]
 
@@ -87,7 +87,7 @@ def test_several_features_are_normalised_by_their_totals():
 
 
 def _total(model, sae, site, batch, feature, tok):
-    from debias.mask import real_token_mask
+    from debias.models.scoring import real_token_mask
 
     with torch.no_grad():
         acts = hooks.forward_until(model, site, **batch)

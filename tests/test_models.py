@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from debias import models
-from debias.tiny import tiny_model, tiny_tokenizer
+from debias.models import load as models
+from debias.models.tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -170,7 +170,7 @@ def test_unknown_tiny_family():
 
 
 def test_local_dir_and_missing_pad_token(tmp_path):
-    from debias.tiny import save_tiny_model
+    from debias.models.tiny import save_tiny_model
 
     path = save_tiny_model(tmp_path / "m")
     tok = tiny_tokenizer()
@@ -203,8 +203,8 @@ def test_real_smollm2_converts_and_knows_paris(real_cache, monkeypatch):
     assert "Paris" in loaded.tokenizer.decode(out[0, inputs.input_ids.shape[1]:])
     # the real model follows an explicit cue (what the over-erasure check relies on) through `complete`, and the
     # vendored CrowS-Pairs subset scores on it with every pair counted
-    from debias.generate import complete
-    from debias.suites import crows_pairs
+    from debias.evaluation.generate import complete
+    from debias.evaluation.suites import crows_pairs
 
     sister, brother = complete(loaded.model, loaded.tokenizer, ["My sister, a carpenter, said that",
                                                                 "My brother, a nurse, said that"], 6, chat=False)

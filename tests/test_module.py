@@ -3,8 +3,8 @@ import torch
 from conftest import make_data, make_module, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from debias.callbacks import evaluate_heldout
-from debias.objective import ObjectiveWeights
+from debias.evaluation.heldout import evaluate_heldout
+from debias.training.objective import ObjectiveWeights
 
 
 def _snapshot(module):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import make_data, make_module, make_trainer
 
-from debias.objective import ObjectiveWeights
+from debias.training.objective import ObjectiveWeights
 
 
 def _term(module, data, name):

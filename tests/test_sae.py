@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from debias.hooks import resolve_hook
-from debias.sae import check_features, check_sae_fits, load_sae, sae_hook_name
-from debias.tiny import tiny_model, tiny_sae
+from debias.models.hooks import resolve_hook
+from debias.models.tiny import tiny_model, tiny_sae
+from debias.sae.load import check_features, check_sae_fits, load_sae, sae_hook_name
 
 HOOK = "blocks.1.hook_mlp_out"
 

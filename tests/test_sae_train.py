@@ -9,10 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from debias import corpus, hooks, sae_train
-from debias.data import read_texts
-from debias.sae_train import SAETrainSettings, ensure_sae, sae_cache_path, sae_metrics, train_sae
-from debias.tiny import tiny_model, tiny_tokenizer
+from debias.models import hooks
+from debias.models.tiny import tiny_model, tiny_tokenizer
+from debias.prompts import read_texts
+from debias.sae import build as sae_train
+from debias.sae import corpus
+from debias.sae.build import SAETrainSettings, ensure_sae, sae_cache_path, train_sae
+from debias.sae.quality import sae_metrics
 
 HOOK = "blocks.1.hook_mlp_out"
 WORDS = ("the nurse engineer doctor teacher pilot said told thinks that she he they would come back was tired "

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from debias import suites
-from debias.tiny import tiny_model, tiny_tokenizer
+from debias.evaluation import suites
+from debias.models.tiny import tiny_model, tiny_tokenizer
 
 TEXTS = ["The nurse said that she would come back.", "He was late.", "A woman and a man walked into the room today.",
          "Once upon a time", "The doctor thinks she is right and the teacher thinks he is right."]

@@ -1,0 +1,90 @@
+"""The `debias` command: a table of subcommands, litgpt-style, each a module imported only when it runs.
+
+    debias fit --config configs/tiny.yaml [--model.edit.k 20 ...]     LightningCLI (fit, validate)
+    debias mask configs/tiny.yaml --out runs/tiny/mask.safetensors     plain typed functions (jsonargparse)
+    debias export configs/tiny.yaml runs/tiny/.../last.ckpt runs/tiny/export2
+    debias compare configs/smollm2.yaml
+
+Errors the user caused (a bad value, a missing file) print one line, `debias: error: ...`, and exit 2;
+`--debug` (or `DEBIAS_DEBUG=1`) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+#: name -> (module, function, one-line summary); "sae" has subcommands. `fit` and `validate` are LightningCLI's.
+COMMANDS: dict[str, tuple[str, str, str] | dict[str, tuple[str, str, str]]] = {
+    "fit": ("debias.commands.fit", "fit", "train the edit of a config (LightningCLI), evaluate it and export it"),
+    "validate": ("debias.commands.fit", "validate", "evaluate a config's model on its held-out prompts (LightningCLI)"),
+    "mask": ("debias.commands.mask", "mask", "compute and save the instability mask of a config"),
+    "export": ("debias.commands.export", "export", "export a trained checkpoint (merged model, adapter, delta)"),
+    "eval": ("debias.commands.eval", "eval_command", "evaluate any model against its base (held-out and suites)"),
+    "compare": ("debias.commands.compare.run", "compare_command", "run every method on one config, in one grid"),
+    "generate": ("debias.commands.generate", "generate_command", "complete prompts with a model or intervention"),
+    "features": ("debias.commands.features", "features_command", "rank SAE latents by their effect on the bias"),
+    "sae": {"train": ("debias.commands.sae", "sae_train_command", "train (or reuse) the project's TopK SAE")},
+}
+
+#: Exceptions that mean "the input is wrong", shown as one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def usage() -> str:
+    lines = ["usage: debias COMMAND [ARGS] (debias COMMAND --help)", "", "commands:"]
+    for name, entry in COMMANDS.items():
+        if isinstance(entry, dict):
+            lines += [f"  {name} {sub:<12}{summary}" for sub, (_, _, summary) in entry.items()]
+        else:
+            lines.append(f"  {name:<15}{entry[2]}")
+    lines += ["", "options: --debug (or DEBIAS_DEBUG=1) shows tracebacks"]
+    return "\n".join(lines)
+
+
+def _resolve(argv: list[str]):
+    """(function, its arguments, whether it is a LightningCLI command) for `argv`."""
+    entry = COMMANDS[argv[0]]
+    if isinstance(entry, dict):
+        if len(argv) < 2 or argv[1] not in entry:
+            raise ValueError(f"'debias {argv[0]}' needs one of {sorted(entry)}, got {argv[1:2] or 'nothing'}")
+        (module, name, _), args = entry[argv[1]], argv[2:]
+    else:
+        (module, name, _), args = entry, argv[1:]
+    return getattr(importlib.import_module(module), name), args, argv[0] in ("fit", "validate")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DEBIAS_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if argv[0] not in COMMANDS:
+        print(f"debias: error: unknown command {argv[0]!r}; expected one of {list(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        function, args, lightning = _resolve(argv)
+        if lightning:
+            function(args)
+        else:
+            from jsonargparse import auto_cli
+
+            auto_cli(function, args=args)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"debias: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message, its lines joined (collected problems are listed one per line)."""
+    text = str(err) if not isinstance(err, OSError) or not err.filename else f"{err.strerror}: {err.filename}"
+    return "; ".join(line.strip(" -") for line in text.splitlines() if line.strip()) or type(err).__name__
+
+
+if __name__ == "__main__":
+    main()

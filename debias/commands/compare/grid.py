@@ -1,0 +1,157 @@
+"""`debias compare`: every method on one config, trained on the same data with the same objective and steps, and
+evaluated through the same path (`debias.evaluation`), in one grid.
+
+    debias compare configs/smollm2.yaml                   # the full grid, runs/compare/
+    debias compare configs/tiny.yaml --methods [instability,random] --k [20,100] --objectives false
+
+Each cell runs `debias fit`'s own path (the config, with the method's overrides) and leaves its export at
+`OUT/<method>-k<count>[-seed<n>][-obj-<term>]/export`; inference-time methods leave only `report.json`. A finished
+cell is recorded in `OUT/cells/<name>.json`; rerunning the same command skips finished cells, so an interrupted grid
+resumes where it stopped. `results.csv`, `results.md` and `pareto.png` are rewritten atomically after every cell,
+and say "unfinished" until the last one is done.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from debias.edits import registry
+
+#: Rows of the grid: every registered method, with the variants (e.g. the |grad × weight| mask) as their own rows.
+GRID_METHODS = (*registry.METHODS, *registry.GRID_VARIANTS)
+
+
+def kind(name: str) -> str:
+    """The kind (`mask`, `weight`, `inference`) of a grid row."""
+    return registry.grid_entry(name)[0].kind
+
+
+def cell_name(method: str, k: int | None = None, seed: int | None = None, rank: int | None = None,
+              objective: str = "default") -> str:
+    """`instability-k88`, `random-k88-seed0`, `lora-r8`, `bias_gradient-k8847-obj-bias`: the one naming rule."""
+    name = method + (f"-k{k}" if k is not None else "") + (f"-seed{seed}" if seed is not None else "")
+    name += f"-r{rank}" if rank is not None else ""
+    return name + (f"-obj-{objective}" if objective != "default" else "")
+#: The objective ablation: each removal term alone with the neutral KL (the default combination is the main cell).
+OBJECTIVES = {"feature": dict(feature=1.0, ablation=0.0, bias=0.0, kl=1.0, cue_kl=0.0),
+              "ablation": dict(feature=0.0, ablation=1.0, bias=0.0, kl=1.0, cue_kl=0.0),
+              "bias": dict(feature=0.0, ablation=0.0, bias=1.0, kl=1.0, cue_kl=0.0)}
+ABLATED = ("instability", "random", "bias_gradient")
+
+
+@dataclass
+class Cell:
+    """One grid cell: a method with its k / seed / rank / objective, and the `debias fit` overrides that make it."""
+
+    name: str
+    method: str
+    k: int | None = None
+    seed: int | None = None
+    rank: int | None = None
+    objective: str = "default"
+    overrides: list[str] = field(default_factory=list)
+
+
+def check_request(methods: list[str], k: list[float] | None, seeds: list[int], lora_ranks: list[int]) -> None:
+    """Every problem of the grid's arguments at once, before a model is loaded."""
+    problems = [f"unknown method {m!r}; expected some of {list(GRID_METHODS)}" for m in methods if m not in GRID_METHODS]
+    masked = [m for m in GRID_METHODS if kind(m) == "mask"]
+    if k and not any(m in masked for m in methods):
+        problems.append(f"--k {k} was given, but none of the methods {methods} has a mask (k applies to {masked})")
+    for value in k or []:
+        if not (0 < value < 1 or value >= 1 and float(value).is_integer()):
+            problems.append(f"k must be a fraction in (0, 1) or a whole entry count >= 1, got {value}")
+    if "random" in methods and not seeds:
+        problems.append("--seeds must name at least one seed for the random mask")
+    if "lora" in methods and (not lora_ranks or any(r < 1 for r in lora_ranks)):
+        problems.append(f"--lora_ranks must be ranks >= 1, got {lora_ranks}")
+    if problems:
+        raise ValueError("invalid compare arguments:\n  - " + "\n  - ".join(problems))
+
+
+def entry_counts(k: list[float], numel: int) -> list[int]:
+    """Fractions become entry counts (max(1, floor(fraction × numel))); counts are checked against the matrix."""
+    from debias.edits.mask import resolve_k
+
+    return sorted({resolve_k(numel, fraction=v) if v < 1 else resolve_k(numel, k=int(v)) for v in k})
+
+
+def plan(methods: list[str], counts: list[int], default_k: int, seeds: list[int], lora_ranks: list[int],
+         objectives: bool) -> list[Cell]:
+    """The cells of the grid, weight edits first (the inference-time methods need no training)."""
+    cells = []
+    for method in methods:
+        if kind(method) == "mask":
+            for k in counts:
+                for seed in (seeds if method == "random" else [None]):
+                    cells.append(Cell(cell_name(method, k, seed), method, k, seed))
+        elif method == "lora":
+            cells += [Cell(cell_name(method, rank=r), method, rank=r) for r in lora_ranks]
+        elif kind(method) != "inference":
+            cells.append(Cell(method, method))
+    if objectives:
+        for method in (m for m in ABLATED if m in methods):
+            for term in OBJECTIVES:
+                seed = seeds[0] if method == "random" else None
+                cells.append(Cell(cell_name(method, default_k, seed, objective=term), method, default_k, seed,
+                                  objective=term))
+    cells += [Cell(m, m) for m in methods if kind(m) == "inference"]
+    return cells
+
+
+def cell_overrides(cell: Cell, features: list[int], mask_path: Path | None) -> list[str]:
+    """`debias fit` arguments that turn the config into this cell."""
+    method, fixed = registry.grid_entry(cell.method)
+    args = [f"--model.edit.method={method.name}", f"--model.sae.features={json.dumps(features)}"]
+    args += [f"--model.edit.{key}={value}" for key, value in fixed.items()]
+    if mask_path is not None:
+        args.append(f"--model.edit.mask_path={mask_path}")
+    if cell.rank is not None:
+        args.append(f"--model.edit.lora_rank={cell.rank}")
+    if cell.seed is not None:
+        args.append(f"--model.edit.seed={cell.seed}")
+    for term, weight in OBJECTIVES.get(cell.objective, {}).items():
+        args.append(f"--model.objective.{term}={weight}")
+    return args
+
+
+def grid_masks(module, datamodule, cells: list[Cell], out: Path) -> dict[str, Path]:
+    """Every mask the grid needs, from one feature gradient and one gap gradient (the expensive passes)."""
+    from debias.edits.mask import STRATEGIES, compute_mask, feature_gradient, gap_gradient, mask_from_scores
+
+    needed = {(c.method, c.k, c.seed) for c in cells if kind(c.method) == "mask"}
+    batches = [module.tokenize(b) for b in datamodule.mask_batches()]
+    net, weight = module.net, module.net.get_parameter(module.parameter).detach().cpu()
+    meta = dict(parameter=module.parameter, layer=module.site.layer, hook_name=module.site.hook_name,
+                features=tuple(module.features), model_id=module.model_id)
+    grads, source = {}, {m: registry.grid_entry(m)[0].mask_from for m, _, _ in needed}
+    if "feature" in source.values():
+        grads["feature"] = feature_gradient(net, module.sae, module.site, module.parameter, batches, module.features,
+                                            module.tokenizer.bos_token_id).cpu()
+    if "bias" in source.values():
+        texts = datamodule.texts
+        grads["bias"] = gap_gradient(net, module.tokenizer, module.parameter, texts["gap_female_train"],
+                                     texts["gap_male_train"], datamodule.hparams.eval_batch_size).cpu()
+    paths = {}
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for method, k, seed in sorted(needed, key=str):
+        name = cell_name(method, k, seed)
+        if source[method] == "random":
+            mask = compute_mask(net, module.sae, module.site, module.parameter, [], module.features, k,
+                                strategy="random", seed=seed, extra={"method": "random"}, model_id=module.model_id)
+        else:
+            strategy = registry.grid_entry(method)[1].get("mask_strategy", "gradient")
+            scores = STRATEGIES[strategy](grads[source[method]], weight, 0)
+            mask = mask_from_scores(scores, k, strategy=strategy,
+                                    extra={"method": method, "mask_from": source[method]}, **meta)
+        paths[name] = out / "masks" / f"{name}.safetensors"
+        mask.save(paths[name])
+    return paths
+
+
+def mask_name(cell: Cell) -> str:
+    return cell_name(cell.method, cell.k, cell.seed)
+
+

@@ -1,0 +1,58 @@
+"""`debias export CONFIG CKPT OUT`: export a trained checkpoint of a config.
+
+The mask, delta, merged weights, adapter and report all come from the checkpoint: its mask is used as it is, and a
+checkpoint of another method or matrix, or without a trained edit, is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from debias.commands.fit import configured
+from debias.evaluation.heldout import evaluate_heldout, format_table
+
+
+def load_checkpoint(path: str) -> dict:
+    """A `debias fit` checkpoint, loaded without running any code it may carry (`weights_only=True`)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError for code or foreign objects; others for garbage bytes
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a checkpoint that loads safely (weights only): {first}") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("debias_edit"), dict):
+        raise ValueError(f"{path} holds no trained debias edit: not a checkpoint written by `debias fit`")
+    return checkpoint
+
+
+def export(fit_config: str, ckpt_path: str, out: str, overwrite: bool = False, overrides: list[str] | None = None) -> None:
+    """Export a trained checkpoint of a config (merged model, adapter, delta, mask, report).
+
+    Args:
+        fit_config: the `debias fit` YAML config the checkpoint was trained with.
+        ckpt_path: a Lightning checkpoint written by `debias fit`.
+        out: the export directory (must be empty unless `overwrite`).
+        overwrite: replace a non-empty export directory.
+        overrides: extra `fit`-style arguments.
+    """
+    from debias.edits.mask import InstabilityMask
+    from debias.export import check_target
+    from debias.export import export as write_export
+
+    check_target(Path(out), overwrite)
+    checkpoint = load_checkpoint(ckpt_path)
+    module, datamodule = configured(fit_config, overrides or [])
+    record = checkpoint["debias_edit"]
+    if record.get("mask"):
+        module.preset_mask = InstabilityMask.from_record(record["mask"])
+    module.prepare(datamodule)
+    module.load_edit_state(checkpoint, source=ckpt_path)
+    module.load_state_dict(checkpoint.get("state_dict", {}), strict=False)
+    before = evaluate_heldout(module, datamodule, edited=False)
+    after = evaluate_heldout(module, datamodule, edited=True)
+    print(format_table(before, after))
+    run = {"before": before, "after": after, "checkpoint": ckpt_path, "steps": checkpoint.get("global_step")}
+    print(f"exported to {write_export(module, out, run, overwrite)}")

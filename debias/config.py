@@ -1,0 +1,23 @@
+"""Choices and defaults shared by the commands, the module and the configs: `Literal` types, so jsonargparse checks
+a value and lists the choices in `--help`, and one copy of each default."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+MaskStrategy = Literal["gradient", "grad_x_weight"]
+"""How a mask ranks W_out's entries by a gradient g: |g| or |g · w| (a random mask is the `random` method)."""
+SteeringKind = Literal["mean_diff", "probe"]
+"""How the steering vector is fitted: the mean difference of the two groups' activations, or a linear probe."""
+DType = Literal["float32", "bfloat16", "float16"]
+
+DEFAULT_MODEL = "smollm2-135m"
+STEERING_ALPHA = -9.55
+"""Default coefficient of the unit steering vector: minus the length of the train mean difference between female-
+and male-stereotyped contexts at SmolLM2's blocks.24.hook_mlp_out (it moves the one group's mean onto the other's).
+Other models and hooks need their own value."""
+
+
+def choices(literal) -> tuple[str, ...]:
+    """The values of a `Literal` type."""
+    return get_args(literal)

@@ -1,0 +1,281 @@
+"""Inference-time interventions: a forward hook at an SAE's hook site edits activations, no weight changes.
+
+Both baselines act on the hooked tensor `acts` [batch, seq, d_model] at every position (prompt tokens and, under
+KV-cache generation, each new token as it is computed: then seq = 1):
+
+- `SAEClamp`: z = encode(acts); z' = z with the chosen latents set to `value`;
+  acts' = acts + decode(z') - decode(z), i.e. decode(z') + (acts - decode(z)): the SAE's reconstruction error is kept,
+  so only the chosen latents' contribution changes. value 0 is `debias.sae.ops.ablate`.
+- `SteeringVector`: acts' = acts + alpha * v, with v usually a unit direction fitted by `fit_steering_vector`
+  (female minus male), so alpha is in the hooked tensor's own units (mind its typical norm when choosing alpha).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from debias.config import STEERING_ALPHA, SteeringKind, choices
+from debias.models import hooks
+from debias.models.hooks import HookSite
+from debias.sae.ops import clamp
+
+METHODS = ("sae_clamp", "steering_vector")
+STEERING_KINDS = choices(SteeringKind)
+
+
+def _finite(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+class Intervention:
+    """Base class: `fn(acts) -> acts'` on the tensor at `site`, applied inside `with intervention.applied(model):`."""
+
+    method = "intervention"
+    site: HookSite
+
+    def fn(self, acts: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check(self, model) -> None:
+        """Raise ValueError if the intervention does not fit `model`'s hooked tensor (called by `applied`)."""
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        """Inside the block every forward of `model` has the hooked tensor replaced by `fn(acts)`."""
+        self.check(model)
+        with hooks.replace(model, self.site, self.fn):
+            yield self
+
+    def describe(self) -> dict:
+        """Method name and parameters (JSON-serialisable), for reports."""
+        return {"method": self.method, "hook_name": self.site.hook_name}
+
+
+class SAEClamp(Intervention):
+    """Set SAE latents `features` to `value` at every token, keeping the SAE's reconstruction error.
+
+    Any finite `value` is accepted: 0 ablates; a negative value lies outside what a ReLU/TopK/JumpReLU encoder can
+    produce (it pushes along minus the decoder direction); a large one amplifies, as in Templeton et al. (2024).
+    """
+
+    method = "sae_clamp"
+
+    def __init__(self, sae, site: HookSite, features: list[int], value: float = 0.0):
+        from debias.sae.load import check_features
+
+        if features is None or len(features) == 0:
+            raise ValueError("sae_clamp needs at least one SAE feature index (features=[...])")
+        check_features(sae, list(features))
+        self.sae, self.site = sae, site
+        self.features = [int(f) for f in features]
+        self.value = _finite("clamp value", value)
+
+    def check(self, model) -> None:
+        from debias.sae.load import check_sae_fits
+
+        check_sae_fits(self.sae, model, self.site)
+
+    def fn(self, acts: torch.Tensor) -> torch.Tensor:
+        """acts [batch, seq, d_model] -> acts + decode(z') - decode(z), z = encode(acts), z'[..., features] = value."""
+        return clamp(self.sae, acts, self.features, self.value)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "features": list(self.features), "value": self.value,
+                "d_sae": int(self.sae.cfg.d_sae)}
+
+
+class SteeringVector(Intervention):
+    """acts [batch, seq, d_model] -> acts + alpha * vector at every token; `vector` is [d_model].
+
+    `info` (e.g. how the vector was fitted) is added to `describe()`.
+    """
+
+    method = "steering_vector"
+
+    def __init__(self, site: HookSite, vector: torch.Tensor, alpha: float, info: dict | None = None):
+        self.alpha = _finite("steering alpha", alpha)
+        vector = torch.as_tensor(vector).detach()
+        if vector.ndim != 1:
+            raise ValueError(f"steering vector must be 1-D [d_model], got shape {list(vector.shape)}")
+        if not torch.isfinite(vector).all():
+            raise ValueError("steering vector has non-finite entries")
+        self.site, self.vector, self.info = site, vector, dict(info or {})
+        self._shift = self.alpha * vector.float()
+
+    def _check_dim(self, dim: int) -> None:
+        if dim != self.vector.shape[0]:
+            raise ValueError(f"steering vector has dimension {self.vector.shape[0]} but {self.site.hook_name} "
+                             f"({self.site.module_name} {self.site.position}) has dimension {dim}")
+
+    def check(self, model) -> None:
+        self._check_dim(hooks.hooked_dim(model, self.site))
+
+    def fn(self, acts: torch.Tensor) -> torch.Tensor:
+        self._check_dim(acts.shape[-1])
+        if self._shift.device != acts.device or self._shift.dtype != acts.dtype:
+            self._shift = self._shift.to(device=acts.device, dtype=acts.dtype)
+        return acts + self._shift
+
+    def describe(self) -> dict:
+        return {**super().describe(), "alpha": self.alpha, "d_model": int(self.vector.shape[0]),
+                "vector_norm": float(self.vector.float().norm()), **self.info}
+
+
+def mean_activations(model, tokenizer, site: HookSite, texts: list[str], batch_size: int = 16,
+                     max_length: int = 64) -> torch.Tensor:
+    """[n_texts, d_model] float32: each text's activation at `site` averaged over its real tokens (attended, not BOS).
+
+    Runs the model only up to the hook (`hooks.forward_until`).
+    """
+    from debias.models.scoring import real_token_mask
+
+    if not texts:
+        raise ValueError("no texts to average activations over")
+    device = next(model.parameters()).device
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start:start + batch_size])
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left or right padding: same as unpadded
+            acts = hooks.forward_until(model, site, input_ids=ids, attention_mask=mask, position_ids=positions).float()
+            real = real_token_mask(ids, mask, tokenizer.bos_token_id).unsqueeze(-1)
+            counts = real.sum(dim=1)
+            if (counts == 0).any():
+                empty = [chunk[i] for i in (counts.squeeze(-1) == 0).nonzero().flatten().tolist()]
+                raise ValueError(f"text(s) with no real token (only BOS/padding): {empty[:3]}")
+            rows.append(((acts * real).sum(dim=1) / counts).cpu())
+    return torch.cat(rows)
+
+
+def _unit(direction: torch.Tensor, scale: float, what: str) -> torch.Tensor:
+    norm = float(direction.norm())
+    if not math.isfinite(norm) or norm <= 1e-6 * max(scale, 1e-12):
+        raise ValueError(f"{what} is (numerically) zero (norm {norm:.3g} vs activation norm {scale:.3g}): the female "
+                         "and male texts give the same activations, there is no direction to steer along")
+    return direction / norm
+
+
+def _probe_direction(female: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
+    """LinearSVC (female = 1, male = 0) on centred activations divided by one global scale: coef_ is the normal of
+    the separating hyperplane, pointing towards the female class; a scalar rescale does not change its direction."""
+    from sklearn.svm import LinearSVC
+
+    x = torch.cat([female, male]).double()
+    x = x - x.mean(dim=0)
+    x = x / x.norm(dim=1).mean().clamp_min(1e-12)
+    y = [1] * len(female) + [0] * len(male)
+    probe = LinearSVC(C=1.0, max_iter=20_000, random_state=0).fit(x.numpy(), y)
+    return torch.from_numpy(probe.coef_[0]).float()
+
+
+def fit_steering_vector(model, tokenizer, site: HookSite, female_texts: list[str], male_texts: list[str],
+                        kind: str = "mean_diff", batch_size: int = 16, max_length: int = 64) -> torch.Tensor:
+    """A unit direction [d_model] at `site`, oriented female minus male.
+
+    `mean_diff`: mean over female texts of the token-averaged activation minus the same over male texts.
+    `probe`: the weight vector of a linear SVM (scikit-learn LinearSVC) separating the token-averaged activations
+    of female (label 1) from male (label 0) texts (a concept activation vector, Kim et al. 2018).
+    Raises ValueError when the direction is numerically zero (e.g. identical text groups).
+    """
+    if kind not in STEERING_KINDS:
+        raise ValueError(f"unknown steering vector kind {kind!r}; expected one of {STEERING_KINDS}")
+    if not female_texts or not male_texts:
+        raise ValueError(f"need female and male texts, got {len(female_texts or [])} and {len(male_texts or [])}")
+    female = mean_activations(model, tokenizer, site, female_texts, batch_size, max_length)
+    male = mean_activations(model, tokenizer, site, male_texts, batch_size, max_length)
+    scale = float(torch.cat([female, male]).norm(dim=1).mean())
+    if kind == "mean_diff":
+        return _unit(female.mean(dim=0) - male.mean(dim=0), scale, "the mean-difference vector")
+    return _unit(_probe_direction(female, male), 1.0, "the probe direction")
+
+
+def build_intervention(method: str, model, tokenizer, sae=None, site: HookSite | None = None,
+                       features: list[int] | None = None, value: float = 0.0, alpha: float = STEERING_ALPHA,
+                       kind: str = "mean_diff", female_texts: list[str] | None = None,
+                       male_texts: list[str] | None = None) -> Intervention:
+    """`sae_clamp` (needs `sae` and `features`) or `steering_vector` (fitted with `kind` on `female_texts` vs
+    `male_texts`; default: the TRAIN profession prompts of `load_gap_prompts("train")`, female- vs male-stereotyped).
+    `site` defaults to the SAE's hook site."""
+    if method not in METHODS:
+        raise ValueError(f"unknown intervention {method!r}; expected one of {METHODS}")
+    if site is None:
+        if sae is None:
+            raise ValueError(f"{method} needs a hook site: pass `site` or an SAE")
+        from debias.sae.load import sae_hook_name
+
+        site = hooks.resolve_hook(model, sae_hook_name(sae), tokenizer)
+    if method == "sae_clamp":
+        if sae is None:
+            raise ValueError("sae_clamp needs an SAE")
+        return SAEClamp(sae, site, features, value)
+    alpha = _finite("steering alpha", alpha)
+    if kind not in STEERING_KINDS:
+        raise ValueError(f"unknown steering vector kind {kind!r}; expected one of {STEERING_KINDS}")
+    source = "given texts"
+    if female_texts is None or male_texts is None:
+        from debias.prompts import load_gap_prompts
+
+        gap = load_gap_prompts("train")
+        female_texts, male_texts, source = gap.female, gap.male, "train profession prompts"
+    vector = fit_steering_vector(model, tokenizer, site, female_texts, male_texts, kind)
+    info = {"kind": kind, "fitted_on": source, "n_female": len(female_texts), "n_male": len(male_texts)}
+    return SteeringVector(site, vector, alpha, info)
+
+
+class InferenceEdit:
+    """An inference-time intervention (`debias.interventions`) held on the network by a forward hook; no weight
+    changes, so it cannot be merged into a checkpoint."""
+
+    def __init__(self, model: nn.Module, intervention):
+        self.model, self.intervention = model, intervention
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(intervention.applied(model))
+
+    @contextlib.contextmanager
+    def disabled(self):
+        self._stack.close()
+        try:
+            yield
+        finally:
+            self._stack = contextlib.ExitStack()
+            self._stack.enter_context(self.intervention.applied(self.model))
+
+    def parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def changed_parameters(self) -> int:
+        return 0
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def merge(self) -> None:
+        raise TypeError(f"{type(self.intervention).__name__} is an inference-time intervention (a forward hook): "
+                        "it changes no weight and cannot become a plain checkpoint")
+
+    unmerge = merge
+
+
+def build_clamp(ctx) -> InferenceEdit:
+    """`sae_clamp`: the run's features held at `clamp_value` through the SAE, error term kept."""
+    return InferenceEdit(ctx.net, SAEClamp(ctx.sae, ctx.site, ctx.features, ctx.args.clamp_value))
+
+
+def build_steering(ctx) -> InferenceEdit:
+    """`steering_vector`: `steering_alpha` · v at the hook, v fitted on the train profession prompts."""
+    vector = fit_steering_vector(ctx.net, ctx.tokenizer, ctx.site, ctx.texts["gap_female_train"],
+                                 ctx.texts["gap_male_train"], kind=ctx.args.steering_kind,
+                                 batch_size=ctx.eval_batch_size, max_length=ctx.max_length)
+    return InferenceEdit(ctx.net, SteeringVector(ctx.site, vector, ctx.args.steering_alpha))

@@ -1,0 +1,76 @@
+"""`lora`: a peft LoRA adapter on the W_out of the SAE's layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from debias.edits.sparse import ADAPTER
+
+
+def check_lora_rank(rank: int, shape: tuple[int, ...]) -> None:
+    if not 1 <= rank <= min(shape):
+        raise ValueError(f"LoRA rank must be in [1, {min(shape)}] (the smaller side of the {tuple(shape)} matrix), "
+                         f"got {rank}")
+
+
+class LoraDelta:
+    """A peft LoRA adapter (B·A, B initialised to zero) on the module that holds `parameter`."""
+
+    def __init__(self, model: nn.Module, parameter: str, rank: int, alpha: float | None = None):
+        from peft import LoraConfig, get_peft_model
+
+        self.module_name = parameter.removesuffix(".weight")
+        self.parameter = parameter
+        check_lora_rank(rank, tuple(model.get_parameter(parameter).shape))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        config = LoraConfig(target_modules=[self.module_name], r=rank, lora_alpha=alpha or rank, lora_dropout=0.0)
+        self.peft_model = get_peft_model(model, config)
+        self.layer = self.peft_model.base_model.model.get_submodule(self.module_name)
+        self.rank = rank
+        self._saved = None
+
+    def disabled(self):
+        return self.peft_model.disable_adapter()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.layer.lora_A[ADAPTER].weight, self.layer.lora_B[ADAPTER].weight]
+
+    def changed_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's own weights, as peft saves them."""
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft_model).items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        expected = set(self.trainable_state())
+        if set(state) != expected:
+            raise ValueError(f"the checkpoint holds no LoRA state for {self.parameter} "
+                             f"(keys {sorted(state)[:4]}, expected {sorted(expected)[:4]})")
+        set_peft_model_state_dict(self.peft_model, state)
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.layer.base_layer
+
+    def merge(self) -> None:
+        self._saved = self.layer.base_layer.weight.data.clone()
+        self.layer.merge(adapter_names=[ADAPTER])
+
+    def unmerge(self) -> None:
+        """Undo `merge` bit-exactly (restores the saved weight rather than subtracting B·A)."""
+        self.layer.unmerge()
+        if self._saved is not None:
+            self.layer.base_layer.weight.data.copy_(self._saved)
+            self._saved = None
+
+
+def build(ctx) -> LoraDelta:
+    """`lora`: a LoRA adapter of `lora_rank` on the run's W_out."""
+    return LoraDelta(ctx.net, ctx.parameter, ctx.args.lora_rank)

@@ -1,0 +1,96 @@
+"""One table of methods: name -> how to build its edit, what kind of edit it is, how reports show it.
+
+Adding a method is one `Method` entry here and one module with its builder `build(EditContext) -> Edit`.
+`GRID_VARIANTS` are extra rows of `debias compare`: a method with some of its arguments fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
+
+from debias.edits import interventions, lora, sparse
+from debias.edits.base import Edit, EditContext
+
+Kind = Literal["mask", "weight", "inference"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method: `mask` (a sparse delta on k chosen entries), `weight` (another trained weight edit) or
+    `inference` (a forward hook, nothing trained, no checkpoint)."""
+
+    name: str
+    kind: Kind
+    build: Callable[[EditContext], Edit]
+    summary: str
+    colour: str = "black"
+    mask_from: Literal["feature", "bias", "random", "all"] | None = None  # what ranks a mask's entries
+    export_files: str = ""  # the model card's list of the edit's own files
+
+
+_SPARSE_FILES = ("`adapter/` (PEFT, where the layer type has it); `debias/delta.safetensors` (indices + values, "
+                 "apply with `debias.apply_delta(model, path)`); `debias/mask.safetensors`; ")
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("instability", "mask", partial(sparse.build_masked, source="feature"), "top-k entries by the SAE feature(s)' gradient",
+           "tab:red", "feature", _SPARSE_FILES),
+    Method("random", "mask", partial(sparse.build_masked, source="random"), "k random entries (seeded): a control", "tab:gray", "random",
+           _SPARSE_FILES),
+    Method("bias_gradient", "mask", partial(sparse.build_masked, source="bias"), "top-k entries by the train bias gap's own gradient, no SAE",
+           "tab:blue", "bias", _SPARSE_FILES),
+    Method("dense", "weight", sparse.build_dense, "every entry of W_out", "tab:purple", "all"),
+    Method("lora", "weight", lora.build, "a peft LoRA adapter of `lora_rank` on W_out", "tab:green",
+           export_files="`adapter/` (PEFT LoRA); "),
+    Method("sae_clamp", "inference", interventions.build_clamp,
+           "the features clamped to `clamp_value` at the hook, error term kept", "tab:brown"),
+    Method("steering_vector", "inference", interventions.build_steering,
+           "`steering_alpha` · v added at the hook (v fitted on train prompts)", "tab:cyan"),
+)}
+
+MethodName = Literal["instability", "random", "bias_gradient", "dense", "lora", "sae_clamp", "steering_vector"]
+"""The `model.edit.method` choices: the keys of `METHODS` (a test keeps the two equal)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A grid row that is `method` with `args` (EditArgs fields) fixed."""
+
+    name: str
+    method: str
+    args: dict = field(default_factory=dict)
+    colour: str = "black"
+
+
+GRID_VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("instability_gxw", "instability", {"mask_strategy": "grad_x_weight"}, "tab:orange"),
+)}
+
+
+def get(name: str) -> Method:
+    """The method called `name`; the error lists the known ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {list(METHODS)}")
+    return METHODS[name]
+
+
+def names(*kinds: Kind) -> tuple[str, ...]:
+    """Method names of the given kinds (all when none are given), in table order."""
+    return tuple(n for n, m in METHODS.items() if not kinds or m.kind in kinds)
+
+
+def grid_entry(name: str) -> tuple[Method, dict]:
+    """The method behind a grid row (a method or a `GRID_VARIANTS` name) and the arguments the row fixes."""
+    if name in GRID_VARIANTS:
+        variant = GRID_VARIANTS[name]
+        return METHODS[variant.method], dict(variant.args)
+    return get(name), {}
+
+
+def colour(name: str) -> str:
+    """The plot colour of a method or grid variant (black for anything else)."""
+    if name in GRID_VARIANTS:
+        return GRID_VARIANTS[name].colour
+    return METHODS[name].colour if name in METHODS else "black"

@@ -1,0 +1,49 @@
+"""One evaluation path for every method and command: the held-out metrics of `debias.callbacks`, the standard
+suites (`debias.suites`) and before/after completions, for the edited model or the original one.
+
+`module` is a prepared `DebiasModule`: its `delta` is the method's edit (`debias.edits`), and the original model
+is the same network with the edit disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from debias.evaluation.heldout import edit_context, evaluate_heldout
+
+
+def evaluate_model(module, datamodule, edited: bool = True, suites: bool = False, cue_limit: int | None = 256,
+                   progress: bool = False) -> dict:
+    """Held-out metrics of the edited (or original) model; with `suites`, CrowS-Pairs and StereoSet gender too.
+
+    Runs on the module's fast path where it has one: layers below the edit are computed once per text batch.
+    """
+    with module.fastpath.active() if module.fastpath is not None else contextlib.nullcontext():
+        metrics = evaluate_heldout(module, datamodule, edited=edited, cue_limit=cue_limit)
+        if suites:
+            metrics.update(suite_scores(module, edited, progress))
+    return metrics
+
+
+def suite_scores(module, edited: bool = True, progress: bool = False) -> dict:
+    """CrowS-Pairs gender and StereoSet gender of the edited (or original) model, each with its item count and
+    bootstrap 95% intervals (evaluation only: nothing is trained or chosen on them)."""
+    from debias.evaluation import suites
+
+    with torch.no_grad(), edit_context(module, edited):
+        return {"crows_pairs": suites.crows_pairs(module.net, module.tokenizer, progress=progress),
+                "stereoset": suites.stereoset(module.net, module.tokenizer, progress=progress)}
+
+
+def completions(module, datamodule, n: int = 4, max_new_tokens: int = 32) -> list[dict]:
+    """Greedy completions of `n` held-out prompts by the original and the edited model: [{prompt, before, after}]."""
+    from debias.evaluation.generate import report_completions
+    from debias.prompts import heldout_completion_prompts
+
+    prompts = heldout_completion_prompts(datamodule.hparams.prompt_dir, n)
+    return report_completions(module.net, module.tokenizer, prompts, lambda: edit_context(module, False),
+                              contextlib.nullcontext, max_new_tokens=max_new_tokens)
+
+

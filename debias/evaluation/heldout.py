@@ -1,0 +1,125 @@
+"""The held-out evaluation of an edited (or the original) model: feature activation and firing rate, LM loss, KL to
+the original, the bias gap and the explicit-cue margin, aggregated with torchmetrics; and the before/after table."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric, Metric
+
+from debias.evaluation.bias_metrics import bias_gap, cue_margin
+from debias.prompts import load_cue_prompts, load_gap_prompts
+
+
+class FeatureActivation(Metric):
+    """Mean activation of the feature(s) over real tokens, and the fraction of those tokens where it is > 0.
+
+    `update(latents [batch, seq, n_features], real [batch, seq] bool)`; `compute()` returns
+    `{"feature_act": mean over features, "feature_fire_rate": mean over features}`.
+    """
+
+    full_state_update = False
+
+    def __init__(self, n_features: int, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("act_sum", torch.zeros(n_features, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("fired", torch.zeros(n_features, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, latents: torch.Tensor, real: torch.Tensor) -> None:
+        weights = real.unsqueeze(-1).to(torch.float64)
+        self.act_sum += (latents.double() * weights).sum(dim=(0, 1))
+        self.fired += ((latents > 0).double() * weights).sum(dim=(0, 1))
+        self.tokens += real.sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        tokens = self.tokens.clamp_min(1)
+        return {"feature_act": (self.act_sum / tokens).mean().float(),
+                "feature_fire_rate": (self.fired / tokens).mean().float()}
+
+
+class HeldOutAggregate:
+    """Aggregates `DebiasModule.evaluate_batch` outputs into the held-out metrics."""
+
+    def __init__(self, n_features: int, device):
+        self.feature = FeatureActivation(n_features).to(device)
+        self.lm_loss = MeanMetric().to(device)
+        self.kl = MeanMetric().to(device)
+
+    def update(self, kind: str, out: dict[str, torch.Tensor]) -> None:
+        if kind == "bias":
+            self.feature.update(out["latents"], out["real"])
+        else:
+            self.lm_loss.update(out["nll"], out["nll_mask"].float())
+            self.kl.update(out["kl"], out["kl_mask"].float())
+
+    def compute(self) -> dict[str, float]:
+        feature = {k: float(v) for k, v in self.feature.compute().items()}
+        lm_loss = float(self.lm_loss.compute())
+        return {**feature, "lm_loss": lm_loss, "perplexity": float(torch.tensor(lm_loss).exp()),
+                "kl": float(self.kl.compute())}
+
+
+def evaluate_heldout(module: LightningModule, datamodule, edited: bool = True, cue_limit: int | None = 256) -> dict:
+    """Held-out metrics of the edited model (or, with `edited=False`, of the original one).
+
+    The explicit-cue margin uses a seeded subset of `cue_limit` held-out cue prompts, balanced over cue gender
+    and pro/anti-stereotypical profession (None: all of them).
+    """
+    agg = HeldOutAggregate(len(module.features), module.device)
+    was_training = module.training
+    module.eval()
+    try:
+        for kind, loader in zip(datamodule.VAL_SETS, datamodule.val_dataloader()):
+            for texts in loader:
+                with edit_context(module, edited):
+                    agg.update(kind, module.evaluate_batch(texts, kind))
+        metrics = agg.compute()
+        metrics.update(behaviour_metrics(module, datamodule, edited, cue_limit))
+    finally:
+        module.train(was_training)
+    return metrics
+
+
+def edit_context(module, edited: bool):
+    """Context in which `module.net` is the edited model, or the original one (edit disabled)."""
+    return contextlib.nullcontext() if edited else module.delta.disabled()
+
+
+def behaviour_metrics(module, datamodule, edited: bool, cue_limit: int | None) -> dict:
+    """Bias gap and explicit-cue margin on the held-out prompt files."""
+    prompt_dir = datamodule.hparams.prompt_dir
+    gap_prompts = load_gap_prompts("heldout", prompt_dir)
+    cue_prompts = load_cue_prompts("heldout", prompt_dir, limit=cue_limit)
+    with torch.no_grad(), edit_context(module, edited):
+        gap = bias_gap(module.net, module.tokenizer, gap_prompts)
+        cue = cue_margin(module.net, module.tokenizer, cue_prompts)
+    return {"bias_gap": gap["bias_gap"], "bias_gap_ci": gap["bias_gap_ci"],
+            "cue_margin": cue["cue_margin"], "cue_margin_ci": cue["cue_margin_ci"], "cue_followed": cue["cue_followed"],
+            "gap_per_profession": gap.get("per_profession", {})}
+
+
+ROWS = ("feature_act", "feature_fire_rate", "lm_loss", "perplexity", "kl", "bias_gap", "cue_margin", "cue_followed")
+
+
+SUITE_ROWS = {"crows_pairs": ("stereo_pct", "margin"), "stereoset": ("ss", "lms", "icat")}
+
+
+def format_table(before: dict, after: dict) -> str:
+    """A plain before/after table of the held-out metrics."""
+    lines = [f"{'held-out metric':<20}{'before':>12}{'after':>12}{'change':>10}"]
+    for name in ROWS:
+        if name in before and name in after:
+            b, a = before[name], after[name]
+            change = f"{(a - b) / abs(b):+.1%}" if b and name != "kl" else ""
+            lines.append(f"{name:<20}{b:>12.4f}{a:>12.4f}{change:>10}")
+    for suite, names in SUITE_ROWS.items():
+        if suite in before and suite in after:
+            for name in names:
+                b, a = before[suite][name], after[suite][name]
+                lines.append(f"{suite + '.' + name:<20}{b:>12.4f}{a:>12.4f}{a - b:>+10.2f}")
+    return "\n".join(lines)

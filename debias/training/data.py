@@ -1,0 +1,101 @@
+"""Prompt sets and the DataModule: bias and neutral texts, with explicit train and held-out splits.
+
+A source is one of
+- `package:NAME`: a file shipped in `debias/prompts/`;
+- a `.txt` file (one text per line; blank lines and lines starting with `#` are skipped);
+- a `.jsonl` file (the `text` field of each line);
+- `hf:DATASET[:CONFIG]:SPLIT:FIELD`, anything `datasets.load_dataset` can open.
+Batches are lists of raw strings (no chat template); the module tokenises them.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader
+
+from debias.prompts import read_texts
+
+
+def _identity(batch):
+    return batch
+
+
+class DebiasDataModule(LightningDataModule):
+    """Bias and neutral prompts for the mask, training (train splits) and held-out evaluation.
+
+    Training batches are `{"bias", "neutral", "gap_female", "gap_male", "cue"}` → list of texts, cycling the
+    shorter sets (`gap_*`: train profession prompts for the bias term; `cue`: train explicit-cue prompts);
+    validation has one loader per held-out set, in the order of `VAL_SETS`.
+    """
+
+    VAL_SETS = ("bias", "neutral")
+
+    def __init__(
+        self,
+        bias_train: str = "package:bias_train.txt",
+        bias_heldout: str = "package:bias_heldout.txt",
+        neutral_train: str = "package:neutral_train.txt",
+        neutral_heldout: str = "package:neutral_heldout.txt",
+        prompt_dir: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        max_texts: int | None = None,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            bias_train: texts where the bias feature fires; used for the mask and the removal terms.
+            bias_heldout: held-out bias texts, only evaluated.
+            neutral_train: text for the preservation KL.
+            neutral_heldout: held-out neutral text for LM loss and KL.
+            prompt_dir: directory with the bias-metric files (professions, templates, relatives, cue templates):
+                the train split feeds the `bias` and `cue_kl` terms, the held-out split the metrics. None: shipped.
+            batch_size: texts per set in one training step.
+            eval_batch_size: texts per batch in evaluation and the mask pass.
+            max_texts: keep only the first N texts of each set (quick runs).
+            seed: shuffling seed.
+        """
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        self.save_hyperparameters()
+        self.texts: dict[str, list[str]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.texts:
+            return
+        hp = self.hparams
+        sources = {"bias_train": hp.bias_train, "bias_heldout": hp.bias_heldout,
+                   "neutral_train": hp.neutral_train, "neutral_heldout": hp.neutral_heldout}
+        self.texts = {name: read_texts(src, hp.max_texts) for name, src in sources.items()}
+        from debias.prompts import load_cue_prompts, load_gap_prompts
+
+        gap = load_gap_prompts("train", hp.prompt_dir)
+        self.texts.update(gap_female_train=gap.female[:hp.max_texts], gap_male_train=gap.male[:hp.max_texts],
+                          cue_train=load_cue_prompts("train", hp.prompt_dir).prompts[:hp.max_texts])
+        overlap = set(self.texts["bias_train"]) & set(self.texts["bias_heldout"])
+        if overlap:
+            raise ValueError(f"{len(overlap)} bias prompts are in both train and held-out sets, e.g. {sorted(overlap)[:2]}")
+
+    def _loader(self, texts: list[str], batch_size: int, shuffle: bool) -> DataLoader:
+        if shuffle:
+            # One seeded permutation, the same every epoch: a run resumed from a checkpoint at an epoch
+            # boundary then sees exactly the batches of a run that never stopped.
+            order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.hparams.seed))
+            texts = [texts[i] for i in order]
+        return DataLoader(texts, batch_size=batch_size, shuffle=False, collate_fn=_identity)
+
+    def train_dataloader(self):
+        sets = {name: self.texts[f"{name}_train"] for name in ("bias", "neutral", "gap_female", "gap_male", "cue")}
+        loaders = {name: self._loader(texts, self.hparams.batch_size, True) for name, texts in sets.items()}
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self):
+        return [self._loader(self.texts[f"{name}_heldout"], self.hparams.eval_batch_size, False) for name in self.VAL_SETS]
+
+    def mask_batches(self) -> list[list[str]]:
+        """The train bias texts in evaluation-sized batches, in file order (the mask's input)."""
+        texts, size = self.texts["bias_train"], self.hparams.eval_batch_size
+        return [texts[i:i + size] for i in range(0, len(texts), size)]

@@ -1,0 +1,281 @@
+"""`DebiasModule`: a HF causal LM, an SAE at one layer, and the edit a method puts on that layer's `W_out`.
+
+Construction loads the model (and an SAE that exists); `setup` / `prepare` does the work: building the project's SAE
+when it is not cached, choosing features, computing the mask and attaching the edit. The original model is the same
+network with the edit disabled: no second copy is held. Checkpoints keep only the edit's trainable state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_only
+
+from debias.edits import registry
+from debias.edits.base import EditContext
+from debias.edits.mask import resolve_k
+from debias.edits.state_diff import StateDiffEdit
+from debias.models import hooks
+from debias.models.scoring import pronoun_ids, real_token_mask
+from debias.training.args import EditArgs, SAEArgs, TrainArgs, check_dtype
+from debias.training.cache import FastPath
+from debias.training.objective import ObjectiveWeights, loss_terms, token_kl
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    """One line on the console, from rank 0 only."""
+    print(f"debias: {message}", flush=True)
+
+
+class DebiasModule(LightningModule):
+    """Train (or apply) one method's edit of the SAE layer's `W_out` (`debias.edits.registry`)."""
+
+    def __init__(self, base_model: str = "tiny-llama", dtype: str = "float32", sae: SAEArgs | None = None,
+                 edit: EditArgs | None = None, objective: ObjectiveWeights | None = None,
+                 train: TrainArgs | None = None):
+        """
+        Args:
+            base_model: hub id, local HF directory, or a spec (`smollm2-135m`, `tiny-llama`, ...).
+            dtype: the model weights' dtype (float32, bfloat16, float16); the edit trains in float32.
+            sae: the SAE and its latents (`SAEArgs`).
+            edit: the method and its arguments (`EditArgs`).
+            objective: weights of the loss terms (`ObjectiveWeights`).
+            train: learning rate, text length and the fast path (`TrainArgs`).
+        """
+        super().__init__()
+        check_dtype(dtype)
+        self.sae_args, self.edit_args = sae or SAEArgs(), edit or EditArgs()
+        self.objective, self.train_args = objective or ObjectiveWeights(), train or TrainArgs()
+        # Plain values only: checkpoints load with weights_only=True.
+        self.save_hyperparameters({"base_model": base_model, "dtype": dtype, "sae": asdict(self.sae_args),
+                                   "edit": asdict(self.edit_args), "objective": asdict(self.objective),
+                                   "train": asdict(self.train_args)})
+        self.features = list(self.sae_args.features or [])
+        self.feature_selection: dict = {"rule": "given in the config"} if self.features else {}
+        from debias.models.load import load_model
+
+        loaded = load_model(base_model, dtype=dtype)
+        self.net, self.tokenizer, self.model_id = loaded.model, loaded.tokenizer, loaded.model_id
+        self.model_path = loaded.path or loaded.model_id
+        self.sae = self._load_sae(build_missing=False)
+        hook_name = self.sae.cfg.metadata.hook_name if self.sae is not None else self._build_settings().hook_name
+        self.site = hooks.resolve_hook(self.net, hook_name, self.tokenizer)
+        self._check_sae()
+        self.parameter = hooks.w_out_name(self.net, self.site.layer)
+        self.original_keys = list(self.net.state_dict())  # the HF checkpoint's keys, before an edit wraps a layer
+        self.pronouns = pronoun_ids(self.tokenizer)
+        weight = self.net.get_parameter(self.parameter)
+        self.numel = weight.numel()
+        method = registry.get(self.edit_args.method)
+        if method.name == "lora":
+            from debias.edits.lora import check_lora_rank
+
+            check_lora_rank(self.edit_args.lora_rank, tuple(weight.shape))
+        k, fraction = self.edit_args.k, self.edit_args.fraction
+        self.k = resolve_k(self.numel, None if k is not None else fraction, k) if method.kind == "mask" else None
+        self.mask = None  # the mask of a masked method, once prepared
+        self.preset_mask = None  # set before `prepare` to use this mask instead of computing one
+        self.delta = None  # the method's edit (debias.edits), attached by `prepare`
+        self.fastpath: FastPath | None = None
+        self.shared_upstream: dict | None = None  # set before `prepare` to share cached activations across runs
+        self.register_buffer("feature_baseline", torch.ones(max(len(self.features), self.sae_args.n_features)))
+        self.strict_loading = False  # checkpoints hold only the trainable state
+
+    # ----- the SAE -----
+    def _build_settings(self):
+        from debias.sae.build import SAETrainSettings
+
+        return self.sae_args.build or SAETrainSettings()
+
+    def _load_sae(self, build_missing: bool):
+        """The SAE of `sae.spec`; None when it is the project's build, not cached yet, and not `build_missing`."""
+        from debias.sae.build import sae_cache_path
+        from debias.sae.load import load_sae_spec
+
+        spec = self.sae_args.spec
+        if spec == "train" and not build_missing and not (sae_cache_path(self.model_id, self._build_settings())
+                                                          / "metrics.json").is_file():
+            return None
+        return load_sae_spec(self.net, self.tokenizer, self.model_id, spec, self.sae_args.sae_id,
+                             build=self.sae_args.build)
+
+    def _check_sae(self) -> None:
+        from debias.sae.load import check_features, check_sae_fits
+
+        if self.sae is None:
+            return
+        for p in self.sae.parameters():
+            p.requires_grad_(False)
+        if self.sae.cfg.metadata.hook_name != self.site.hook_name:
+            raise ValueError(f"the SAE reads {self.sae.cfg.metadata.hook_name!r}, expected {self.site.hook_name!r}")
+        check_sae_fits(self.sae, self.net, self.site)
+        if self.features:
+            check_features(self.sae, self.features)
+
+    def ensure_sae(self) -> None:
+        """Build (or load) the SAE if construction left it for later; the SAE build can take many minutes."""
+        if self.sae is None:
+            say(f"building the SAE for {self.model_id} at {self.site.hook_name} (cached afterwards)")
+            self.sae = self._load_sae(build_missing=True)
+            self._check_sae()
+
+    # ----- set-up: features, the edit, and the feature's value before training -----
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
+                             max_length=self.train_args.max_length)
+        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def real(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return real_token_mask(batch["input_ids"], batch["attention_mask"], self.tokenizer.bos_token_id)
+
+    def setup(self, stage: str) -> None:
+        self.prepare(self.trainer.datamodule)
+
+    def prepare(self, datamodule) -> None:
+        """Build the SAE if needed, choose features, build the method's edit from `datamodule`'s train texts and
+        attach it; idempotent."""
+        if self.delta is not None:
+            return
+        self.ensure_sae()
+        self.choose_features(datamodule)
+        self.feature_baseline = self.feature_baseline[: len(self.features)].clone()
+        batches = [self.tokenize(b) for b in datamodule.mask_batches()]
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        context = EditContext(
+            net=self.net, tokenizer=self.tokenizer, sae=self.sae, site=self.site, parameter=self.parameter,
+            features=self.features, k=self.k, args=self.edit_args, texts=datamodule.texts, mask_batches=batches,
+            eval_batch_size=datamodule.hparams.eval_batch_size, max_length=self.train_args.max_length,
+            model_id=self.model_id, sae_name=":".join(filter(None, [self.sae_args.spec, self.sae_args.sae_id])),
+            preset_mask=self.preset_mask, broadcast=strategy.broadcast if strategy is not None else (lambda obj: obj))
+        self.attach_edit(registry.get(self.edit_args.method).build(context))
+        with self.fastpath.active() if self.fastpath is not None else contextlib.nullcontext():
+            self.feature_baseline.copy_(self.mean_feature_acts(batches))
+        if not (self.feature_baseline > 0).all():
+            silent = [f for f, b in zip(self.features, self.feature_baseline.tolist()) if b <= 0]
+            raise ValueError(f"feature(s) {silent} never fire on the train bias prompts; nothing to remove")
+
+    def choose_features(self, datamodule) -> list[int]:
+        """The configured features, or (when none are) the rule's choice on `datamodule`'s train prompts."""
+        datamodule.setup("fit")
+        self.ensure_sae()
+        if not self.features:
+            from debias.features.select import select_features
+
+            self.features = select_features(self.net, self.tokenizer, self.sae, self.site,
+                                            n=self.sae_args.n_features, prompt_dir=datamodule.hparams.prompt_dir,
+                                            record=self.feature_selection)
+            say(f"selected features {self.features} ({self.feature_selection['rule']})")
+        return self.features
+
+    def attach_edit(self, edit) -> None:
+        """Hold `edit` (debias.edits) on the network; training and evaluation go through it."""
+        self.delta = edit
+        self.mask = getattr(edit, "mask", None)
+        if self.mask is not None:
+            self.k = self.mask.k  # a loaded mask (`mask_path`) brings its own k
+        if self.train_args.cache_activations and not isinstance(edit, StateDiffEdit):  # others leave layers < L alone
+            self.fastpath = FastPath(self.net, self.parameter, self.train_args.cache_budget_mb, self.shared_upstream)
+
+    @torch.no_grad()
+    def mean_feature_acts(self, batches: list[dict]) -> torch.Tensor:
+        """[n_features] mean activation over real tokens, original model."""
+        total, count = torch.zeros(len(self.features), device=self.device), 0
+        with self.delta.disabled():
+            for batch in batches:
+                real = self.real(batch)
+                total += (self.latents(batch) * real.unsqueeze(-1)).sum(dim=(0, 1))
+                count += int(real.sum())
+        return total / max(count, 1)
+
+    def latents(self, batch: dict, acts: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, seq, n_features] SAE activations of the chosen features."""
+        from debias.sae.ops import encode_features
+
+        if acts is None:
+            acts = hooks.forward_until(self.net, self.site, **batch)
+        return encode_features(self.sae, acts, self.features)
+
+    # ----- training -----
+    def train(self, mode: bool = True):
+        """Lightning puts modules in train mode; the frozen network keeps dropout off (GPT-2 has 0.1), so that
+        the original model is deterministic and the fast path applies."""
+        super().train(mode)
+        self.net.eval()
+        if self.sae is not None:
+            self.sae.eval()
+        return self
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.net(**batch).logits
+
+    def training_step(self, batch: dict, batch_idx: int):
+        with self.fastpath.active() if self.fastpath is not None else contextlib.nullcontext():
+            terms = loss_terms(self, batch)
+        weights = self.objective.active()
+        loss = sum(weights[name] * value for name, value in terms.items())
+        if not torch.isfinite(loss):
+            # Skip the update, so the weights (and the last checkpoint) stay the last good ones, and stop.
+            say(f"loss is {loss.item()} at step {self.global_step}: stopping; the edit keeps its last finite value")
+            self.trainer.should_stop = True
+            self.stopped_nonfinite = True
+            return None
+        self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, batch_size=len(batch["bias"]))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["bias"]))
+        return loss
+
+    def configure_optimizers(self):
+        params = self.delta.parameters()
+        if not params:
+            raise ValueError(f"method {self.edit_args.method!r} is an inference-time intervention with nothing to "
+                             "train; evaluate it with `debias compare` (or DebiasModule.prepare + debias.evaluation)")
+        return torch.optim.Adam(params, lr=self.train_args.lr)
+
+    # ----- held-out evaluation (debias.evaluation aggregates what this returns) -----
+    @torch.no_grad()
+    def evaluate_batch(self, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
+        """Per-token held-out quantities of the current model: `kind` is "bias" or "neutral"."""
+        batch = self.tokenize(texts)
+        if kind == "bias":
+            return {"latents": self.latents(batch), "real": self.real(batch)}
+        logits = self(batch)
+        with self.delta.disabled():
+            ref = self(batch)
+        targets = batch["input_ids"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+        next_real = batch["attention_mask"][:, 1:].bool()
+        return {"nll": nll.view_as(targets), "nll_mask": next_real,
+                "kl": token_kl(ref, logits), "kl_mask": batch["attention_mask"].bool()}
+
+    def validation_step(self, batch: list[str], batch_idx: int, dataloader_idx: int = 0):
+        return self.evaluate_batch(batch, self.trainer.datamodule.VAL_SETS[dataloader_idx])
+
+    # ----- checkpoints hold only the edit's trainable state -----
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {"feature_baseline": self.feature_baseline.detach().clone()}
+        checkpoint["debias_edit"] = {"method": self.edit_args.method, "parameter": self.parameter,
+                                     "state": self.delta.trainable_state(),
+                                     "mask": self.mask.to_record() if self.mask is not None else None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.load_edit_state(checkpoint, source="the checkpoint")
+
+    def load_edit_state(self, checkpoint: dict, source: str) -> None:
+        """Restore a checkpoint's edit; refuses one without a trained state, or one of another method or matrix."""
+        record = checkpoint.get("debias_edit")
+        if not isinstance(record, dict) or "state" not in record:
+            raise ValueError(f"{source} holds no trained debias edit (keys {sorted(checkpoint)[:8]})")
+        ours = {"method": self.edit_args.method, "parameter": self.parameter}
+        theirs = {key: record.get(key) for key in ours}
+        if theirs != ours:
+            raise ValueError(f"{source} holds a {theirs['method']} edit of {theirs['parameter']}; this run is "
+                             f"{ours['method']} on {ours['parameter']}")
+        self.delta.load_trainable_state(record["state"])
+
+    def changed_entries(self) -> int:
+        """Weights the edit changed (the non-zero delta values of a masked edit)."""
+        values = getattr(self.delta, "values", None)
+        return int((values != 0).sum()) if values is not None else self.delta.changed_parameters()
