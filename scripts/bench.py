@@ -247,11 +247,12 @@ class DebiasTrainer:
 
 
 def make_module(args, sae_path, feature, mask_path, cache):
+    from debias.training.args import EditArgs, SAEArgs, TrainArgs
     from debias.training.module import DebiasModule
 
-    module = DebiasModule(base_model=args.model, sae=sae_path, features=[feature], fraction=args.fraction,
-                          max_length=args.max_length, mask_path=mask_path, cache_activations=cache)
-    return module
+    return DebiasModule(base_model=args.model, sae=SAEArgs(spec=str(sae_path), features=[feature]),
+                        edit=EditArgs(fraction=args.fraction, mask_path=mask_path and str(mask_path)),
+                        train=TrainArgs(max_length=args.max_length, cache_activations=cache))
 
 
 def timed(fn, *a):

@@ -84,12 +84,16 @@ def test_tiny_config_runs_end_to_end_and_reduces_the_feature(tmp_path, monkeypat
         assert name in metrics
 
 
-def test_eval_refuses_a_model_of_another_architecture(tmp_path):
+def test_eval_refuses_a_model_of_another_architecture(tmp_path, capsys):
     from debias.models.tiny import save_tiny_model
 
     other = save_tiny_model(tmp_path / "gpt2", "gpt2")
-    with pytest.raises(ValueError, match="does not fit base model 'tiny-llama'"):
+    with pytest.raises(SystemExit) as exit_:
         main(["eval", str(other), "--fit_config", str(ROOT / "configs/tiny.yaml"), "--suites", "false"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("debias: error: ") and "does not fit base model 'tiny-llama'" in last
 
 
 def test_mask_command_writes_exactly_k(tmp_path, monkeypatch, capsys):

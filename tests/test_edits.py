@@ -94,9 +94,9 @@ def test_method_arguments_are_checked_together():
     with pytest.raises(ValueError) as err:
         make_module(method="dense", k=5, steering_alpha=math.nan, steering_kind="pca")
     message = str(err.value)
-    assert "model.k=5 was given, but method 'dense' has no mask" in message
+    assert "model.edit.k=5 was given, but method 'dense' has no mask" in message
     assert "steering_alpha must be finite, got nan" in message and "'pca'" in message
-    with pytest.raises(ValueError, match=r"model.method must be one of .*'instability'.*got 'sparse'"):
+    with pytest.raises(ValueError, match=r"model.edit.method must be one of .*'instability'.*got 'sparse'"):
         make_module(method="sparse")
     with pytest.raises(ValueError, match="a random mask is method: random"):
         make_module(mask_strategy="random")

@@ -5,7 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+from debias.commands.features import features_command
 from debias.features import attribution as F
+from debias.features import rank
+from debias.features.select import select_features
 from debias.models import hooks
 from debias.models.scoring import next_token_logprobs, pronoun_ids
 from debias.models.tiny import tiny_model, tiny_sae, tiny_tokenizer
@@ -87,15 +90,15 @@ def test_planted_feature_is_found_confirmed_and_selected(planted, prompt_dir):
     after = att.gap * (1 + change)
     assert change < -0.3 and abs(after) < abs(att.gap)
     assert abs(after - before) < 0.1 * abs(att.gap - before)  # ablation removes what was planted, not more
-    assert F.contrastive(model, tok, sae, site, prompts.female, prompts.male, BS)[PLANTED] > 0
+    assert rank.contrastive(model, tok, sae, site, prompts.female, prompts.male, BS)[PLANTED] > 0
     record = {}
-    chosen = F.select_features(model, tok, sae, site, n=2, min_fire_rate=0.0, prompt_dir=prompt_dir, record=record,
+    chosen = select_features(model, tok, sae, site, n=2, min_fire_rate=0.0, prompt_dir=prompt_dir, record=record,
                                 batch_size=BS)
     assert chosen[0] == PLANTED and len(chosen) <= 2
     assert abs(record["ablated_gap"]) < abs(record["train_gap"]) and record["features"] == chosen
-    assert chosen[:1] == F.select_features(model, tok, sae, site, n=1, min_fire_rate=0.0, prompt_dir=prompt_dir,
+    assert chosen[:1] == select_features(model, tok, sae, site, n=1, min_fire_rate=0.0, prompt_dir=prompt_dir,
                                            precomputed=att, batch_size=BS)
-    rows = F.rank_features(model, tok, sae, site, n=3, gap_prompts=prompts, corpus_texts=prompts.prompts,
+    rows = rank.rank_features(model, tok, sae, site, n=3, gap_prompts=prompts, corpus_texts=prompts.prompts,
                            precomputed=att, batch_size=BS)
     assert [r["rank"] for r in rows] == [1, 2, 3] and rows[0]["index"] == PLANTED
     assert rows[0]["ablation_change"] == pytest.approx(change, abs=1e-5)
@@ -141,14 +144,14 @@ def test_layer_attribution_is_grad_times_mlp_output(planted):
 def test_selection_refuses_heldout_and_bad_arguments(planted):
     model, tok, sae, site, _, _ = planted
     with pytest.raises(ValueError, match="train split only"):
-        F.select_features(model, tok, sae, site, split="heldout")
+        select_features(model, tok, sae, site, split="heldout")
     with pytest.raises(ValueError, match="min_fire_rate"):
-        F.select_features(model, tok, sae, site, min_fire_rate=2.0)
+        select_features(model, tok, sae, site, min_fire_rate=2.0)
 
 
 def test_features_command_writes_table_and_layer_view(prompt_dir, tmp_path, capsys):
     out = tmp_path / "features"
-    F.features_command("tiny-llama", sae="tiny:blocks.1.hook_mlp_out", n=4, n_select=1, out=str(out), layers=True,
+    features_command("tiny-llama", sae="tiny:blocks.1.hook_mlp_out", n=4, n_select=1, out=str(out), layers=True,
                        prompt_dir=str(prompt_dir), corpus_passages=0, batch_size=BS)
     rows = list(csv.DictReader((out / "features.csv").open()))
     assert len(rows) == 4 and {"index", "attribution", "ablation_change", "fire_rate", "top_tokens"} <= set(rows[0])

@@ -5,13 +5,19 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from debias.config import DEFAULT_MODEL, STEERING_ALPHA, DType, SteeringKind
+from debias.edits import registry
+from debias.config import DEFAULT_MODEL, STEERING_ALPHA, DType, SteeringKind, choices
 from debias.evaluation.generate import _check_sampling, complete
 from debias.prompts import default_prompts
 
 
-def _check_command(intervention, features, value, alpha, max_new_tokens, temperature) -> None:
+def _check_command(intervention, features, value, alpha, steering, dtype, max_new_tokens, temperature) -> None:
     errors = _check_sampling(max_new_tokens, temperature, 1.0)
+    for name, given, literal in (("steering", steering, SteeringKind), ("dtype", dtype, DType)):
+        if given not in choices(literal):
+            errors.append(f"{name} must be one of {list(choices(literal))}, got {given!r}")
+    if intervention not in (None, *registry.names("inference")):
+        errors.append(f"intervention must be one of {list(registry.names('inference'))}, got {intervention!r}")
     if intervention == "sae_clamp" and not features:
         errors.append("--intervention sae_clamp needs --features (SAE latent indices to clamp)")
     for name, number in (("value", value), ("alpha", alpha)):
@@ -69,7 +75,7 @@ def generate_command(model: str = DEFAULT_MODEL, prompt: list[str] | None = None
         steering: how v is fitted: `mean_diff` (difference of mean activations) or `probe` (linear SVM).
         dtype: model dtype (float32, bfloat16, float16).
     """
-    _check_command(intervention, features, value, alpha, max_new_tokens, temperature)
+    _check_command(intervention, features, value, alpha, steering, dtype, max_new_tokens, temperature)
     from debias.models.load import load_model
 
     loaded = load_model(model, dtype=dtype)

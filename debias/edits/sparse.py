@@ -215,4 +215,5 @@ def build_masked(ctx, source: str) -> SparseDelta:
 
 def build_dense(ctx) -> SparseDelta:
     """`dense`: the sparse delta with every entry of W_out in its mask."""
-    return SparseDelta(ctx.net, full_mask(ctx.net, ctx.parameter, **ctx.mask_meta()))
+    meta = ctx.mask_meta()
+    return SparseDelta(ctx.net, full_mask(ctx.net, meta.pop("parameter"), **meta))

@@ -7,12 +7,27 @@ collects every problem at once, naming the flag, before any model is loaded.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Literal, get_args, get_origin, get_type_hints
 
 from debias.config import STEERING_ALPHA, DType, MaskStrategy, SteeringKind
 from debias.edits import registry
 from debias.edits.registry import MethodName
 from debias.sae.build import SAETrainSettings
+
+
+def _choices(group: str, obj) -> list[str]:
+    """A problem for each `Literal` field whose value is not one of its choices (jsonargparse checks them on the
+    command line and in YAML; this covers the Python API)."""
+    problems = []
+    for f in fields(obj):
+        hint = get_type_hints(type(obj))[f.name]
+        options = [a for a in get_args(hint) if get_origin(a) is Literal] + ([hint] if get_origin(hint) is Literal else [])
+        allowed = [v for literal in options for v in get_args(literal)]
+        value = getattr(obj, f.name)
+        if allowed and value not in allowed and not (value is None and type(None) in get_args(hint)):
+            problems.append(f"{group}.{f.name} must be one of {allowed}, got {value!r}")
+    return problems
 
 
 def _raise(group: str, problems: list[str]) -> None:
@@ -77,11 +92,10 @@ class EditArgs:
     """How v is fitted on the train profession prompts: mean_diff or probe (LinearSVC)."""
 
     def __post_init__(self):
-        problems = []
+        problems = [p + (" (a random mask is method: random)" if "mask_strategy" in p else "")
+                    for p in _choices("model.edit", self)]
         masked = registry.names("mask")
-        if self.method not in registry.METHODS:
-            problems.append(f"model.edit.method must be one of {list(registry.METHODS)}, got {self.method!r}")
-        elif self.method not in masked and self.k is not None:
+        if self.method in registry.METHODS and self.method not in masked and self.k is not None:
             problems.append(f"model.edit.k={self.k} was given, but method {self.method!r} has no mask "
                             f"(k applies to {list(masked)})")
         if self.k is None and self.fraction is None:
@@ -117,7 +131,7 @@ class TrainArgs:
     """Memory the training cache may hold (reference logits cost vocab × 4 bytes per token)."""
 
     def __post_init__(self):
-        problems = []
+        problems = _choices("model.train", self)
         if not (_finite(self.lr) and 0 < self.lr <= 1):
             problems.append(f"model.train.lr must be a finite number in (0, 1], got {self.lr}")
         if self.max_length < 2:

@@ -212,9 +212,13 @@ class DebiasModule(LightningModule):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.net(**batch).logits
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def loss_terms(self, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+        """Unweighted value of every active term on one training batch, on the fast path where there is one."""
         with self.fastpath.active() if self.fastpath is not None else contextlib.nullcontext():
-            terms = loss_terms(self, batch)
+            return loss_terms(self, texts)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        terms = self.loss_terms(batch)
         weights = self.objective.active()
         loss = sum(weights[name] * value for name, value in terms.items())
         if not torch.isfinite(loss):
