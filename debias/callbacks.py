@@ -32,6 +32,29 @@ class HeldOutMetrics(Callback):
             pl_module.log(f"val/{name}", value, prog_bar=name in shown, add_dataloader_idx=False)
 
 
+def run_dirs(trainer: Trainer) -> dict[str, Path]:
+    """The directories the run itself writes: the trainer's root, each logger's and checkpoint callback's."""
+    dirs = {"trainer.default_root_dir": Path(trainer.default_root_dir)}
+    for logger in trainer.loggers:
+        path = getattr(logger, "log_dir", None) or logger.save_dir
+        if path:
+            dirs[f"the log directory of {type(logger).__name__}"] = Path(path)
+    for checkpoint in trainer.checkpoint_callbacks:
+        if getattr(checkpoint, "dirpath", None):
+            dirs[f"the checkpoint directory of {type(checkpoint).__name__}"] = Path(checkpoint.dirpath)
+    return dirs
+
+
+def check_run_dirs(trainer: Trainer, export_dir: Path) -> None:
+    """Refuse an export directory that is, or contains, a directory the run writes (it would be replaced)."""
+    target = export_dir.expanduser().resolve()
+    for name, path in run_dirs(trainer).items():
+        resolved = path.expanduser().resolve()
+        if resolved == target or target in resolved.parents:
+            raise ValueError(f"export.export_dir {str(export_dir)!r} is or contains {name}, {str(path)!r}: the export "
+                             "would replace the run's own checkpoints and logs; choose an export_dir outside it")
+
+
 class ReportAndExport(Callback):
     """Evaluates the original model before `fit`, the edited one after, prints both and exports the edit.
 
@@ -53,10 +76,16 @@ class ReportAndExport(Callback):
         self.overwrite = overwrite
         self.suites, self.n_completions, self.plots = suites, completions, plots
         self.before: dict | None = None  # set in advance to skip the evaluation of the original model
-        if export_dir:
-            from debias.export import check_target
 
-            check_target(Path(export_dir), overwrite)  # fail before training, not after
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Before `fit` trains (and before the module computes its mask), refuse an export directory that would
+        fail at the end or delete the run's own files; `validate` and the other commands write no export."""
+        if stage != "fit" or not self.export_dir:
+            return
+        from debias.export import check_target
+
+        check_run_dirs(trainer, Path(self.export_dir))
+        check_target(Path(self.export_dir), self.overwrite)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from debias.evaluation.evaluate import evaluate_model
@@ -102,6 +131,7 @@ class ReportAndExport(Callback):
         before, after = heldout_feature_acts(pl_module, trainer.datamodule)
         return report_figure(out, read_metrics_csv(csv_path), before, after,
                              self.before["gap_per_profession"], self.after["gap_per_profession"],
-                             title=f"{pl_module.model_id}: {pl_module.parameter}, k={pl_module.k}, features {pl_module.features}")
+                             title=f"{pl_module.model_id}: {pl_module.parameter}, k={pl_module.k}, "
+                                   f"features {pl_module.features}")
 
 

@@ -70,6 +70,7 @@ def build_report(module, run: dict) -> dict:
         "base_model": module.model_path, "base_model_spec": module.model_id, "hook_name": module.site.hook_name,
         "layer": module.site.layer, "parameter": module.parameter, "method": module.edit_args.method,
         "features": module.features, "k": module.k, "changed_parameters": module.delta.changed_parameters(),
+        "changed_entries": module.changed_entries(),
         "feature_selection": module.feature_selection,
         "numel": module.numel,
         "mask_strategy": module.mask.strategy if module.mask is not None else None, "seed": module.edit_args.seed,
@@ -90,7 +91,7 @@ tags: [debias, sparse-autoencoder, model-editing]
 
 Edited with `debias` (method `{report['method']}`): {_what(report)}, trained to remove SAE feature(s)
 {report['features']} at `{report['hook_name']}`. The licence is the base model's.
-
+{_nothing_changed(report)}
 | held-out metric | before | after |
 |---|---|---|
 {rows}
@@ -107,6 +108,13 @@ def _what(report: dict) -> str:
         return f"all {report['numel']} entries of {where}"
     return (f"only **{report['k']}** of the {report['numel']} entries of {where} changed, chosen by the "
             f"{report['mask_strategy']} mask ({report['method']})")
+
+
+def _nothing_changed(report: dict) -> str:
+    if report.get("changed_entries", 1):
+        return ""
+    return (f"\n**This edit changed nothing**: every trained value is 0 after {report.get('steps')} steps, so this "
+            "checkpoint is the base model.\n")
 
 
 def _files(report: dict) -> str:
@@ -147,6 +155,9 @@ def export(module, out_dir: str | Path, run: dict, overwrite: bool = False) -> P
         report = build_report(module, run)
         (tmp / "debias" / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (tmp / "README.md").write_text(model_card(report))
+    if report["changed_entries"] == 0:
+        print(f"debias: warning: the edit changed nothing (all values are 0 after {report.get('steps')} steps); "
+              f"{out} holds the base model", flush=True)
     return out
 
 

@@ -50,13 +50,13 @@ def report_figure(out: str | Path, curves: dict, acts_before: torch.Tensor, acts
     ax = axes[0]
     for name, points in sorted(curves.items()):
         if name.startswith("train/") or name in ("val/kl",):
-            steps, values = zip(*points)
+            steps, values = zip(*points, strict=False)
             ax.plot(steps, values, label=name, marker="." if name.startswith("val/") else None)
     ax.set(xlabel="step", ylabel="value", title="objective terms and held-out KL", yscale="log")
     ax.legend(fontsize=8)
 
     ax = axes[1]
-    top = float(max(acts_before.max(), acts_after.max(), 1e-6))
+    top = max(float(acts_before.max()), float(acts_after.max()), 1e-6)
     bins = torch.linspace(0, top, 40).tolist()
     ax.hist(acts_before.tolist(), bins=bins, alpha=0.6, label=f"before (mean {acts_before.mean():.3f})")
     ax.hist(acts_after.tolist(), bins=bins, alpha=0.6, label=f"after (mean {acts_after.mean():.3f})")
@@ -65,7 +65,7 @@ def report_figure(out: str | Path, curves: dict, acts_before: torch.Tensor, acts
     ax.legend(fontsize=8)
 
     ax = axes[2]
-    names = sorted(gap_before, key=gap_before.get)
+    names = sorted(gap_before, key=lambda n: gap_before[n])
     y = range(len(names))
     ax.barh([i + 0.2 for i in y], [gap_before[n] for n in names], height=0.4, label="before")
     ax.barh([i - 0.2 for i in y], [gap_after.get(n, float("nan")) for n in names], height=0.4, label="after")

@@ -154,7 +154,7 @@ def load_cue_prompts(split: str = "train", prompt_dir: str | Path | None = None,
         if limit < 4:
             raise ValueError(f"limit must be >= 4 (one prompt per cue gender x pro/anti cell), got {limit}")
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
-        cells = [[i for i in order if (cued[i], pro[i]) == cell] for cell in sorted(set(zip(cued, pro)))]
+        cells = [[i for i in order if (cued[i], pro[i]) == cell] for cell in sorted(set(zip(cued, pro, strict=True)))]
         keep = sorted(i for k, cell in enumerate(cells) for i in cell[: (limit + k) // len(cells)])
         prompts, cued, pro = [prompts[i] for i in keep], [cued[i] for i in keep], [pro[i] for i in keep]
     return CuePrompts(prompts, cued, pro)
@@ -173,25 +173,39 @@ def resolve_source(source: str) -> Path:
 
 
 def read_texts(source: str, limit: int | None = None) -> list[str]:
-    """The texts of a source (see the module docstring); raises if it is missing or empty."""
+    """The texts of a source (see the module docstring), the first `limit` if given; raises if it is missing or
+    empty, or a JSONL line is not a JSON object with a `text` field (naming the file and line)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
     if source.startswith("hf:"):
         texts = _read_hf(source)
     else:
         path = resolve_source(source)
         if path.suffix == ".jsonl":
-            texts = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if "text" not in row:
-                        raise ValueError(f"{path}:{n}: JSONL rows need a 'text' field, got keys {sorted(row)}")
-                    texts.append(row["text"])
+            texts = _read_jsonl(path)
         else:
             lines = path.read_text(encoding="utf-8").splitlines()
             texts = [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
     if not texts:
         raise ValueError(f"prompt source {source!r} holds no texts")
-    return texts[:limit] if limit else texts
+    return texts[:limit]
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    texts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno}); "
+                             "each line must be an object such as {\"text\": \"...\"}") from err
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            got = f"keys {sorted(row)}" if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+            raise ValueError(f"{path}:{n}: JSONL rows need a string 'text' field, got {got}")
+        texts.append(row["text"])
+    return texts
 
 
 def _read_hf(source: str) -> list[str]:
@@ -230,5 +244,5 @@ def default_prompts() -> list[str]:
     from debias.prompts import load_cue_prompts
 
     cues = load_cue_prompts("heldout", limit=4)
-    first = {g: next(p for p, c in zip(cues.prompts, cues.cued) if c == g) for g in ("female", "male")}
+    first = {g: next(p for p, c in zip(cues.prompts, cues.cued, strict=True) if c == g) for g in ("female", "male")}
     return heldout_completion_prompts(n=4) + [first["female"], first["male"]]

@@ -65,3 +65,40 @@ def make_trainer(tmp_path, max_steps=6, callbacks=(), **overrides):
                   default_root_dir=str(tmp_path), enable_checkpointing=False)
     kwargs.update(overrides)
     return Trainer(callbacks=list(callbacks), **kwargs)
+
+
+def export_logits(out, base_path, text="My sister, a carpenter, said that") -> dict:
+    """Logits of an export's three forms: the merged checkpoint, base + `adapter/` and `apply_delta(base)` (the
+    last two where the export has them)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from debias.edits.sparse import apply_delta
+
+    tok = AutoTokenizer.from_pretrained(out)
+    inputs = tok([text], return_tensors="pt")
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(**inputs).logits
+
+    forms = {"merged": logits(AutoModelForCausalLM.from_pretrained(out))}
+    if (out / "adapter").is_dir():
+        from peft import PeftModel
+
+        forms["adapter"] = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path),
+                                                            out / "adapter"))
+    if (out / "debias" / "delta.safetensors").is_file():
+        forms["delta"] = logits(apply_delta(AutoModelForCausalLM.from_pretrained(base_path),
+                                            out / "debias" / "delta.safetensors"))
+    return forms
+
+
+def assert_export_consistent(out, base_path) -> dict:
+    """Every form of an export gives the same logits; returns them."""
+    import torch
+
+    forms = export_logits(out, base_path)
+    for name, value in forms.items():
+        torch.testing.assert_close(value, forms["merged"], rtol=1e-5, atol=1e-5, msg=f"{name} != merged in {out}")
+    return forms

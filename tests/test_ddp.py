@@ -37,7 +37,7 @@ def test_fit_ddp_two_cpu_processes(tmp_path):
     export = tmp_path / "export"
     env = {**os.environ, "DEBIAS_TEST_DUMP": str(dump), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(tmp_path), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "debias.commands", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+    cmd = [sys.executable, "-m", "debias", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
            "--trainer.max_steps=6", "--trainer.val_check_interval=6", "--trainer.enable_checkpointing=false",
            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--trainer.callbacks+=dumpcb.DumpRank",

@@ -105,3 +105,37 @@ def test_method_arguments_are_checked_together():
 def test_clamping_a_latent_outside_the_sae_is_refused():
     with pytest.raises(ValueError, match=r"SAE feature index 64 out of range: the SAE has d_sae=64"):
         make_module(method="sae_clamp", k=None, features=[3, 64])
+
+
+def test_the_registry_is_the_one_list_of_methods():
+    from typing import get_args
+
+    from debias.commands.compare.grid import GRID_METHODS
+    from debias.edits import registry
+
+    assert get_args(registry.MethodName) == tuple(registry.METHODS)  # the CLI's choices are the registry's keys
+    assert set(GRID_METHODS) == set(registry.METHODS) | set(registry.GRID_VARIANTS)
+    assert all(v.method in registry.METHODS for v in registry.GRID_VARIANTS.values())
+    with pytest.raises(ValueError, match="unknown method 'sparse'; expected one of"):
+        registry.get("sparse")
+
+
+def test_a_new_method_is_one_registry_entry(monkeypatch, tmp_path):
+    """A method is its builder: registered under an existing name's slot, the module trains what it builds."""
+    from debias.edits import registry
+    from debias.edits.mask import InstabilityMask
+    from debias.edits.sparse import SparseDelta
+
+    built = []
+
+    def first_rows(ctx):  # a toy method: the first k entries of W_out
+        mask = InstabilityMask(shape=tuple(ctx.net.get_parameter(ctx.parameter).shape), indices=torch.arange(ctx.k),
+                               **ctx.mask_meta(strategy="first"))
+        built.append(mask)
+        return SparseDelta(ctx.net, mask)
+
+    monkeypatch.setitem(registry.METHODS, "random", registry.Method("random", "mask", first_rows, "first k entries"))
+    module, data = make_module(method="random", k=7), make_data()
+    make_trainer(tmp_path, max_steps=2).fit(module, datamodule=data)
+    assert built and module.mask is built[0] and module.mask.indices.tolist() == list(range(7))
+    assert module.changed_entries() > 0

@@ -130,3 +130,27 @@ def test_frozen_network_keeps_dropout_off_in_train_mode():
     module = make_module(base_model="tiny-gpt2")
     module.train()
     assert module.training and not module.net.training and not module.sae.training
+
+
+def test_construction_never_builds_an_sae(monkeypatch, tmp_path):
+    """`sae: train` with no cached build: constructing (as `--print_config` or a test does) starts nothing; the build
+    happens in `prepare`, the explicit step `fit` calls."""
+    import debias.sae.build
+    from debias.models.tiny import tiny_sae
+
+    monkeypatch.setenv("DEBIAS_CACHE", str(tmp_path / "cache"))
+    builds = []
+
+    def ensure_sae(model, tokenizer, model_id, settings=None, force=False):
+        builds.append(settings.hook_name)
+        path = tmp_path / "sae"
+        tiny_sae(32, settings.hook_name, d_sae=64, architecture="topk").save_model(path)
+        return path
+
+    monkeypatch.setattr(debias.sae.build, "ensure_sae", ensure_sae)
+    from debias.sae.build import SAETrainSettings
+
+    module = make_module(sae="train", build=SAETrainSettings(hook_name="blocks.1.hook_mlp_out", bias_prompt_file=None))
+    assert builds == [] and module.sae is None and module.site.hook_name == "blocks.1.hook_mlp_out" and module.k == 40
+    module.prepare(make_data())
+    assert builds == ["blocks.1.hook_mlp_out"] and module.sae is not None and module.mask.k == 40

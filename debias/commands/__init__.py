@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 
 #: name -> (module, function, one-line summary); "sae" has subcommands. `fit` and `validate` are LightningCLI's.
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         print(f"debias: error: unknown command {argv[0]!r}; expected one of {list(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
+    from argparse import ArgumentError
+
+    command = " ".join(argv[:2] if isinstance(COMMANDS[argv[0]], dict) else argv[:1])
     try:
         function, args, lightning = _resolve(argv)
         if lightning:
@@ -72,7 +76,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             from jsonargparse import auto_cli
 
-            auto_cli(function, args=args)
+            auto_cli(function, args=args, exit_on_error=False, prog=f"debias {command}")
+    except ArgumentError as err:  # jsonargparse's: a bad key or value, in a config file or on the command line
+        if debug:
+            raise
+        print(f"debias: error: {one_line(err)}\nsee: debias {command} --help", file=sys.stderr)
+        sys.exit(2)
     except USER_ERRORS as err:
         if debug:
             raise
@@ -80,11 +89,28 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-def one_line(err: BaseException) -> str:
-    """The error's message, its lines joined (collected problems are listed one per line)."""
-    text = str(err) if not isinstance(err, OSError) or not err.filename else f"{err.strerror}: {err.filename}"
-    return "; ".join(line.strip(" -") for line in text.splitlines() if line.strip()) or type(err).__name__
+#: Lines of a jsonargparse message that repeat the value or list the alternatives of an `X | None` type.
+_PARSER_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
+                 "Given value:", "Problem with given class_path", "Expected a <class 'NoneType'>")
 
+
+def one_line(err: BaseException) -> str:
+    """The error's message in one line: its lines joined (collected problems are listed one per line), and
+    jsonargparse's `Parser key "K":` nesting and `X | None` alternatives reduced to `K: reason`."""
+    text = str(err) if not isinstance(err, OSError) or not err.filename else f"{err.strerror}: {err.filename}"
+    where, reasons = "", []
+    for line in text.splitlines():
+        line = line.strip().removeprefix("- ").strip()  # "- " bullets, not "--flag"
+        key = re.fullmatch(r'Parser key "([^"]+)":\s*(.*)', line)
+        if key:  # nested keys are relative to the enclosing one ("model.edit", then "method")
+            where = key[1] if not where or key[1].startswith(where + ".") else f"{where}.{key[1]}"
+            line = key[2]
+        if line and not line.startswith(_PARSER_NOISE):
+            reasons.append(line)
+    message = reasons[0] if reasons else type(err).__name__
+    for reason in reasons[1:]:  # "invalid model.edit arguments:" then its problems
+        message += (" " if message.endswith(":") else "; ") + reason
+    return f"{where}: {message}" if where else message
 
 if __name__ == "__main__":
     main()

@@ -1,31 +1,117 @@
 """`debias fit` and `debias validate`: LightningCLI over `DebiasModule` and `DebiasDataModule`, with the held-out
-metrics and the report/export callback always on. Other commands build a configured module through `configured`."""
+metrics and the report/export callback always on. Other commands build a configured module through `configured`.
+
+A bad key or value raises `ConfigError` (jsonargparse's message) instead of printing the usage and exiting:
+`debias.commands.main` shows it as one line.
+"""
 
 from __future__ import annotations
 
+import sys
+from argparse import ArgumentError
+from pathlib import Path
+
+import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from debias.callbacks import HeldOutMetrics, ReportAndExport
 from debias.training.data import DebiasDataModule
 from debias.training.module import DebiasModule
 
+RESUME_NOTE = ("a run resumed from a mid-epoch checkpoint does not repeat an uninterrupted run exactly: the "
+               "dataloader's position is not saved, so the resumed epoch does not continue where the interrupted one "
+               "stopped (a checkpoint at an epoch boundary resumes exactly)")
+FIT_DESCRIPTION = ("Train the edit of a config, evaluate it before and after, and export it. --ckpt_path resumes a "
+                   "run; its model arguments must equal this run's. Note: " + RESUME_NOTE + ".")
+_ABSENT = "<absent>"
+
+
+class ConfigError(ArgumentError, ValueError):
+    """A bad key or value in a config file or on the command line, with jsonargparse's message."""
+
+
+def _plain(value):
+    """Tuples as lists, recursively, so a config value compares equal to its saved copy."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def hparam_differences(saved, current, prefix: str = "model") -> list[tuple[str, object, object]]:
+    """(dotted key, checkpoint value, this run's value) for each leaf that differs; `_`-keys are Lightning's."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = [*saved, *(k for k in current if k not in saved)]
+        return [diff for k in keys if not str(k).startswith("_")
+                for diff in hparam_differences(saved.get(k, _ABSENT), current.get(k, _ABSENT), f"{prefix}.{k}")]
+    return [] if _plain(saved) == _plain(current) else [(prefix, saved, current)]
+
+
+def check_checkpoint_hparams(ckpt_path: str, current: dict) -> None:
+    """Refuse a checkpoint trained with other model arguments than `current` (this run's `model` config)."""
+    try:
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+    except Exception as err:  # a truncated file, or not a checkpoint at all
+        raise ValueError(f"--ckpt_path {ckpt_path} is not a checkpoint torch.load(weights_only=True) can read: "
+                         f"{type(err).__name__}: {err}") from err
+    if "_class_path" in saved:  # written by LightningCLI's subclass mode: the arguments are the rest
+        saved = {k: v for k, v in saved.items() if k != "_class_path"}
+    differences = hparam_differences(saved, current)
+    if differences:
+        trained = " and ".join(f"{key}={old!r}" if old is not _ABSENT else f"no {key}" for key, old, _ in differences)
+        now = " and ".join(repr(new) if new is not _ABSENT else "none" for _, _, new in differences)
+        raise ValueError(f"--ckpt_path {ckpt_path} was trained with {trained}; this run has {now} (resume with the "
+                         "checkpoint's values, or drop --ckpt_path to start a new run)")
+
 
 class DebiasCLI(LightningCLI):
-    """LightningCLI with the held-out metrics and the report/export callback always on."""
+    """LightningCLI with the held-out metrics and the report/export callback always on; a `--ckpt_path` must match
+    the config's model arguments (LightningCLI would merge the checkpoint's over them, silently)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(HeldOutMetrics, "metrics")
         parser.add_lightning_class_args(ReportAndExport, "export")
 
+    def parse_arguments(self, parser, args) -> None:
+        """LightningCLI's, without its warning about `args` given beside `sys.argv` (`debias` passes them on)."""
+        self.config = parser.parse_args(args)
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():  # "last", "best", ...: Lightning resolves those
+            return
+        check_checkpoint_hparams(ckpt_path, self.config[subcommand].model.clone().as_dict())
+        if subcommand == "fit":
+            _note(f"resuming from {ckpt_path}; {RESUME_NOTE}")
+
+
+@rank_zero_only
+def _note(message: str) -> None:
+    print(f"debias: note: {message}", file=sys.stderr, flush=True)
+
 
 def build_cli(args: list[str] | None, run: bool = True) -> DebiasCLI:
-    """The CLI over `args` (`["fit", "--config", ...]` with `run`; without it, no subcommand: just the config)."""
-    return DebiasCLI(
-        DebiasModule, DebiasDataModule, args=args, run=run,
-        trainer_defaults={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                     "init_args": {"save_dir": "runs"}}},
-        save_config_kwargs={"overwrite": True},
-    )
+    """The CLI over `args` (`["fit", "--config", ...]` with `run`; without it, no subcommand: just the config).
+
+    A bad key or value raises `ConfigError`, not `SystemExit` after the usage.
+    """
+    try:
+        return DebiasCLI(
+            DebiasModule, DebiasDataModule, args=args, run=run,
+            trainer_defaults={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                         "init_args": {"save_dir": "runs"}}},
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False, "fit": {"description": FIT_DESCRIPTION}},
+        )
+    except ArgumentError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(None, str(err)) from err
 
 
 def fit(args: list[str]) -> None:

@@ -17,8 +17,12 @@ def mask(fit_config: str, out: str = "runs/mask.safetensors", overrides: list[st
     """
     module, datamodule = configured(fit_config, overrides or [])
     module.prepare(datamodule)
+    instability_mask = module.mask
+    if instability_mask is None:
+        raise ValueError(f"{fit_config}: the edit method {module.edit_args.method!r} has no mask to save; "
+                         "use a mask method (e.g. --model.edit.method=instability)")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    module.mask.save(out)
-    for key, value in module.mask.stats().items():
+    instability_mask.save(out)
+    for key, value in instability_mask.stats().items():
         print(f"{key:>14}: {value}")
     print(f"saved to {out}")

@@ -8,6 +8,8 @@ said that"): what a debiasing edit must keep (over-erasure check).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torchmetrics
 
@@ -24,7 +26,10 @@ class _MarginMetric(torchmetrics.Metric):
     """Collects per-prompt margins [n] and a bool group flag [n]; `_stat(margins, flags)` is the statistic."""
 
     full_state_update = False
-    _stat = None
+    _stat: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # List states; torchmetrics concatenates them into one tensor while the metric is synced across processes.
+    margins: list[torch.Tensor] | torch.Tensor
+    flags: list[torch.Tensor] | torch.Tensor
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -34,8 +39,16 @@ class _MarginMetric(torchmetrics.Metric):
     def update(self, margins: torch.Tensor, flags: torch.Tensor) -> None:
         if margins.ndim != 1 or margins.shape != flags.shape:
             raise ValueError(f"expected margins and flags of the same shape [n], got {margins.shape}, {flags.shape}")
+        if not isinstance(self.margins, list) or not isinstance(self.flags, list):
+            raise RuntimeError(f"{type(self).__name__}: update() on a synced metric; call unsync() first")
         self.margins.append(margins.detach().float())
         self.flags.append(flags.to(torch.bool))
+
+    @classmethod
+    def _statistic(cls) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        if cls._stat is None:
+            raise TypeError(f"{cls.__name__} defines no _stat; use StereotypeGap or CueMargin")
+        return cls._stat
 
     def _cat(self) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.margins, list) and not self.margins:
@@ -43,11 +56,11 @@ class _MarginMetric(torchmetrics.Metric):
         return torchmetrics.utilities.dim_zero_cat(self.margins), torchmetrics.utilities.dim_zero_cat(self.flags)
 
     def compute(self) -> torch.Tensor:
-        return type(self)._stat(*self._cat())
+        return self._statistic()(*self._cat())
 
     def bootstrap_ci(self, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
         """Percentile (1 - alpha) interval of compute(), resampling prompts within each group."""
-        return _bootstrap(*self._cat(), type(self)._stat, n_boot, alpha, seed)
+        return _bootstrap(*self._cat(), self._statistic(), n_boot, alpha, seed)
 
 
 class StereotypeGap(_MarginMetric):
@@ -74,7 +87,7 @@ def bias_gap(model, tokenizer, prompts: GapPrompts, batch_size: int = 16, n_boot
     metric = StereotypeGap()
     metric.update(margins, is_female)
     per_prof: dict[str, list[float]] = {}
-    for label, m in zip(prompts.female_labels + prompts.male_labels, margins.tolist()):
+    for label, m in zip(prompts.female_labels + prompts.male_labels, margins.tolist(), strict=False):
         per_prof.setdefault(label, []).append(m)
     return {
         "bias_gap": float(metric.compute()),

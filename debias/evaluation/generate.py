@@ -38,7 +38,7 @@ def _encode(tokenizer, prompts: list[str], chat: bool, device) -> dict[str, torc
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     else:
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    empty = [p for p, n in zip(prompts, enc["attention_mask"].sum(-1).tolist()) if n == 0]
+    empty = [p for p, n in zip(prompts, enc["attention_mask"].sum(-1).tolist(), strict=False) if n == 0]
     if empty:
         raise ValueError(f"prompt(s) encode to zero tokens: {empty[:3]}")
     return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
@@ -105,6 +105,6 @@ def report_completions(model, tokenizer, prompts: list[str], before_ctx, after_c
         before = complete(model, tokenizer, prompts, max_new_tokens, chat=False)
     with after_ctx():
         after = complete(model, tokenizer, prompts, max_new_tokens, chat=False)
-    return [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
+    return [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after, strict=False)]
 
 

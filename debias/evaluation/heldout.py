@@ -4,15 +4,16 @@ the original, the bias gap and the explicit-cue margin, aggregated with torchmet
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric, Metric
 
 from debias.evaluation.bias_metrics import bias_gap, cue_margin
 from debias.prompts import load_cue_prompts, load_gap_prompts
+
+if TYPE_CHECKING:
+    from debias.training.module import DebiasModule
 
 
 class FeatureActivation(Metric):
@@ -23,6 +24,9 @@ class FeatureActivation(Metric):
     """
 
     full_state_update = False
+    act_sum: torch.Tensor  # states registered by add_state below
+    fired: torch.Tensor
+    tokens: torch.Tensor
 
     def __init__(self, n_features: int, **kwargs):
         super().__init__(**kwargs)
@@ -64,7 +68,7 @@ class HeldOutAggregate:
                 "kl": float(self.kl.compute())}
 
 
-def evaluate_heldout(module: LightningModule, datamodule, edited: bool = True, cue_limit: int | None = 256) -> dict:
+def evaluate_heldout(module: DebiasModule, datamodule, edited: bool = True, cue_limit: int | None = 256) -> dict:
     """Held-out metrics of the edited model (or, with `edited=False`, of the original one).
 
     The explicit-cue margin uses a seeded subset of `cue_limit` held-out cue prompts, balanced over cue gender
@@ -74,7 +78,7 @@ def evaluate_heldout(module: LightningModule, datamodule, edited: bool = True, c
     was_training = module.training
     module.eval()
     try:
-        for kind, loader in zip(datamodule.VAL_SETS, datamodule.val_dataloader()):
+        for kind, loader in zip(datamodule.VAL_SETS, datamodule.val_dataloader(), strict=False):
             for texts in loader:
                 with edit_context(module, edited):
                     agg.update(kind, module.evaluate_batch(texts, kind))

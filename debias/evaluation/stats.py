@@ -12,11 +12,11 @@ def _bootstrap(values: torch.Tensor, groups: torch.Tensor, stat, n_boot: int, al
     gen = torch.Generator().manual_seed(seed)
     values, groups = values.detach().double().cpu(), groups.cpu()
     members = [torch.nonzero(groups == g).flatten() for g in groups.unique()]
-    stats = []
+    samples: list[torch.Tensor] = []
     for _ in range(n_boot):
         idx = torch.cat([m[torch.randint(len(m), (len(m),), generator=gen)] for m in members])
-        stats.append(stat(values[idx], groups[idx]))
-    stats = torch.stack(stats)
+        samples.append(stat(values[idx], groups[idx]))
+    stats = torch.stack(samples)
     q = torch.tensor([alpha / 2, 1 - alpha / 2], dtype=stats.dtype)
     lo, hi = torch.quantile(stats, q).tolist()
     return lo, hi
@@ -33,4 +33,4 @@ def bootstrap(stat, n: int, n_boot: int = 1000, seed: int = 0, alpha: float = 0.
     point = stat(torch.arange(n)[None])[0].tolist()
     idx = torch.randint(n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
     q = torch.quantile(stat(idx), torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64), dim=0)
-    return point, list(zip(q[0].tolist(), q[1].tolist()))
+    return point, list(zip(q[0].tolist(), q[1].tolist(), strict=False))

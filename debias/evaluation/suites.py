@@ -88,7 +88,7 @@ def _encode(tokenizer, texts, contexts):
         if not body:
             raise ValueError(f"text {i} ({texts[i]!r}) tokenizes to zero tokens: nothing to score")
     start = [start_token_id(tokenizer)]
-    return [start + h + b for h, b in zip(heads, bodies)], [1 + len(h) for h in heads]
+    return [start + h + b for h, b in zip(heads, bodies, strict=False)], [1 + len(h) for h in heads]
 
 
 def _batch_logprobs(model, seqs, n_skip, pad_id):
@@ -98,7 +98,7 @@ def _batch_logprobs(model, seqs, n_skip, pad_id):
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     scored = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
-    for row, (seq, skip) in enumerate(zip(seqs, n_skip)):
+    for row, (seq, skip) in enumerate(zip(seqs, n_skip, strict=False)):
         ids[row, :len(seq)] = torch.tensor(seq)
         mask[row, :len(seq)] = 1
         scored[row, skip - 1:len(seq) - 1] = True  # logits at j - 1 predict token j
@@ -132,7 +132,7 @@ def sentence_logprobs(model, tokenizer, texts: list[str], batch_size: int = 16, 
         rows = order[lo:lo + batch_size]
         out[rows] = _batch_logprobs(model, [seqs[i] for i in rows], [n_skip[i] for i in rows], pad_id)
     if mean:
-        out = out / torch.tensor([len(s) - k for s, k in zip(seqs, n_skip)], dtype=out.dtype)
+        out = out / torch.tensor([len(s) - k for s, k in zip(seqs, n_skip, strict=False)], dtype=out.dtype)
     return out
 
 

@@ -46,12 +46,12 @@ def _attribute_sites(model, tokenizer, prompts: GapPrompts, splices: dict, batch
         found: list = []
         with torch.enable_grad(), contextlib.ExitStack() as stack:
             for site, fn in splices.items():
-                stack.enter_context(hooks.replace(model, site, lambda x, s=site, fn=fn: fn(x, s, found)))
+                stack.enter_context(hooks.replace(model, site, lambda x, s=site, fn=fn, found=found: fn(x, s, found)))
             lp = next_token_logprobs(model, tokenizer, texts[start:start + batch_size], batch_size)
             w = weights[start:start + batch_size].to(lp.device)
             part = (w * (lp[:, she] - lp[:, he])).sum()
             grads = torch.autograd.grad(part, [leaf for _, leaf, _ in found])
-        yield float(part.detach()), [(s, g, v) for (s, _, v), g in zip(found, grads)]
+        yield float(part.detach()), [(s, g, v) for (s, _, v), g in zip(found, grads, strict=False)]
 
 
 def attribute(model, tokenizer, sae, site, gap_prompts: GapPrompts, batch_size: int = 16) -> Attribution:
@@ -92,7 +92,7 @@ def layer_attribution(model, tokenizer, gap_prompts: GapPrompts, batch_size: int
         for s, g, v in pairs:
             totals[s.layer] += float((g * v).sum())
     return [{"layer": site.layer, "hook_name": site.hook_name, "attribution": a, "share": _share(a, gap), "gap": gap}
-            for site, a in zip(sites, totals)]
+            for site, a in zip(sites, totals, strict=False)]
 
 
 def _share(part: float, whole: float) -> float:

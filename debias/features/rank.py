@@ -5,6 +5,7 @@ that `debias features` prints.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 
@@ -29,13 +30,13 @@ def _latent_batches(model, tokenizer, sae, site, texts: list[str], batch_size: i
 
 
 def _context(tokenizer, ids: torch.Tensor, real: torch.Tensor, pos: int, before: int = 10, after: int = 3) -> str:
-    keep = lambda sl: [int(i) for i, r in zip(ids[sl], real[sl]) if r]  # noqa: E731
+    keep = lambda sl: [int(i) for i, r in zip(ids[sl], real[sl], strict=False) if r]  # noqa: E731
     left, right = keep(slice(max(0, pos - before), pos)), keep(slice(pos + 1, pos + 1 + after))
     text = tokenizer.decode(left) + "[[" + tokenizer.decode([int(ids[pos])]) + "]]" + tokenizer.decode(right)
     return " ".join(text.split())
 
 
-def activation_stats(model, tokenizer, sae, site, texts: list[str], features: list[int] = (), n_contexts: int = 3,
+def activation_stats(model, tokenizer, sae, site, texts: list[str], features: Sequence[int] = (), n_contexts: int = 3,
                      batch_size: int = 16, max_length: int = 64) -> dict:
     """Over real tokens of `texts`: `fire_rate` and `mean_act` [d_sae], `n_tokens`, and for each of `features`
     its `contexts`: up to `n_contexts` distinct top-activating snippets, the token in [[ ]]."""
@@ -52,7 +53,7 @@ def activation_stats(model, tokenizer, sae, site, texts: list[str], features: li
         width = z.shape[1]
         for f in features:
             top = z[..., f].masked_fill(~real, 0).flatten().topk(min(4 * n_contexts, real.numel()))
-            for v, i in zip(top.values.tolist(), top.indices.tolist()):
+            for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=False):
                 if v > 0:
                     text = _context(tokenizer, ids[i // width], real[i // width], i % width)
                     best[f][text] = max(v, best[f].get(text, v))
@@ -78,7 +79,8 @@ def top_promoted_tokens(model, tokenizer, sae, features: list[int], k: int = 5) 
         return {f: [] for f in features}  # the SAE reads a space the unembedding does not (e.g. MLP hidden)
     with torch.no_grad():
         logits = sae.W_dec[list(features)].to(w_u) @ w_u.T
-    return {f: [tokenizer.decode([i]) for i in row.topk(k).indices.tolist()] for f, row in zip(features, logits)}
+    return {f: [tokenizer.decode([i]) for i in row.topk(k).indices.tolist()]
+            for f, row in zip(features, logits, strict=False)}
 
 
 def default_corpus_texts(prompt_dir: str | None = None, n_passages: int = 200) -> list[str]:

@@ -24,7 +24,9 @@ def select_features(model, tokenizer, sae, site, n: int = 9, split: str = "train
     score = att.latents * (1.0 if att.gap >= 0 else -1.0)
     order = sorted((i for i in range(len(score)) if score[i] > 0 and fire[i] >= min_fire_rate),
                    key=lambda i: (-float(score[i]), i))
-    chosen, current, tried = [], att.gap, []
+    chosen: list[int] = []
+    current = att.gap
+    tried: list[dict] = []
     for f in order[: n_candidates or 3 * n]:
         g = ablated_gap(model, tokenizer, sae, site, prompts, chosen + [f], batch_size)
         tried.append({"index": f, "attribution": float(att.latents[f]), "joint_gap": g, "kept": abs(g) < abs(current)})

@@ -15,9 +15,13 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,19 @@ def _base_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _hf_config(base: nn.Module) -> PreTrainedConfig:
+    """`base.config`, checked to be a transformers config (hook names are only known for HF models)."""
+    from transformers import PreTrainedConfig
+
+    config = getattr(base, "config", None)
+    if not isinstance(config, PreTrainedConfig):
+        raise TypeError(
+            f"{type(base).__name__} has no transformers config (`.config` is {type(config).__name__}); "
+            "hook names can only be resolved on a Hugging Face model"
+        )
+    return config
+
+
 def _placeholder_tokenizer():
     # The mapping does not depend on the tokenizer; a real one would be re-loaded by name (hub access) and
     # modified in place by the bridge, so it gets a two-word stand-in.
@@ -53,7 +70,7 @@ def _boot_shadow(base: nn.Module, materialise: bool):
     """Boot a bridge on a weightless copy of `base`; returns (bridge, {id(original module): module path})."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    config = copy.deepcopy(base.config)
+    config = copy.deepcopy(_hf_config(base))
     config._attn_implementation = "eager"  # the mapping does not depend on it; other kernels may not be installed
     with torch.device("meta"):
         shadow = type(base)(config)
@@ -63,15 +80,16 @@ def _boot_shadow(base: nn.Module, materialise: bool):
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(
-            base.config.name_or_path or "model", hf_model=shadow, tokenizer=_placeholder_tokenizer(), device="cpu"
+            config.name_or_path or "model", hf_model=shadow, tokenizer=_placeholder_tokenizer(), device="cpu"
         )
     return bridge, names
 
 
 def _hook_table(base: nn.Module) -> dict[str, tuple[str, str | None, str | None]]:
     """{TL hook name: (canonical name, module path in `base` or None, "output"/"input" or None)}, cached."""
-    n_layers = getattr(base.config.get_text_config(), "num_hidden_layers", None)
-    key = (type(base), type(base.config), n_layers)
+    config = _hf_config(base)
+    n_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    key = (type(base), type(config), n_layers)
     if key in _TABLES:
         return _TABLES[key]
     try:
@@ -107,11 +125,11 @@ def resolve_hook(model: nn.Module, hook_name: str, tokenizer=None) -> HookSite:
         near = difflib.get_close_matches(hook_name, list(table), n=5, cutoff=0.5)
         raise ValueError(
             f"unknown hook name {hook_name!r} for {type(base).__name__} "
-            f"({getattr(base.config.get_text_config(), 'num_hidden_layers', '?')} layers); "
+            f"({getattr(_hf_config(base).get_text_config(), 'num_hidden_layers', '?')} layers); "
             f"nearby valid names: {near or sorted(table)[:5]}"
         )
     canonical, module_name, position = table[hook_name]
-    if module_name is None:
+    if module_name is None or position is None:  # the table sets both or neither
         raise ValueError(
             f"hook {hook_name!r} (= {canonical!r}) is computed inside a module, not the input or output of one; "
             "it cannot be hooked on the plain HF model"

@@ -110,7 +110,9 @@ def resolve_model_path(spec: str) -> str:
     """A directory or hub id for `spec`.
 
     `smollm2-135m`: the wheel's GGUF converted once into the cache; `tiny-<family>`: a tiny random model
-    (`debias.tiny.FAMILIES`) saved once into the cache; an existing directory: itself; anything else: a hub id.
+    (`debias.tiny.FAMILIES`) saved once into the cache; an existing directory: itself; a missing path
+    (`looks_like_path`): an error at once; anything else: a hub id, refused at once when the hub is offline and
+    it is not in the Hugging Face cache (instead of retrying the network).
     """
     if spec == DEFAULT_MODEL:
         dest = cache_dir() / "models" / spec
@@ -127,9 +129,43 @@ def resolve_model_path(spec: str) -> str:
         if not (dest / "config.json").is_file():
             _atomic_build(dest, lambda tmp: save_tiny_model(tmp, family))
         return str(dest)
-    if Path(spec).expanduser().is_dir():
-        return str(Path(spec).expanduser())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise NotADirectoryError(f"not a directory: {spec} (a model is a Hugging Face directory with config.json)")
+    if looks_like_path(spec):
+        raise FileNotFoundError(f"no such directory: {spec}")
+    if hub_offline() and not _hub_cached(spec):
+        raise FileNotFoundError(f"model {spec!r} is not a local directory, and the hub is offline (HF_HUB_OFFLINE=1) "
+                                "with no cached copy of it")
     return spec
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether `spec` is meant as a directory, not a hub id (`ORG/NAME`): it starts with `./`, `../`, `/` or `~`,
+    is `.` or `..`, starts with `runs/`, has more than one `/`, or names a directory inside an existing one."""
+    if spec in (".", "..") or spec.startswith(("./", "../", "/", "~", "runs/")) or spec.count("/") > 1:
+        return True
+    has_sep = any(sep and sep in spec for sep in ("/", os.sep, os.altsep))
+    return has_sep and Path(spec).expanduser().parent.is_dir()
+
+
+def hub_offline() -> bool:
+    """`HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is set, now or when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.HF_HUB_OFFLINE or flag.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
@@ -142,10 +178,12 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    local_only = hub_offline()  # also when HF_HUB_OFFLINE was set after huggingface_hub was imported
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=local_only)
+    model = model.to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -63,10 +64,11 @@ def tiny_config(family: str = "llama", n_layers: int = 3, d_model: int = 32, d_m
     import transformers as tf
 
     vocab = len(tiny_tokenizer())
-    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    # Annotated as Any-valued: these are keyword arguments for configs whose parameters have many types.
+    common: dict[str, Any] = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=1)
     if family == "gpt2":
         return tf.GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=4, n_inner=d_mlp, n_positions=128, **common)
-    attn = dict(
+    attn: dict[str, Any] = dict(
         hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
     )

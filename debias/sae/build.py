@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -164,7 +165,9 @@ def train_sae(model, tokenizer, settings: SAETrainSettings, out_dir: str | Path,
     try:
         sae.save_inference_model(tmp)
         saved = SAE.load_from_disk(tmp)
-        metrics = sae_metrics(model, tokenizer, saved, site, val_ids, settings.ce_tokens, settings.capture_batch)
+        # Widened: the record below adds counts, strings and nested settings to the float quality metrics.
+        metrics: dict[str, Any] = sae_metrics(model, tokenizer, saved, site, val_ids, settings.ce_tokens,
+                                              settings.capture_batch)
         sample = acts[: settings.val_tokens]
         with torch.no_grad():
             err = ((sample - saved(sample)) ** 2).sum() / ((sample - sample.mean(0)) ** 2).sum()

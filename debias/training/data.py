@@ -58,8 +58,12 @@ class DebiasDataModule(LightningDataModule):
             seed: shuffling seed.
         """
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        problems = [f"data.{name} must be >= 1, got {value}"
+                    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)) if value < 1]
+        if max_texts is not None and max_texts < 1:
+            problems.append(f"data.max_texts must be >= 1 or null, got {max_texts}")
+        if problems:
+            raise ValueError("; ".join(problems))
         self.save_hyperparameters()
         self.texts: dict[str, list[str]] = {}
 
@@ -75,9 +79,17 @@ class DebiasDataModule(LightningDataModule):
         gap = load_gap_prompts("train", hp.prompt_dir)
         self.texts.update(gap_female_train=gap.female[:hp.max_texts], gap_male_train=gap.male[:hp.max_texts],
                           cue_train=load_cue_prompts("train", hp.prompt_dir).prompts[:hp.max_texts])
+        files = f"the prompt files in {hp.prompt_dir}" if hp.prompt_dir else "the shipped prompt files"
+        sources = {**{name: repr(src) for name, src in sources.items()}, "gap_female_train": files,
+                   "gap_male_train": files, "cue_train": files}
+        for name, texts in self.texts.items():
+            if not texts:  # an empty set makes every epoch empty: training would loop forever
+                raise ValueError(f"the {name} set is empty after filtering (source: {sources[name]}, "
+                                 f"data.max_texts={hp.max_texts})")
         overlap = set(self.texts["bias_train"]) & set(self.texts["bias_heldout"])
         if overlap:
-            raise ValueError(f"{len(overlap)} bias prompts are in both train and held-out sets, e.g. {sorted(overlap)[:2]}")
+            raise ValueError(f"{len(overlap)} bias prompts are in both train and held-out sets, "
+                             f"e.g. {sorted(overlap)[:2]}")
 
     def _loader(self, texts: list[str], batch_size: int, shuffle: bool) -> DataLoader:
         if shuffle:
@@ -93,7 +105,8 @@ class DebiasDataModule(LightningDataModule):
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self):
-        return [self._loader(self.texts[f"{name}_heldout"], self.hparams.eval_batch_size, False) for name in self.VAL_SETS]
+        size = self.hparams.eval_batch_size
+        return [self._loader(self.texts[f"{name}_heldout"], size, False) for name in self.VAL_SETS]
 
     def mask_batches(self) -> list[list[str]]:
         """The train bias texts in evaluation-sized batches, in file order (the mask's input)."""

@@ -225,7 +225,6 @@ class DebiasModule(LightningModule):
             # Skip the update, so the weights (and the last checkpoint) stay the last good ones, and stop.
             say(f"loss is {loss.item()} at step {self.global_step}: stopping; the edit keeps its last finite value")
             self.trainer.should_stop = True
-            self.stopped_nonfinite = True
             return None
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, batch_size=len(batch["bias"]))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["bias"]))

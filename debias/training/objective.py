@@ -98,4 +98,5 @@ def train_gap(module, female: list[str], male: list[str]) -> torch.Tensor:
     """Differentiable she-vs-he gap: mean margin on `female` prompts − mean on `male` prompts."""
     logprobs = next_token_logprobs(module.net, module.tokenizer, female + male, len(female) + len(male))
     is_female = torch.tensor([True] * len(female) + [False] * len(male), device=logprobs.device)
-    return gap_from_logprobs(logprobs, *module.pronouns, is_female)
+    she_id, he_id = module.pronouns
+    return gap_from_logprobs(logprobs, she_id, he_id, is_female)

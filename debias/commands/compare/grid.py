@@ -56,7 +56,8 @@ class Cell:
 
 def check_request(methods: list[str], k: list[float] | None, seeds: list[int], lora_ranks: list[int]) -> None:
     """Every problem of the grid's arguments at once, before a model is loaded."""
-    problems = [f"unknown method {m!r}; expected some of {list(GRID_METHODS)}" for m in methods if m not in GRID_METHODS]
+    problems = [f"unknown method {m!r}; expected some of {list(GRID_METHODS)}"
+                for m in methods if m not in GRID_METHODS]
     masked = [m for m in GRID_METHODS if kind(m) == "mask"]
     if k and not any(m in masked for m in methods):
         problems.append(f"--k {k} was given, but none of the methods {methods} has a mask (k applies to {masked})")
@@ -138,14 +139,21 @@ def grid_masks(module, datamodule, cells: list[Cell], out: Path) -> dict[str, Pa
     (out / "masks").mkdir(parents=True, exist_ok=True)
     for method, k, seed in sorted(needed, key=str):
         name = cell_name(method, k, seed)
-        if source[method] == "random":
+        mask_from = source[method]
+        if k is None:  # `plan` gives every mask cell a k
+            raise ValueError(f"grid cell {name}: a mask method needs an entry count k")
+        if mask_from == "random":
+            if seed is None:  # `plan` gives every random cell a seed
+                raise ValueError(f"grid cell {name}: the random mask needs a seed")
             mask = compute_mask(net, module.sae, module.site, module.parameter, [], module.features, k,
                                 strategy="random", seed=seed, extra={"method": "random"}, model_id=module.model_id)
         else:
+            if mask_from is None:
+                raise ValueError(f"grid cell {name}: method {method!r} has no mask_from in debias.edits.registry")
             strategy = registry.grid_entry(method)[1].get("mask_strategy", "gradient")
-            scores = STRATEGIES[strategy](grads[source[method]], weight, 0)
+            scores = STRATEGIES[strategy](grads[mask_from], weight, 0)
             mask = mask_from_scores(scores, k, strategy=strategy,
-                                    extra={"method": method, "mask_from": source[method]}, **meta)
+                                    extra={"method": method, "mask_from": mask_from}, **meta)
         paths[name] = out / "masks" / f"{name}.safetensors"
         mask.save(paths[name])
     return paths

@@ -30,7 +30,8 @@ def row(name: str, saved: dict) -> dict:
         "gap_after_hi": a["bias_gap_ci"][1], "gap_reduction": 1 - a["bias_gap"] / b["bias_gap"],
         "cue_margin_before": b["cue_margin"], "cue_margin_after": a["cue_margin"],
         "cue_kept": a["cue_margin"] / b["cue_margin"], "cue_followed": a.get("cue_followed"), "kl": a["kl"],
-        "lm_loss_change": a["lm_loss"] / b["lm_loss"] - 1, "feature_act_change": a["feature_act"] / b["feature_act"] - 1,
+        "lm_loss_change": a["lm_loss"] / b["lm_loss"] - 1,
+        "feature_act_change": a["feature_act"] / b["feature_act"] - 1,
         "crows_stereo_pct": crows.get("stereo_pct"), "crows_lo": _ci(crows, "stereo_pct_ci", 0),
         "crows_hi": _ci(crows, "stereo_pct_ci", 1), "crows_margin": crows.get("margin"), "crows_n": crows.get("n"),
         **{f"{m}{suffix}": (ss.get(m) if not suffix else _ci(ss, f"{m}_ci", int(suffix == "_hi")))
@@ -100,7 +101,8 @@ def markdown(rows: list[dict], before: dict | None, header: str) -> str:
             f"| {r['cell']} | {r['changed_parameters']:,.0f} | {_pct(r['gap_reduction'], r.get('gap_reduction_sd'))} | "
             f"{_interval(r, 'gap_after', 'gap_after_lo', 'gap_after_hi', 2)} | "
             f"{_pct(r['cue_kept'], r.get('cue_kept_sd'), False)} | {_pct(r['cue_followed'], None, False)} | "
-            f"{r['kl']:.4f} | {r['lm_loss_change']:+.2%} | {_interval(r, 'crows_stereo_pct', 'crows_lo', 'crows_hi')} | "
+            f"{r['kl']:.4f} | {r['lm_loss_change']:+.2%} | "
+            f"{_interval(r, 'crows_stereo_pct', 'crows_lo', 'crows_hi')} | "
             f"{_interval(r, 'ss', 'ss_lo', 'ss_hi')} | {_interval(r, 'lms', 'lms_lo', 'lms_hi')} | "
             f"{_interval(r, 'icat', 'icat_lo', 'icat_hi')} | {r['seconds']:.0f} |")
     ablation = [r for r in pooled if r["objective"] != "default" or any(
@@ -154,7 +156,7 @@ def write_results(out: Path, cells: list, results: dict, config: str, prepare_se
     atomic_write(paths["csv"], buf.getvalue())
     before = next(iter(results.values()))["report"]["before"] if results else None
     cell_seconds = sum(r["seconds"] for r in rows)
-    header = (f"{status}`debias compare --config {config}`: held-out metrics, one run per cell. Wall time "
+    header = (f"{status}`debias compare {config}`: held-out metrics, one run per cell. Wall time "
               f"{(cell_seconds + prepare_seconds) / 60:.1f} min: {cell_seconds / 60:.1f} min in {len(rows)} cells, "
               f"{prepare_seconds / 60:.1f} min loading, choosing features and computing masks.")
     atomic_write(paths["md"], markdown(rows, before, header) + completions_markdown(cells, results))

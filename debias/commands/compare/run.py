@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -61,8 +62,8 @@ def run_cell(cell: Cell, config: str, base_args: list[str], out: Path, before: d
         report = {"before": before, "after": evaluate_model(module, data, edited=True, suites=True),
                   "completions": completions(module, data), "steps": 0,
                   "intervention": module.delta.intervention.describe(),
-                  "checkpoint": "none: an inference-time intervention (a forward hook) cannot become a plain checkpoint; "
-                                "evaluated in-process"}
+                  "checkpoint": "none: an inference-time intervention (a forward hook) cannot become a plain "
+                                "checkpoint; evaluated in-process"}
         from debias.export import build_report
 
         (out / cell.name).mkdir(parents=True, exist_ok=True)
@@ -109,7 +110,7 @@ def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seed
 
 
 def compare_command(fit_config: str, methods: list[str] | None = None,
-                    k: list[float] | None = None, seeds: list[int] = (0, 1, 2), lora_ranks: list[int] = (1, 8),
+                    k: list[float] | None = None, seeds: Sequence[int] = (0, 1, 2), lora_ranks: Sequence[int] = (1, 8),
                     objectives: bool = True, out: str = "runs/compare", steps: int | None = None,
                     overrides: list[str] | None = None) -> Path:
     """Run the comparison grid: methods × k on one config, each cell evaluated the same way; resumable.
@@ -132,34 +133,36 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
     methods = list(methods or GRID_METHODS)
     seeds, lora_ranks = list(seeds), list(lora_ranks)
     check_request(methods, k, seeds, lora_ranks)
-    out = Path(out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out)
+    (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     base_args = list(overrides or []) + ([f"--trainer.max_steps={steps}"] if steps else [])
     started = time.time()
-    previous = json.loads((out / "grid.json").read_text()) if (out / "grid.json").is_file() else {}
-    cells, features, selection = _prepare_grid(fit_config, base_args, out, methods, k, seeds, lora_ranks, objectives)
+    previous = json.loads((out_dir / "grid.json").read_text()) if (out_dir / "grid.json").is_file() else {}
+    cells, features, selection = _prepare_grid(fit_config, base_args, out_dir, methods, k, seeds, lora_ranks,
+                                               objectives)
     prepare_seconds = time.time() - started + previous.get("prepare_seconds", 0.0)  # summed over invocations
-    atomic_write_json(out / "grid.json", {"config": fit_config, "base_args": base_args, "features": features,
-                                     "feature_selection": selection, "cells": [c.name for c in cells],
-                                     "prepare_seconds": prepare_seconds})
-    before = json.loads((out / "before.json").read_text()) if (out / "before.json").is_file() else None
-    results, upstream = {}, {}
+    atomic_write_json(out_dir / "grid.json", {"config": fit_config, "base_args": base_args, "features": features,
+                                              "feature_selection": selection, "cells": [c.name for c in cells],
+                                              "prepare_seconds": prepare_seconds})
+    before = json.loads((out_dir / "before.json").read_text()) if (out_dir / "before.json").is_file() else None
+    results: dict[str, dict] = {}
+    upstream: dict = {}  # the activation cache the cells share (see `run_cell`)
     bar = tqdm(cells, desc="compare", unit="cell")
     for cell in bar:
         bar.set_postfix_str(cell.name)
-        done = out / "cells" / f"{cell.name}.json"
+        done = out_dir / "cells" / f"{cell.name}.json"
         if done.is_file():
             saved = json.loads(done.read_text())
             if saved["cell"]["overrides"] == cell.overrides and saved.get("base_args") == base_args:
                 results[cell.name] = saved
                 continue
-        report = run_cell(cell, fit_config, base_args, out, before, upstream)
+        report = run_cell(cell, fit_config, base_args, out_dir, before, upstream)
         if before is None:
             before = report["before"]
-            atomic_write_json(out / "before.json", before)
+            atomic_write_json(out_dir / "before.json", before)
         results[cell.name] = {"cell": asdict(cell), "base_args": base_args, "report": report}
         atomic_write_json(done, results[cell.name])
-        write_results(out, cells, results, fit_config, prepare_seconds)
-    paths = write_results(out, cells, results, fit_config, prepare_seconds)
+        write_results(out_dir, cells, results, fit_config, prepare_seconds)
+    paths = write_results(out_dir, cells, results, fit_config, prepare_seconds)
     print(paths["md"].read_text())
-    return out
+    return out_dir

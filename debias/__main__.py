@@ -1,0 +1,5 @@
+"""`python -m debias ...`: the `debias` command."""
+
+from debias.commands import main
+
+main()

@@ -1,0 +1,176 @@
+"""Exports are safe and consistent: no code from a checkpoint runs, a checkpoint that does not match is refused, every
+form of an export gives the same model, nothing blown-up or empty passes for a success, and a killed export leaves
+nothing behind for long."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_export_consistent, make_data, make_module, make_trainer
+
+from debias.commands import main
+from debias.io import PID_MARKER, atomic_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny `debias fit` run with a last checkpoint and its export."""
+    tmp = tmp_path_factory.mktemp("fit")
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        main(["fit", "--config", TINY, "--trainer.max_steps=6", "--trainer.val_check_interval=6",
+              "--export.export_dir=export", "--export.plots=false", "--export.completions=0",
+              "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath=ckpt",
+              "--trainer.callbacks.save_last=true"])
+    finally:
+        os.chdir(cwd)
+    return tmp
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_carries_code_is_refused_and_nothing_runs(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    bad = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "debias_edit": {"payload": _RunsCode(str(marker))}}, bad)
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", TINY, str(bad), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and not marker.exists(), "the checkpoint's code ran"
+    assert "is not a checkpoint that loads safely" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_without_a_trained_edit_is_refused(tmp_path, capsys):
+    empty = tmp_path / "empty.ckpt"
+    torch.save({"state_dict": {}}, empty)
+    with pytest.raises(SystemExit):
+        main(["export", TINY, str(empty), str(tmp_path / "out")])
+    assert "holds no trained debias edit" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_another_method_is_refused_naming_both(fitted, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", TINY, str(fitted / "ckpt" / "last.ckpt"), str(tmp_path / "out"),
+              "--overrides", '["--model.edit.method=random"]'])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds a instability edit" in err and "this run is random" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fit_and_export_write_one_consistent_edit(fitted, tmp_path):
+    fit_out = fitted / "export"
+    fit_forms = assert_export_consistent(fit_out, json.loads((fit_out / "debias/report.json").read_text())["base_model"])
+    main(["export", TINY, str(fitted / "ckpt" / "last.ckpt"), str(tmp_path / "out")])
+    out = tmp_path / "out"
+    forms = assert_export_consistent(out, json.loads((out / "debias/report.json").read_text())["base_model"])
+    assert set(forms) == {"merged", "adapter", "delta"}
+    torch.testing.assert_close(forms["merged"], fit_forms["merged"], rtol=1e-5, atol=1e-5)
+    from safetensors.torch import load_file
+
+    for name in ("mask.safetensors", "delta.safetensors"):
+        assert torch.equal(load_file(out / "debias" / name)["indices"], load_file(fit_out / "debias" / name)["indices"])
+
+
+def test_saved_adapter_reloads_the_masks_indices_not_magnitude_chosen_ones(fitted):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = fitted / "export"
+    base = AutoModelForCausalLM.from_pretrained(json.loads((out / "debias/report.json").read_text())["base_model"])
+    layer = next(m for m in PeftModel.from_pretrained(base, out / "adapter").modules()
+                 if hasattr(m, "supertuning_indices") and "default" in m.supertuning_indices)
+    mask = load_file(out / "debias" / "mask.safetensors")["indices"]
+    weight = layer.base_layer.weight.detach().abs().flatten()
+    by_magnitude = weight.topk(mask.numel()).indices.sort().values
+    assert torch.equal(layer.supertuning_indices["default"].to(torch.int64).sort().values, mask)
+    assert not torch.equal(by_magnitude, mask)  # what peft would choose on its own differs: the test can fail
+
+
+def test_lr_that_is_not_finite_is_refused_on_every_path(tmp_path, capsys):
+    from debias.training.args import TrainArgs
+
+    yaml = tmp_path / "inf.yaml"
+    yaml.write_text(Path(TINY).read_text().replace("lr: 0.05", "lr: .inf"))
+    for args in (["--config", str(yaml)], *(["--config", TINY, f"--model.train.lr={lr}"] for lr in
+                                             ("inf", "1e30", "nan", "-1"))):
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", *args, "--export.export_dir=null", f"--trainer.default_root_dir={tmp_path}"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "lr" in err and "Traceback" not in err, (args, err[-500:])
+    for lr in (float("inf"), 1e30, float("nan"), -1.0):
+        with pytest.raises(ValueError, match="model.train.lr must be a finite number in"):
+            TrainArgs(lr=lr)
+
+
+def test_blown_up_values_are_never_exported(tmp_path):
+    from debias.export import export
+
+    module = make_module()
+    make_trainer(tmp_path, max_steps=2).fit(module, datamodule=make_data())
+    with torch.no_grad():
+        module.delta.values[0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        export(module, tmp_path / "inf", {"before": {}, "after": {}})
+    with torch.no_grad():
+        module.delta.values[0] = 1e30
+    with pytest.raises(ValueError, match="over 1000× the largest weight"):
+        export(module, tmp_path / "huge", {"before": {}, "after": {}})
+    assert not (tmp_path / "inf").exists() and not (tmp_path / "huge").exists()
+
+
+def test_a_run_that_changed_nothing_says_so(tmp_path, capsys):
+    from debias.export import export
+
+    module = make_module()
+    make_trainer(tmp_path, max_steps=0).fit(module, datamodule=make_data())
+    out = export(module, tmp_path / "export", {"before": {}, "after": {}, "steps": 0})
+    assert "changed nothing" in capsys.readouterr().out
+    assert "This edit changed nothing" in (out / "README.md").read_text()
+    assert json.loads((out / "debias/report.json").read_text())["changed_entries"] == 0
+
+
+def test_a_killed_export_is_cleaned_by_the_next_one(tmp_path):
+    dest = tmp_path / "export"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from debias.io import atomic_dir
+        with atomic_dir({str(dest)!r}) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x" * 1000)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]
+    assert len(left) == 1 and (left[0] / PID_MARKER).is_file()  # the kill left its half-written directory
+    with atomic_dir(dest) as tmp:
+        (tmp / "ok").write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert (dest / "ok").read_text() == "done" and not (dest / PID_MARKER).exists()
+
+
+def test_a_live_writers_directory_is_left_alone(tmp_path):
+    live = tmp_path / ".export.live"
+    live.mkdir()
+    (live / PID_MARKER).write_text(str(os.getpid()))
+    with atomic_dir(tmp_path / "export") as tmp:
+        (tmp / "ok").write_text("done")
+    assert live.is_dir()
