@@ -49,7 +49,7 @@ def merged_state_dict(module) -> dict[str, torch.Tensor]:
 
 def environment() -> dict:
     """Package versions and the git commit of the working directory (if any)."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -103,7 +103,8 @@ Files: merged weights here; {_files(report)}`debias/report.json`.
 def _what(report: dict) -> str:
     where = f"`{report['parameter']}` (layer {report['layer']})"
     if report["method"] == "lora":
-        return f"a rank-{report['config']['edit']['lora_rank']} LoRA adapter ({report['changed_parameters']} parameters) on {where}"
+        rank = report["config"]["edit"]["lora_rank"]
+        return f"a rank-{rank} LoRA adapter ({report['changed_parameters']} parameters) on {where}"
     if report["method"] == "dense":
         return f"all {report['numel']} entries of {where}"
     return (f"only **{report['k']}** of the {report['numel']} entries of {where} changed, chosen by the "

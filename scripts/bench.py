@@ -418,8 +418,9 @@ def run(args) -> dict:
     peaks = {m: (peak(args, m) if m in wanted else None) for m in MEASURES}
     load_end = os.getloadavg()
 
+    same_loss = abs(loss0_naive - loss0_debias) <= 1e-5 * abs(loss0_naive) + 1e-7
     rows = [*mask_rows,
-            ("train step (feature + KL)", med["naive"], med["debias"], abs(loss0_naive - loss0_debias) <= 1e-5 * abs(loss0_naive) + 1e-7),
+            ("train step (feature + KL)", med["naive"], med["debias"], same_loss),
             ("train step, debias plain path (no cache)", med["naive"], med["plain"], None),
             ("train step, debias first pass (cache filling)", med["naive"], median(cold), None)]
     print(f"\nmodel {args.model}: {n_layers} layers, SAE {hook} (random TopK, d_sae {args.d_sae}), feature "

@@ -114,7 +114,7 @@ def test_cue_margin_sign_convention(tok):
     metric.update(torch.tensor([2.0]), torch.tensor([False]))  # male cue but p(she) > p(he): negative
     assert metric.compute().item() == pytest.approx((1.5 + 0.5 - 2.0) / 3)
     cue = load_cue_prompts("heldout")
-    margins = {p: (1.0 if c == "female" else -1.0) for p, c in zip(cue.prompts, cue.cued)}
+    margins = {p: (1.0 if c == "female" else -1.0) for p, c in zip(cue.prompts, cue.cued, strict=False)}
     out = cue_margin(FakeLM(tok, margins), tok, cue, n_boot=50)
     assert out["cue_margin"] == pytest.approx(1.0, abs=1e-5)
     assert out["cue_margin_anti"] == pytest.approx(1.0, abs=1e-5)
@@ -181,15 +181,15 @@ def test_cue_prompts_have_pro_and_anti_combinations():
     for split in bias.SPLITS:
         cue = load_cue_prompts(split)
         assert len(cue.prompts) == len(cue.cued) == len(cue.pro)
-        combos = {(c, p) for c, p in zip(cue.cued, cue.pro)}
+        combos = {(c, p) for c, p in zip(cue.cued, cue.pro, strict=False)}
         assert combos == {("female", True), ("female", False), ("male", True), ("male", False)}
         gap = load_gap_prompts(split)
-        anti = [p for p, c, pro in zip(cue.prompts, cue.cued, cue.pro) if c == "male" and not pro]
+        anti = [p for p, c, pro in zip(cue.prompts, cue.cued, cue.pro, strict=False) if c == "male" and not pro]
         assert any(gap.female_professions[0] in p for p in anti)  # e.g. "My brother, a nurse, said that"
     assert "My brother, a nurse, said that" in load_cue_prompts("train").prompts
     sub = load_cue_prompts("heldout", limit=40, seed=1)
     assert len(sub.prompts) == 40 and sub == load_cue_prompts("heldout", limit=40, seed=1)
-    assert {(c, p): list(zip(sub.cued, sub.pro)).count((c, p)) for c, p in combos} == dict.fromkeys(combos, 10)
+    assert {(c, p): list(zip(sub.cued, sub.pro, strict=False)).count((c, p)) for c, p in combos} == dict.fromkeys(combos, 10)
     assert set(sub.prompts) <= set(load_cue_prompts("heldout").prompts)
     rel = read_prompt_lines(PROMPTS / "cue_relatives_train.txt")
     assert sum(r.endswith("female") for r in rel) == 5 and sum(r.endswith("\tmale") for r in rel) == 5

@@ -106,9 +106,8 @@ def test_mask_command_writes_exactly_k(tmp_path, monkeypatch, capsys):
     assert "rows_touched" in capsys.readouterr().out
 
 
-def test_typo_in_config_is_reported_with_the_key(tmp_path, capsys):
+def test_typo_in_config_is_reported_with_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "configs/tiny.yaml").read_text().replace("fraction:", "fracton:"))
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="fracton"):  # ConfigError: jsonargparse's message, no usage dump
         build_cli(["--config", str(bad)], run=False)
-    assert "fracton" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import yaml
 from conftest import make_data, make_module, make_trainer
 
 from debias.commands import main
-from debias.commands.fit import DebiasCLI, build_cli, check_checkpoint_hparams
+from debias.commands.fit import DebiasCLI, build_cli
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs/tiny.yaml")
@@ -144,10 +144,20 @@ def test_typo_in_a_config_file_is_two_lines(tmp_path, capsys):
                                    "see: debias fit --help"]
 
 
+def test_a_value_its_group_refuses_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", TINY, "--model.edit.fraction=2"])
+    assert error_lines(capsys) == ["debias: error: invalid model.edit arguments: "
+                                   "model.edit.fraction must be in (0, 1], got 2.0"]
+
+
 # ----- 6: model.edit.seed alone -----
 def test_edit_seed_alone_builds():
-    cli = build_cli(["--config", TINY, "--model.edit.seed=1", "--export.export_dir=null"], run=False)
-    assert cli.model.edit_args.seed == 1 and cli.datamodule.hparams.seed == 0
+    cli = build_cli(["--config", TINY, "--model.edit.seed=1"], run=False)
+    model, data = dict(cli.model.hparams), dict(cli.datamodule.hparams)
+    assert cli.model.edit_args.seed == 1 and data["seed"] == 0
+    # Lightning's check before logging: a key in both hparams must have one value (flat hparams had `seed` twice)
+    assert all(model[key] == data[key] for key in set(model) & set(data))
 
 
 # ----- one real fit (logger on, edit seed 1, export kept), then what may run after it -----
@@ -210,6 +220,8 @@ def test_ckpt_path_with_the_same_arguments_proceeds_with_a_note(fitted, monkeypa
 
 
 def test_checkpoint_differences_list_every_key_with_both_values(tmp_path):
+    from debias.commands.fit import check_checkpoint_hparams
+
     ckpt = tmp_path / "x.ckpt"
     saved = {"base_model": "tiny-llama", "edit": {"method": "instability", "seed": 0, "k": None},
              "sae": {"build": None}}

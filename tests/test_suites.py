@@ -86,7 +86,7 @@ def test_context_scores_only_the_continuation(model, tok, one_thread):
     texts = [" she would come back.", " he was late.", " they said that they would help."]
     contexts = ["The nurse said that", "The mechanic told us that", "A woman and a man walked in. Then"]
     got = suites.sentence_logprobs(model, tok, texts, batch_size=2, contexts=contexts)
-    expected = torch.tensor([manual_logprob(model, tok, t, c) for t, c in zip(texts, contexts)])
+    expected = torch.tensor([manual_logprob(model, tok, t, c) for t, c in zip(texts, contexts, strict=False)])
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     other = suites.sentence_logprobs(model, tok, texts, contexts=["The engineer said that"] * 3)
     assert not torch.allclose(got, other)

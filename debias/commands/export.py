@@ -28,7 +28,8 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def export(fit_config: str, ckpt_path: str, out: str, overwrite: bool = False, overrides: list[str] | None = None) -> None:
+def export(fit_config: str, ckpt_path: str, out: str, overwrite: bool = False,
+           overrides: list[str] | None = None) -> None:
     """Export a trained checkpoint of a config (merged model, adapter, delta, mask, report).
 
     Args:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from debias.edits import registry
 from debias.config import DEFAULT_MODEL, STEERING_ALPHA, DType, SteeringKind, choices
+from debias.edits import registry
 from debias.evaluation.generate import _check_sampling, complete
 from debias.prompts import default_prompts
 
@@ -45,7 +45,8 @@ def _command_intervention(loaded, method, sae, sae_id, hook_name, features, valu
 
 def generate_command(model: str = DEFAULT_MODEL, prompt: list[str] | None = None, max_new_tokens: int = 32,
                      sample: bool = False, temperature: float = 1.0, seed: int = 0, chat: bool | None = None,
-                     intervention: Literal["sae_clamp", "steering_vector"] | None = None, sae: str | None = None, sae_id: str | None = None,
+                     intervention: Literal["sae_clamp", "steering_vector"] | None = None, sae: str | None = None,
+                     sae_id: str | None = None,
                      hook_name: str | None = None, features: list[int] | None = None, value: float = 0.0,
                      alpha: float = STEERING_ALPHA, steering: SteeringKind = "mean_diff",
                      dtype: DType = "float32") -> list[str]:
@@ -87,6 +88,6 @@ def generate_command(model: str = DEFAULT_MODEL, prompt: list[str] | None = None
     prompts = list(prompt) if prompt else default_prompts()
     texts = complete(loaded.model, loaded.tokenizer, prompts, max_new_tokens, sample=sample, temperature=temperature,
                      seed=seed, chat=chat, intervention=applied)
-    for p, t in zip(prompts, texts):
+    for p, t in zip(prompts, texts, strict=False):
         print(f"--- {p}\n{t.strip()}\n")
     return texts

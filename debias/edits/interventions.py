@@ -219,7 +219,7 @@ def build_intervention(method: str, model, tokenizer, sae=None, site: HookSite |
     if method == "sae_clamp":
         if sae is None:
             raise ValueError("sae_clamp needs an SAE")
-        return SAEClamp(sae, site, features, value)
+        return SAEClamp(sae, site, list(features or []), value)
     alpha = _finite("steering alpha", alpha)
     if kind not in STEERING_KINDS:
         raise ValueError(f"unknown steering vector kind {kind!r}; expected one of {STEERING_KINDS}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -25,11 +27,11 @@ class LoraDelta:
         check_lora_rank(rank, tuple(model.get_parameter(parameter).shape))
         for p in model.parameters():
             p.requires_grad_(False)
-        config = LoraConfig(target_modules=[self.module_name], r=rank, lora_alpha=alpha or rank, lora_dropout=0.0)
+        config = LoraConfig(target_modules=[self.module_name], r=rank, lora_alpha=int(alpha or rank), lora_dropout=0.0)
         self.peft_model = get_peft_model(model, config)
-        self.layer = self.peft_model.base_model.model.get_submodule(self.module_name)
+        self.layer: Any = self.peft_model.get_base_model().get_submodule(self.module_name)  # peft's LoRA Linear
         self.rank = rank
-        self._saved = None
+        self._saved: torch.Tensor | None = None
 
     def disabled(self):
         return self.peft_model.disable_adapter()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -130,7 +130,7 @@ def resolve_k(numel: int, fraction: float | None = None, k: int | None = None) -
         if not 1 <= k <= numel:
             raise ValueError(f"k must be in [1, {numel}] for a matrix of {numel} entries, got {k}")
         return int(k)
-    if not 0 < fraction <= 1:
+    if fraction is None or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     return max(1, math.floor(fraction * numel))
 
@@ -158,7 +158,7 @@ def feature_gradient(model, sae, site: hooks.HookSite, parameter: str, batches: 
     else:
         totals = torch.ones(1)
     if (totals <= 0).any():
-        silent = [f for f, t in zip(features, totals.tolist()) if t <= 0]
+        silent = [f for f, t in zip(features, totals.tolist(), strict=False) if t <= 0]
         raise ValueError(f"feature(s) {silent} never fire on the bias prompts: no gradient to rank W_out by")
     grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     was = weight.requires_grad

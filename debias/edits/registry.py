@@ -35,11 +35,14 @@ _SPARSE_FILES = ("`adapter/` (PEFT, where the layer type has it); `debias/delta.
                  "apply with `debias.apply_delta(model, path)`); `debias/mask.safetensors`; ")
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("instability", "mask", partial(sparse.build_masked, source="feature"), "top-k entries by the SAE feature(s)' gradient",
+    Method("instability", "mask", partial(sparse.build_masked, source="feature"),
+           "top-k entries by the SAE feature(s)' gradient",
            "tab:red", "feature", _SPARSE_FILES),
-    Method("random", "mask", partial(sparse.build_masked, source="random"), "k random entries (seeded): a control", "tab:gray", "random",
+    Method("random", "mask", partial(sparse.build_masked, source="random"), "k random entries (seeded): a control",
+           "tab:gray", "random",
            _SPARSE_FILES),
-    Method("bias_gradient", "mask", partial(sparse.build_masked, source="bias"), "top-k entries by the train bias gap's own gradient, no SAE",
+    Method("bias_gradient", "mask", partial(sparse.build_masked, source="bias"),
+           "top-k entries by the train bias gap's own gradient, no SAE",
            "tab:blue", "bias", _SPARSE_FILES),
     Method("dense", "weight", sparse.build_dense, "every entry of W_out", "tab:purple", "all"),
     Method("lora", "weight", lora.build, "a peft LoRA adapter of `lora_rank` on W_out", "tab:green",

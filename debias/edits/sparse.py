@@ -11,6 +11,7 @@ import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -36,7 +37,7 @@ class EditRecord:
                   str(path), metadata={"parameter": self.parameter, "shape": json.dumps(list(self.shape))})
 
     @classmethod
-    def load(cls, path: str | Path) -> "EditRecord":
+    def load(cls, path: str | Path) -> EditRecord:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         tensors = load_file(str(path))
@@ -59,9 +60,11 @@ class SparseConv1D(nn.Module):
 
     def __init__(self, base_layer: nn.Module, indices: torch.Tensor):
         super().__init__()
-        self.base_layer = base_layer
+        self.base_layer: Any = base_layer  # transformers' Conv1D: `weight` [in, out] and `bias` [out]
+        self.indices: torch.Tensor
         self.register_buffer("indices", indices.to(torch.int64))
-        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=base_layer.weight.device))
+        device = next(base_layer.parameters()).device
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=device))
         self.disabled = False
         self.merged = False
 
@@ -77,12 +80,14 @@ class SparseConv1D(nn.Module):
 
     def merge(self) -> None:
         if not self.merged:
-            self.base_layer.weight.data.view(-1).scatter_add_(0, self.indices, self.values.data.to(self.base_layer.weight))
+            weight = self.base_layer.weight.data
+            weight.view(-1).scatter_add_(0, self.indices, self.values.data.to(weight))
             self.merged = True
 
     def unmerge(self) -> None:
         if self.merged:
-            self.base_layer.weight.data.view(-1).scatter_add_(0, self.indices, -self.values.data.to(self.base_layer.weight))
+            weight = self.base_layer.weight.data
+            weight.view(-1).scatter_add_(0, self.indices, -self.values.data.to(weight))
             self.merged = False
 
 
@@ -95,7 +100,9 @@ class SparseDelta:
         base = model.get_submodule(self.module_name)
         for p in model.parameters():
             p.requires_grad_(False)
-        self.peft_model = None
+        self.peft_model: Any = None
+        self.layer: Any  # peft's Super-Tuning Linear, or SparseConv1D
+        self._saved: torch.Tensor | None = None
         if isinstance(base, nn.Linear):
             self.peft_model = _attach_supertuning(model, self.module_name, mask)
             self.layer = self.peft_model.base_model.model.get_submodule(self.module_name)
@@ -138,7 +145,8 @@ class SparseDelta:
         if "values" not in state or "indices" not in state:
             raise ValueError(f"the checkpoint holds no sparse-delta state (keys {sorted(state)})")
         indices = state["indices"].to(torch.int64).cpu()
-        if indices.shape != self.mask.indices.shape or not torch.equal(indices, self.mask.indices.to(torch.int64).cpu()):
+        ours = self.mask.indices.to(torch.int64).cpu()
+        if indices.shape != ours.shape or not torch.equal(indices, ours):
             agree = len(set(indices.tolist()) & set(self.mask.indices.tolist()))
             raise ValueError(f"the checkpoint's delta is for another mask of {self.mask.parameter}: {agree} of its "
                              f"{indices.numel()} indices are among this run's {self.mask.k}")
@@ -154,7 +162,7 @@ class SparseDelta:
     def unmerge(self) -> None:
         """Undo `merge` bit-exactly: (w + v) − v is not always w in floating point, so restore the saved entries."""
         self.layer.unmerge()
-        if getattr(self, "_saved", None) is not None:
+        if self._saved is not None:
             flat = self.base_weight().data.view(-1)
             flat[self.mask.indices.to(flat.device)] = self._saved
             self._saved = None

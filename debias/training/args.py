@@ -22,7 +22,7 @@ def _choices(group: str, obj) -> list[str]:
     problems = []
     for f in fields(obj):
         hint = get_type_hints(type(obj))[f.name]
-        options = [a for a in get_args(hint) if get_origin(a) is Literal] + ([hint] if get_origin(hint) is Literal else [])
+        options = [a for a in (hint, *get_args(hint)) if get_origin(a) is Literal]
         allowed = [v for literal in options for v in get_args(literal)]
         value = getattr(obj, f.name)
         if allowed and value not in allowed and not (value is None and type(None) in get_args(hint)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict
+from typing import Any, cast
 
 import torch
 from lightning.pytorch import LightningModule
@@ -16,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from debias.edits import registry
 from debias.edits.base import EditContext
-from debias.edits.mask import resolve_k
+from debias.edits.mask import InstabilityMask, resolve_k
 from debias.edits.state_diff import StateDiffEdit
 from debias.models import hooks
 from debias.models.scoring import pronoun_ids, real_token_mask
@@ -77,11 +78,12 @@ class DebiasModule(LightningModule):
             check_lora_rank(self.edit_args.lora_rank, tuple(weight.shape))
         k, fraction = self.edit_args.k, self.edit_args.fraction
         self.k = resolve_k(self.numel, None if k is not None else fraction, k) if method.kind == "mask" else None
-        self.mask = None  # the mask of a masked method, once prepared
-        self.preset_mask = None  # set before `prepare` to use this mask instead of computing one
-        self.delta = None  # the method's edit (debias.edits), attached by `prepare`
+        self.mask: InstabilityMask | None = None  # the mask of a masked method, once prepared
+        self.preset_mask: InstabilityMask | None = None  # set before `prepare`: use it instead of computing one
+        self.delta: Any = None  # the method's edit (an `Edit`), attached by `prepare`
         self.fastpath: FastPath | None = None
         self.shared_upstream: dict | None = None  # set before `prepare` to share cached activations across runs
+        self.feature_baseline: torch.Tensor
         self.register_buffer("feature_baseline", torch.ones(max(len(self.features), self.sae_args.n_features)))
         self.strict_loading = False  # checkpoints hold only the trainable state
 
@@ -133,7 +135,7 @@ class DebiasModule(LightningModule):
         return real_token_mask(batch["input_ids"], batch["attention_mask"], self.tokenizer.bos_token_id)
 
     def setup(self, stage: str) -> None:
-        self.prepare(self.trainer.datamodule)
+        self.prepare(self.trainer.datamodule)  # type: ignore[attr-defined]  # set by Trainer.fit(datamodule=...)
 
     def prepare(self, datamodule) -> None:
         """Build the SAE if needed, choose features, build the method's edit from `datamodule`'s train texts and
@@ -155,7 +157,7 @@ class DebiasModule(LightningModule):
         with self.fastpath.active() if self.fastpath is not None else contextlib.nullcontext():
             self.feature_baseline.copy_(self.mean_feature_acts(batches))
         if not (self.feature_baseline > 0).all():
-            silent = [f for f, b in zip(self.features, self.feature_baseline.tolist()) if b <= 0]
+            silent = [f for f, b in zip(self.features, self.feature_baseline.tolist(), strict=False) if b <= 0]
             raise ValueError(f"feature(s) {silent} never fire on the train bias prompts; nothing to remove")
 
     def choose_features(self, datamodule) -> list[int]:
@@ -220,7 +222,7 @@ class DebiasModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         terms = self.loss_terms(batch)
         weights = self.objective.active()
-        loss = sum(weights[name] * value for name, value in terms.items())
+        loss = cast(torch.Tensor, sum(weights[name] * value for name, value in terms.items()))
         if not torch.isfinite(loss):
             # Skip the update, so the weights (and the last checkpoint) stay the last good ones, and stop.
             say(f"loss is {loss.item()} at step {self.global_step}: stopping; the edit keeps its last finite value")
@@ -248,13 +250,15 @@ class DebiasModule(LightningModule):
         with self.delta.disabled():
             ref = self(batch)
         targets = batch["input_ids"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                                reduction="none")
         next_real = batch["attention_mask"][:, 1:].bool()
         return {"nll": nll.view_as(targets), "nll_mask": next_real,
                 "kl": token_kl(ref, logits), "kl_mask": batch["attention_mask"].bool()}
 
     def validation_step(self, batch: list[str], batch_idx: int, dataloader_idx: int = 0):
-        return self.evaluate_batch(batch, self.trainer.datamodule.VAL_SETS[dataloader_idx])
+        sets = self.trainer.datamodule.VAL_SETS  # type: ignore[attr-defined]  # set by Trainer.fit(datamodule=...)
+        return self.evaluate_batch(batch, sets[dataloader_idx])
 
     # ----- checkpoints hold only the edit's trainable state -----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
