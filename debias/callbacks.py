@@ -40,8 +40,9 @@ def run_dirs(trainer: Trainer) -> dict[str, Path]:
         if path:
             dirs[f"the log directory of {type(logger).__name__}"] = Path(path)
     for checkpoint in trainer.checkpoint_callbacks:
-        if getattr(checkpoint, "dirpath", None):
-            dirs[f"the checkpoint directory of {type(checkpoint).__name__}"] = Path(checkpoint.dirpath)
+        dirpath = getattr(checkpoint, "dirpath", None)  # None until its own setup: then inside one of the above
+        if dirpath:
+            dirs[f"the checkpoint directory of {type(checkpoint).__name__}"] = Path(dirpath)
     return dirs
 
 

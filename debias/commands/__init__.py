@@ -5,8 +5,9 @@
     debias export configs/tiny.yaml runs/tiny/.../last.ckpt runs/tiny/export2
     debias compare configs/smollm2.yaml
 
-Errors the user caused (a bad value, a missing file) print one line, `debias: error: ...`, and exit 2;
-`--debug` (or `DEBIAS_DEBUG=1`) shows the traceback instead.
+Errors the user caused (a bad value, a missing file) print one line, `debias: error: ...`, and exit 2; a key or
+value the parser refuses adds `see: debias COMMAND --help` instead of the full usage. `--debug` (or
+`DEBIAS_DEBUG=1`) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib
 import os
 import re
 import sys
+from argparse import ArgumentError
 
 #: name -> (module, function, one-line summary); "sae" has subcommands. `fit` and `validate` are LightningCLI's.
 COMMANDS: dict[str, tuple[str, str, str] | dict[str, tuple[str, str, str]]] = {
@@ -66,8 +68,6 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         print(f"debias: error: unknown command {argv[0]!r}; expected one of {list(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    from argparse import ArgumentError
-
     command = " ".join(argv[:2] if isinstance(COMMANDS[argv[0]], dict) else argv[:1])
     try:
         function, args, lightning = _resolve(argv)

@@ -79,13 +79,13 @@ class DebiasDataModule(LightningDataModule):
         gap = load_gap_prompts("train", hp.prompt_dir)
         self.texts.update(gap_female_train=gap.female[:hp.max_texts], gap_male_train=gap.male[:hp.max_texts],
                           cue_train=load_cue_prompts("train", hp.prompt_dir).prompts[:hp.max_texts])
-        files = f"the prompt files in {hp.prompt_dir}" if hp.prompt_dir else "the shipped prompt files"
+        files = f"the prompt files in {hp['prompt_dir']}" if hp["prompt_dir"] else "the shipped prompt files"
         sources = {**{name: repr(src) for name, src in sources.items()}, "gap_female_train": files,
                    "gap_male_train": files, "cue_train": files}
         for name, texts in self.texts.items():
             if not texts:  # an empty set makes every epoch empty: training would loop forever
                 raise ValueError(f"the {name} set is empty after filtering (source: {sources[name]}, "
-                                 f"data.max_texts={hp.max_texts})")
+                                 f"data.max_texts={hp['max_texts']})")
         overlap = set(self.texts["bias_train"]) & set(self.texts["bias_heldout"])
         if overlap:
             raise ValueError(f"{len(overlap)} bias prompts are in both train and held-out sets, "
