@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -56,11 +57,48 @@ def check_run_dirs(trainer: Trainer, export_dir: Path) -> None:
                              "would replace the run's own checkpoints and logs; choose an export_dir outside it")
 
 
+def format_duration(seconds: float) -> str:
+    """`12.3 s`, `3 min 2 s`, `1 h 5 min`."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+#: How `format_timings` names the phases of `ReportAndExport.timings`.
+PHASES = {"prepare": "prepare", "before_eval": "before", "train": "train", "after_eval": "after",
+          "completions": "completions", "export": "export", "plots": "plots", "total": "total"}
+
+
+def format_timings(timings: dict[str, float], before_source: str = "computed") -> str:
+    """`prepare 2.0 s, before 12.3 s (cached), train 48.1 s, ..., total 3 min 2 s`."""
+    parts = []
+    for key, name in PHASES.items():
+        if key in timings:
+            note = f" ({before_source})" if key == "before_eval" and before_source != "computed" else ""
+            parts.append(f"{name} {format_duration(timings[key])}{note}")
+    return ", ".join(parts)
+
+
+def record_timings(report_path: Path, timings: dict[str, float]) -> None:
+    """Put the final `timings` (export and plots included) into an export's `report.json`, atomically."""
+    from debias.io import atomic_write
+
+    report = json.loads(report_path.read_text())
+    report["timings"] = timings
+    atomic_write(report_path, json.dumps(report, indent=2, default=str))
+
+
 class ReportAndExport(Callback):
     """Evaluates the original model before `fit`, the edited one after, prints both and exports the edit.
 
     With a `ModelCheckpoint(monitor=...)` in the trainer, the exported delta is the best checkpoint's, not the
-    last step's. Only rank 0 writes.
+    last step's. Only rank 0 writes. The original model's numbers come from `debias.evaluation.base_cache` when it
+    holds them. Each phase's wall time goes into the report as `timings` (seconds: prepare = the module's setup,
+    SAE, features and mask; before_eval, train, after_eval, completions, export, plots, total) and into one
+    `debias: timings: ...` line at the end; `train_seconds` is the training alone.
     """
 
     def __init__(self, export_dir: str | None = "runs/export", overwrite: bool = False, suites: bool = False,
@@ -81,7 +119,11 @@ class ReportAndExport(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Before `fit` trains (and before the module computes its mask), refuse an export directory that would
         fail at the end or delete the run's own files; `validate` and the other commands write no export."""
-        if stage != "fit" or not self.export_dir:
+        if stage != "fit":
+            return
+        self.timings: dict[str, float] = {}
+        self.clock = time.perf_counter()  # the module's own setup (SAE, features, mask) runs after this hook
+        if not self.export_dir:
             return
         from debias.export import check_target
 
@@ -89,13 +131,25 @@ class ReportAndExport(Callback):
         check_target(Path(self.export_dir), self.overwrite)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from debias.evaluation.evaluate import evaluate_model
+        from debias.evaluation.base_cache import evaluate_original
 
-        self.started = time.time()
+        if not hasattr(self, "clock"):  # `setup` did not run for `fit` (hooks called by hand)
+            self.timings, self.clock = {}, time.perf_counter()
+        self._lap("prepare")
+        self.before_source = "shared"
         if self.before is None:
-            self.before = evaluate_model(pl_module, trainer.datamodule, edited=False, suites=self.suites)
+            self.before, cached = evaluate_original(pl_module, trainer.datamodule, suites=self.suites)
+            self.before_source = "cached" if cached else "computed"
+        self._lap("before_eval")
+
+    def _lap(self, phase: str) -> float:
+        """Seconds since the last lap (or `setup`), recorded as `timings[phase]`."""
+        now = time.perf_counter()
+        self.timings[phase], self.clock = now - self.clock, now
+        return self.timings[phase]
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        train_seconds = self._lap("train")
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if getattr(checkpoint, "monitor", None) else ""
         if best:
@@ -104,12 +158,13 @@ class ReportAndExport(Callback):
             pl_module.load_state_dict(checkpoint["state_dict"], strict=False)
         from debias.evaluation.evaluate import completions, evaluate_model
 
-        train_seconds = time.time() - self.started
         self.after = evaluate_model(pl_module, trainer.datamodule, edited=True, suites=self.suites)
+        self._lap("after_eval")
+        rows = completions(pl_module, trainer.datamodule, self.n_completions) if self.n_completions else []
+        self._lap("completions")
         self.report = {"before": self.before, "after": self.after, "train_seconds": train_seconds,
-                       "checkpoint": best or "last step", "steps": trainer.global_step,
-                       "completions": completions(pl_module, trainer.datamodule, self.n_completions)
-                       if self.n_completions else []}
+                       "checkpoint": best or "last step", "steps": trainer.global_step, "completions": rows,
+                       "before_source": self.before_source, "timings": self.timings}
         if trainer.is_global_zero:
             print(format_table(self.before, self.after))
             for row in self.report["completions"]:
@@ -117,10 +172,17 @@ class ReportAndExport(Callback):
             if self.export_dir:
                 from debias.export import export
 
-                path = export(pl_module, self.export_dir, self.report, overwrite=self.overwrite)
+                path = self.exported = export(pl_module, self.export_dir, self.report, overwrite=self.overwrite)
                 print(f"exported to {path}")
+                self._lap("export")
                 if self.plots:
                     print(f"plots in {self.write_plots(trainer, pl_module, path.parent / 'report.png')}")
+                    self._lap("plots")
+        self.timings["total"] = sum(self.timings.values())
+        if trainer.is_global_zero:
+            if self.export_dir:
+                record_timings(self.exported / "debias" / "report.json", self.timings)
+            print(f"debias: timings: {format_timings(self.timings, self.before_source)}", flush=True)
 
     def write_plots(self, trainer: Trainer, pl_module: LightningModule, out: Path) -> Path:
         from debias.plots import heldout_feature_acts, read_metrics_csv, report_figure

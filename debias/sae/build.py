@@ -12,8 +12,6 @@ import json
 import math
 import platform
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 import torch
 
+from debias.io import atomic_dir
 from debias.models import hooks
 from debias.models.load import cache_dir
 from debias.sae import corpus
@@ -159,10 +158,7 @@ def train_sae(model, tokenizer, settings: SAETrainSettings, out_dir: str | Path,
                                 prepend_bos=tokenizer.bos_token_id is not None)
     train_s = time.perf_counter() - start - capture_s
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, replace=True) as tmp:
         sae.save_inference_model(tmp)
         saved = SAE.load_from_disk(tmp)
         # Widened: the record below adds counts, strings and nested settings to the float quality metrics.
@@ -181,11 +177,6 @@ def train_sae(model, tokenizer, settings: SAETrainSettings, out_dir: str | Path,
             versions={"torch": torch.__version__, "sae_lens": sae_lens_version, "python": platform.python_version()},
         )
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return metrics
 
 

@@ -77,6 +77,17 @@ def layer_stack(net: nn.Module, parameter: str) -> tuple[str, int]:
     return path, index
 
 
+def upstream_of(net: nn.Module, parameter: str, names: list[str]) -> list[str]:
+    """Those of `names` (parameters of `net`) outside the decoder layers at or above the one holding `parameter`.
+
+    The fast path caches that layer's input, so it stays exact while only weights of that layer and above change;
+    any name returned here (an earlier layer, the embeddings, a weight tied to them) changes the cached input.
+    """
+    path, index = layer_stack(net, parameter)
+    inside = re.compile(rf"^{re.escape(path)}\.(\d+)\.")
+    return [name for name in names if not ((match := inside.match(name)) and int(match.group(1)) >= index)]
+
+
 def stochastic(net: nn.Module) -> bool:
     """Whether a forward of `net` in its current mode draws dropout noise."""
     if not net.training:

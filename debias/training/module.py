@@ -22,7 +22,7 @@ from debias.edits.state_diff import StateDiffEdit
 from debias.models import hooks
 from debias.models.scoring import pronoun_ids, real_token_mask
 from debias.training.args import EditArgs, SAEArgs, TrainArgs, check_dtype
-from debias.training.cache import FastPath
+from debias.training.cache import FastPath, upstream_of
 from debias.training.objective import ObjectiveWeights, loss_terms, token_kl
 
 
@@ -174,12 +174,27 @@ class DebiasModule(LightningModule):
         return self.features
 
     def attach_edit(self, edit) -> None:
-        """Hold `edit` (debias.edits) on the network; training and evaluation go through it."""
+        """Hold `edit` (debias.edits) on the network; training and evaluation go through it.
+
+        The fast path caches layer L's input: every method edits layer L's `W_out` only, and another model
+        (`StateDiffEdit`, `debias eval`) gets it when all the weights that differ sit in layers >= L.
+        """
         self.delta = edit
         self.mask = getattr(edit, "mask", None)
         if self.mask is not None:
             self.k = self.mask.k  # a loaded mask (`mask_path`) brings its own k
-        if self.train_args.cache_activations and not isinstance(edit, StateDiffEdit):  # others leave layers < L alone
+        upstream: list[str] = []  # weights below layer L that differ: methods leave them alone, another model may not
+        if isinstance(edit, StateDiffEdit):
+            upstream = upstream_of(self.net, self.parameter, edit.changed_names())
+            more = f" and {len(upstream) - 1} more" if len(upstream) > 1 else ""
+            if upstream:
+                say(f"evaluation on the full path ({upstream[0]}{more} differs; the fast path needs every "
+                    f"difference in layers >= {self.site.layer})")
+            elif not self.train_args.cache_activations:
+                say("evaluation on the full path (model.train.cache_activations is false)")
+            else:
+                say(f"evaluation on the fast path (only weights of layers >= {self.site.layer} differ)")
+        if self.train_args.cache_activations and not upstream:
             self.fastpath = FastPath(self.net, self.parameter, self.train_args.cache_budget_mb, self.shared_upstream)
 
     @torch.no_grad()

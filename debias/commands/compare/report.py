@@ -9,6 +9,7 @@ import io
 import statistics
 from pathlib import Path
 
+from debias.evaluation.heldout import gap_reduction
 from debias.io import atomic_write
 
 COLUMNS = ("cell", "method", "k", "seed", "rank", "objective", "changed_parameters", "gap_before", "gap_after",
@@ -27,7 +28,7 @@ def row(name: str, saved: dict) -> dict:
         "cell": name, "method": cell["method"], "k": cell["k"], "seed": cell["seed"], "rank": cell["rank"],
         "objective": cell["objective"], "changed_parameters": rep["changed_parameters"],
         "gap_before": b["bias_gap"], "gap_after": a["bias_gap"], "gap_after_lo": a["bias_gap_ci"][0],
-        "gap_after_hi": a["bias_gap_ci"][1], "gap_reduction": 1 - a["bias_gap"] / b["bias_gap"],
+        "gap_after_hi": a["bias_gap_ci"][1], "gap_reduction": gap_reduction(b["bias_gap"], a["bias_gap"]),
         "cue_margin_before": b["cue_margin"], "cue_margin_after": a["cue_margin"],
         "cue_kept": a["cue_margin"] / b["cue_margin"], "cue_followed": a.get("cue_followed"), "kl": a["kl"],
         "lm_loss_change": a["lm_loss"] / b["lm_loss"] - 1,

@@ -34,6 +34,10 @@ def _callback(trainer):
     return next(cb for cb in trainer.callbacks if isinstance(cb, ReportAndExport))
 
 
+def _has_suites(before: dict | None) -> bool:
+    return before is not None and "crows_pairs" in before
+
+
 def run_cell(cell: Cell, config: str, base_args: list[str], out: Path, before: dict | None,
              upstream: dict | None = None) -> dict:
     """Train (weight methods) or attach (inference methods) one cell and evaluate it; returns its report.
@@ -43,6 +47,7 @@ def run_cell(cell: Cell, config: str, base_args: list[str], out: Path, before: d
     held-out metrics only).
     """
     from debias.commands.fit import build_cli
+    from debias.evaluation.base_cache import evaluate_original
     from debias.evaluation.evaluate import completions, evaluate_model
 
     start = time.time()
@@ -58,7 +63,7 @@ def run_cell(cell: Cell, config: str, base_args: list[str], out: Path, before: d
     module.shared_upstream = upstream
     if kind(cell.method) == "inference":
         module.prepare(data)
-        before = before or evaluate_model(module, data, edited=False, suites=True)
+        before = before if _has_suites(before) else evaluate_original(module, data, suites=True)[0]
         report = {"before": before, "after": evaluate_model(module, data, edited=True, suites=True),
                   "completions": completions(module, data), "steps": 0,
                   "intervention": module.delta.intervention.describe(),
@@ -71,7 +76,7 @@ def run_cell(cell: Cell, config: str, base_args: list[str], out: Path, before: d
         report["export"] = None
     else:
         callback = _callback(cli.trainer)
-        callback.before = before
+        callback.before = before if _has_suites(before) or not callback.suites else None  # else: the cache's
         cli.trainer.fit(module, datamodule=data)
         report = dict(callback.report, export=str(export_dir))
     report.update(changed_parameters=module.delta.changed_parameters(), features=module.features,
@@ -144,7 +149,7 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
     atomic_write_json(out_dir / "grid.json", {"config": fit_config, "base_args": base_args, "features": features,
                                               "feature_selection": selection, "cells": [c.name for c in cells],
                                               "prepare_seconds": prepare_seconds})
-    before = json.loads((out_dir / "before.json").read_text()) if (out_dir / "before.json").is_file() else None
+    before = None  # the first cell's, shared with the rest; across invocations `debias.evaluation.base_cache`
     results: dict[str, dict] = {}
     upstream: dict = {}  # the activation cache the cells share (see `run_cell`)
     bar = tqdm(cells, desc="compare", unit="cell")
@@ -157,7 +162,7 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
                 results[cell.name] = saved
                 continue
         report = run_cell(cell, fit_config, base_args, out_dir, before, upstream)
-        if before is None:
+        if before is None or _has_suites(report["before"]) and not _has_suites(before):
             before = report["before"]
             atomic_write_json(out_dir / "before.json", before)
         results[cell.name] = {"cell": asdict(cell), "base_args": base_args, "report": report}
