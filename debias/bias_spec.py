@@ -20,7 +20,10 @@ from typing import Any
 
 import yaml
 
-from debias.bias_checks import SPLITS, check_spec, word_pattern
+from debias.bias_checks import SPLITS, BiasSpecError, check_spec, group_words_in, word_pattern
+
+__all__ = ["SPLITS", "BiasSpec", "BiasSpecError", "FactualStatement", "bias_spec_path", "default_bias_dir",
+           "load_bias_spec", "swap"]
 
 #: English closed-class words. A swap word with two partners takes the first when a word outside this set follows
 #: (a content word: "her book" -> "his book") and the second otherwise ("told her that" -> "told him that").
@@ -37,10 +40,6 @@ tomorrow really much more most once twice already still also just only even ever
 def default_bias_dir() -> Path:
     """The bias specs shipped with the package."""
     return Path(__file__).resolve().parent / "data" / "biases"
-
-
-class BiasSpecError(ValueError):
-    """A bias spec file that does not hold what the format asks for (the message lists every problem)."""
 
 
 @dataclass(frozen=True)
@@ -75,11 +74,7 @@ class BiasSpec:
 
     def words_in(self, text: str) -> dict[str, list[str]]:
         """The group words that `text` contains (word boundaries, any case): group -> words as written."""
-        owner = {w.lower(): g for g in self.groups for w in self.words[g]}
-        found: dict[str, list[str]] = {}
-        for m in word_pattern(tuple(owner)).finditer(text):
-            found.setdefault(owner[m.group(0).lower()], []).append(m.group(0))
-        return found
+        return group_words_in(self.words, text)
 
 
 def bias_spec_path(name_or_path: str | Path) -> Path:
@@ -114,8 +109,9 @@ def _load(path: Path, mtime_ns: int, size: int) -> BiasSpec:
         raise BiasSpecError(f"{path}: not valid YAML: {err}") from err
     fields, problems = check_spec(raw)
     if problems:
-        listed = "\n".join(f"  {path}: {p}" for p in problems)
+        listed = "\n".join(f"  {p}" for p in problems)
         raise BiasSpecError(f"bias spec {path} has {len(problems)} problem(s):\n{listed}")
+    fields["factual"] = {split: [FactualStatement(*row) for row in rows] for split, rows in fields["factual"].items()}
     return BiasSpec(name=path.stem, path=path, **_frozen(fields))
 
 

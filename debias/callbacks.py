@@ -5,28 +5,34 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 
 from debias.evaluation.heldout import HeldOutAggregate, behaviour_metrics, format_table
+
+
+def datamodule_of(trainer: Trainer) -> Any:
+    """The DataModule `Trainer.fit(datamodule=...)` attached (an attribute Lightning sets at run time)."""
+    return trainer.datamodule  # type: ignore[attr-defined]
 
 
 class HeldOutMetrics(Callback):
     """Logs `val/feature_act`, `val/feature_fire_rate`, `val/lm_loss`, `val/perplexity`, `val/kl`,
     `val/bias_gap` and `val/cue_margin` at each validation (progress bar and loggers)."""
 
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
         self.agg = HeldOutAggregate(len(pl_module.features), pl_module.device)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.agg.update(trainer.datamodule.VAL_SETS[dataloader_idx], outputs)
+        self.agg.update(datamodule_of(trainer).VAL_SETS[dataloader_idx], outputs)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
         if trainer.sanity_checking:
             return
         metrics = self.agg.compute()
-        metrics.update({k: v for k, v in behaviour_metrics(pl_module, trainer.datamodule, True, 128).items()
+        metrics.update({k: v for k, v in behaviour_metrics(pl_module, datamodule_of(trainer), True, 128).items()
                         if isinstance(v, float)})
         shown = ("feature_act", "kl", "bias_gap", "cue_margin")
         for name, value in metrics.items():
@@ -116,7 +122,7 @@ class ReportAndExport(Callback):
         self.suites, self.n_completions, self.plots = suites, completions, plots
         self.before: dict | None = None  # set in advance to skip the evaluation of the original model
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         """Before `fit` trains (and before the module computes its mask), refuse an export directory that would
         fail at the end or delete the run's own files; `validate` and the other commands write no export."""
         if stage != "fit":
@@ -130,7 +136,7 @@ class ReportAndExport(Callback):
         check_run_dirs(trainer, Path(self.export_dir))
         check_target(Path(self.export_dir), self.overwrite)
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
         from debias.evaluation.base_cache import evaluate_original
 
         if not hasattr(self, "clock"):  # `setup` did not run for `fit` (hooks called by hand)
@@ -138,7 +144,7 @@ class ReportAndExport(Callback):
         self._lap("prepare")
         self.before_source = "shared"
         if self.before is None:
-            self.before, cached = evaluate_original(pl_module, trainer.datamodule, suites=self.suites)
+            self.before, cached = evaluate_original(pl_module, datamodule_of(trainer), suites=self.suites)
             self.before_source = "cached" if cached else "computed"
         self._lap("before_eval")
 
@@ -148,7 +154,7 @@ class ReportAndExport(Callback):
         self.timings[phase], self.clock = now - self.clock, now
         return self.timings[phase]
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: Any) -> None:
         train_seconds = self._lap("train")
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if getattr(checkpoint, "monitor", None) else ""
@@ -158,16 +164,17 @@ class ReportAndExport(Callback):
             pl_module.load_state_dict(checkpoint["state_dict"], strict=False)
         from debias.evaluation.evaluate import completions, evaluate_model
 
-        self.after = evaluate_model(pl_module, trainer.datamodule, edited=True, suites=self.suites)
+        self.after = evaluate_model(pl_module, datamodule_of(trainer), edited=True, suites=self.suites)
         self._lap("after_eval")
-        rows = completions(pl_module, trainer.datamodule, self.n_completions) if self.n_completions else []
+        rows = completions(pl_module, datamodule_of(trainer), self.n_completions) if self.n_completions else []
         self._lap("completions")
-        self.report = {"before": self.before, "after": self.after, "train_seconds": train_seconds,
+        before: dict = self.before or {}
+        self.report: dict[str, Any] = {"before": before, "after": self.after, "train_seconds": train_seconds,
                        "checkpoint": best or "last step", "steps": trainer.global_step, "completions": rows,
                        "before_source": self.before_source, "timings": self.timings}
         if trainer.is_global_zero:
-            print(format_table(self.before, self.after))
-            for row in self.report["completions"]:
+            print(format_table(before, self.after))
+            for row in rows:
                 print(f"{row['prompt']!r}\n  before: {row['before']!r}\n  after:  {row['after']!r}")
             if self.export_dir:
                 from debias.export import export
@@ -184,16 +191,16 @@ class ReportAndExport(Callback):
                 record_timings(self.exported / "debias" / "report.json", self.timings)
             print(f"debias: timings: {format_timings(self.timings, self.before_source)}", flush=True)
 
-    def write_plots(self, trainer: Trainer, pl_module: LightningModule, out: Path) -> Path:
+    def write_plots(self, trainer: Trainer, pl_module: Any, out: Path) -> Path:
         from debias.plots import heldout_feature_acts, read_metrics_csv, report_figure
 
         csv_path = None
         if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
             trainer.logger.save()
-            csv_path = Path(trainer.logger.log_dir) / "metrics.csv"
-        before, after = heldout_feature_acts(pl_module, trainer.datamodule)
+            csv_path = Path(str(trainer.logger.log_dir)) / "metrics.csv"
+        before, after = heldout_feature_acts(pl_module, datamodule_of(trainer))
         return report_figure(out, read_metrics_csv(csv_path), before, after,
-                             self.before["gap_per_profession"], self.after["gap_per_profession"],
+                             self.report["before"]["gap_per_profession"], self.after["gap_per_profession"],
                              title=f"{pl_module.model_id}: {pl_module.parameter}, k={pl_module.k}, "
                                    f"features {pl_module.features}")
 

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 
-SPLITS = ("train", "heldout")
+from debias.bias_spec import SPLITS as SPEC_SPLITS
+from debias.bias_spec import BiasSpec, load_bias_spec
+
+SPLITS = ("train", "heldout")  # the splits of a prompt directory; a bias spec also has "validation"
 GENDERS = ("female", "male")
 
 
@@ -48,7 +51,8 @@ def read_prompt_lines(path: str | Path) -> list[str]:
 
 def _split_lines(stem: str, split: str, prompt_dir: str | Path | None) -> list[str]:
     if split not in SPLITS:
-        raise ValueError(f"unknown prompt split {split!r}; expected one of {SPLITS}")
+        raise ValueError(f"unknown prompt split {split!r} for a prompt directory; expected one of {SPLITS} "
+                         f"(a bias spec, bias=..., also has {SPEC_SPLITS[1]!r})")
     return read_prompt_lines(prompt_path(f"{stem}_{split}.txt", prompt_dir))
 
 
@@ -63,10 +67,12 @@ def article(word: str) -> str:
 
 
 def fill(template: str, profession: str, relative: str | None = None) -> str:
-    """Expand `{profession}`, `{a_profession}`, `{A_profession}` and `{relative}` in a template."""
+    """Expand `{profession}`, `{a_profession}`, `{A_profession}` (or their aliases `{context}`, `{a_context}`,
+    `{A_context}`: a stereotyped context need not be a profession) and `{relative}` in a template."""
     a = f"{article(profession)} {profession}"
+    forms = {"profession": profession, "a_profession": a, "A_profession": a[0].upper() + a[1:]}
     try:
-        return template.format(profession=profession, a_profession=a, A_profession=a[0].upper() + a[1:],
+        return template.format(**forms, **{k.replace("profession", "context"): v for k, v in forms.items()},
                                relative=relative if relative is not None else "{relative}")
     except (KeyError, IndexError, ValueError) as err:
         raise ValueError(f"bad placeholder in prompt template {template!r}: {err}") from err
@@ -75,7 +81,8 @@ def fill(template: str, profession: str, relative: str | None = None) -> str:
 @dataclass(frozen=True)
 class GapPrompts:
     """Profession prompts of one split: `female` / `male` texts (professions x templates, profession-major)
-    with the profession of each prompt in `female_labels` / `male_labels`."""
+    with the profession of each prompt in `female_labels` / `male_labels`. From a bias spec, `female` holds the
+    first of `groups` and `male` the second (the names are gender's; the gap is first minus second)."""
 
     female: list[str]
     male: list[str]
@@ -84,6 +91,7 @@ class GapPrompts:
     female_professions: list[str]
     male_professions: list[str]
     templates: list[str]
+    groups: tuple[str, str] = GENDERS
 
     @property
     def prompts(self) -> list[str]:
@@ -96,14 +104,43 @@ class GapPrompts:
         return torch.tensor([True] * len(self.female) + [False] * len(self.male))
 
 
-def load_gap_prompts(split: str = "train", prompt_dir: str | Path | None = None) -> GapPrompts:
-    """Professions x templates of `split` ("train" or "heldout") from `prompt_dir` (default: shipped files)."""
-    templates = _split_lines("templates", split, prompt_dir)
-    profs = {g: _split_lines(f"professions_{g}", split, prompt_dir) for g in GENDERS}
-    texts = {g: [fill(t, p) for p in profs[g] for t in templates] for g in GENDERS}
-    labels = {g: [p for p in profs[g] for _ in templates] for g in GENDERS}
-    return GapPrompts(texts["female"], texts["male"], labels["female"], labels["male"],
-                      profs["female"], profs["male"], templates)
+def _spec_pair(split: str, prompt_dir: str | Path | None, bias: str | Path | BiasSpec,
+               groups: tuple[str, str] | None) -> tuple[BiasSpec | None, tuple[str, str]]:
+    """The spec to read (None: the prompt directory's files) and the two groups to compare."""
+    if prompt_dir is not None:
+        if not (isinstance(bias, str) and bias == "gender") or groups not in (None, GENDERS):
+            raise ValueError(f"prompt_dir={str(prompt_dir)!r} holds gender prompt files; pass either prompt_dir or "
+                             f"bias={bias!r} / groups={groups!r}, not both")
+        return None, GENDERS
+    spec = load_bias_spec(bias)
+    if split not in SPEC_SPLITS:
+        raise ValueError(f"unknown split {split!r} of bias spec {spec.path}; expected one of {SPEC_SPLITS}")
+    pair = groups if groups is not None else (spec.groups[0], spec.groups[1])
+    if len(pair) != 2 or len(set(pair)) != 2 or not set(pair) <= set(spec.groups):
+        raise ValueError(f"groups must be two different groups of bias {spec.name!r} {list(spec.groups)}, got {pair}")
+    return spec, (pair[0], pair[1])
+
+
+def _contexts(spec: BiasSpec | None, pair: tuple[str, str], split: str, prompt_dir: str | Path | None):
+    if spec is None:
+        return _split_lines("templates", split, prompt_dir), {g: _split_lines(f"professions_{g}", split, prompt_dir)
+                                                              for g in GENDERS}
+    return list(spec.templates[split]), {g: list(spec.contexts[g][split]) for g in pair}
+
+
+def load_gap_prompts(split: str = "train", prompt_dir: str | Path | None = None,
+                     bias: str | Path | BiasSpec = "gender", groups: tuple[str, str] | None = None) -> GapPrompts:
+    """Stereotyped contexts x templates of `split`, from the bias spec `bias` (a shipped name, a YAML path or a
+    spec; splits "train", "validation", "heldout") comparing `groups` (default: its first two), or from the
+    gender prompt files in `prompt_dir` when given (splits "train", "heldout"). For gender both give the same
+    prompts."""
+    spec, pair = _spec_pair(split, prompt_dir, bias, groups)
+    templates, profs = _contexts(spec, pair, split, prompt_dir)
+    texts = {g: [fill(t, p) for p in profs[g] for t in templates] for g in pair}
+    labels = {g: [p for p in profs[g] for _ in templates] for g in pair}
+    first, second = pair
+    return GapPrompts(texts[first], texts[second], labels[first], labels[second], profs[first], profs[second],
+                      templates, pair)
 
 
 def write_bias_prompts(split: str, out: str | Path, prompt_dir: str | Path | None = None) -> Path:
@@ -122,17 +159,18 @@ class CuePrompts:
     prompts: list[str]
     cued: list[str]
     pro: list[bool]
+    groups: tuple[str, str] = GENDERS
 
     @property
     def cued_female(self) -> torch.Tensor:
-        """Bool [n]."""
-        return torch.tensor([c == "female" for c in self.cued])
+        """Bool [n]: the cue names the first of `groups`."""
+        return torch.tensor([c == self.groups[0] for c in self.cued])
 
 
-def load_cue_prompts(split: str = "train", prompt_dir: str | Path | None = None, limit: int | None = None,
-                     seed: int = 0) -> CuePrompts:
-    """Relatives x cue templates x professions (both stereotyped lists) of `split`; `limit` keeps a seeded
-    random subset with equal shares of the four (cue gender, pro/anti) cells (the full set is ~1,000 prompts)."""
+def _relatives(spec: BiasSpec | None, pair: tuple[str, str], split: str,
+               prompt_dir: str | Path | None) -> list[tuple[str, str]]:
+    if spec is not None:
+        return [(relative, g) for g in pair for relative in spec.cue_relatives[g][split]]
     relatives = []
     for line in _split_lines("cue_relatives", split, prompt_dir):
         parts = line.rsplit(None, 1)
@@ -140,12 +178,23 @@ def load_cue_prompts(split: str = "train", prompt_dir: str | Path | None = None,
             path = prompt_path(f"cue_relatives_{split}.txt", prompt_dir)
             raise ValueError(f"{path}: expected '<relative><TAB>female|male', got {line!r}")
         relatives.append((parts[0], parts[1].lower()))
-    templates = _split_lines("cue_templates", split, prompt_dir)
-    profs = {g: _split_lines(f"professions_{g}", split, prompt_dir) for g in GENDERS}
+    return relatives
+
+
+def load_cue_prompts(split: str = "train", prompt_dir: str | Path | None = None, limit: int | None = None,
+                     seed: int = 0, bias: str | Path | BiasSpec = "gender",
+                     groups: tuple[str, str] | None = None) -> CuePrompts:
+    """Relatives x cue templates x contexts (both groups' stereotyped lists) of `split`, from the bias spec or
+    the prompt directory as in `load_gap_prompts`; `limit` keeps a seeded random subset with equal shares of the
+    four (cued group, pro/anti) cells (the full gender set is ~1,000 prompts)."""
+    spec, pair = _spec_pair(split, prompt_dir, bias, groups)
+    relatives = _relatives(spec, pair, split, prompt_dir)
+    templates = _split_lines("cue_templates", split, prompt_dir) if spec is None else list(spec.cue_templates[split])
+    profs = _contexts(spec, pair, split, prompt_dir)[1]
     prompts, cued, pro = [], [], []
     for relative, gender in relatives:
         for template in templates:
-            for prof_gender in GENDERS:
+            for prof_gender in pair:
                 for prof in profs[prof_gender]:
                     prompts.append(fill(template, prof, relative))
                     cued.append(gender)
@@ -157,7 +206,7 @@ def load_cue_prompts(split: str = "train", prompt_dir: str | Path | None = None,
         cells = [[i for i in order if (cued[i], pro[i]) == cell] for cell in sorted(set(zip(cued, pro, strict=True)))]
         keep = sorted(i for k, cell in enumerate(cells) for i in cell[: (limit + k) // len(cells)])
         prompts, cued, pro = [prompts[i] for i in keep], [cued[i] for i in keep], [pro[i] for i in keep]
-    return CuePrompts(prompts, cued, pro)
+    return CuePrompts(prompts, cued, pro, pair)
 
 
 PROMPT_DIR = default_prompt_dir()

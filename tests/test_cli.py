@@ -67,6 +67,7 @@ def test_tiny_config_runs_end_to_end_and_reduces_the_feature(tmp_path, monkeypat
           "--export.export_dir=out/export"])
     printed = capsys.readouterr().out
     assert "held-out metric" in printed and "exported to" in printed and "before: " in printed
+    assert "debias: timings: prepare " in printed and ", total " in printed
     report = json.loads((tmp_path / "out/export/debias/report.json").read_text())
     assert 0 < report["after"]["feature_act"] < report["before"]["feature_act"]
     assert len(report["completions"]) == 4 and all(row["before"] and row["after"] for row in report["completions"])
@@ -74,6 +75,8 @@ def test_tiny_config_runs_end_to_end_and_reduces_the_feature(tmp_path, monkeypat
 
     # `debias eval` of the export, against its base, reproduces the report's held-out numbers
     main(["eval", "out/export", "--fit_config", str(ROOT / "configs/tiny.yaml"), "--suites", "false", "--out", "eval.json"])
+    printed = capsys.readouterr().out
+    assert "debias: evaluation on the fast path (only weights of layers >= 1 differ)" in printed
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     for name in ("bias_gap", "cue_margin", "feature_act", "kl", "lm_loss"):
         assert evaluated["after"][name] == pytest.approx(report["after"][name], rel=1e-4, abs=1e-6), name

@@ -5,8 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import assert_export_consistent
 
 import debias.commands.compare.run
+import debias.evaluation.evaluate
 from debias.commands.compare.grid import check_request, entry_counts, plan
 from debias.commands.compare.run import compare_command
 
@@ -68,8 +70,12 @@ def test_tiny_grid_is_atomic_resumable_and_exports_each_weight_edit(tmp_path, mo
 
     calls.clear()
     monkeypatch.setattr(debias.commands.compare.run, "run_cell", lambda cell, *a, **kw: calls.append(cell.name) or real_run_cell(cell, *a, **kw))
+    real_evaluate, originals = debias.evaluation.evaluate.evaluate_model, []
+    monkeypatch.setattr(debias.evaluation.evaluate, "evaluate_model",
+                        lambda *a, edited=True, **kw: originals.append(edited) or real_evaluate(*a, edited=edited, **kw))
     compare_command(TINY, **args)
     assert calls == ["lora-r1", "sae_clamp"]  # finished cells are not redone
+    assert False not in originals  # the original model's numbers of the first invocation, from the cache
     rows = {r["cell"]: r for r in _rows(out)}
     assert set(rows) == {"instability-k20", "random-k20-seed0", "random-k20-seed1", "lora-r1", "sae_clamp"}
     assert int(rows["instability-k20"]["changed_parameters"]) == 20 and int(rows["sae_clamp"]["changed_parameters"]) == 0
@@ -80,6 +86,10 @@ def test_tiny_grid_is_atomic_resumable_and_exports_each_weight_edit(tmp_path, mo
         assert (out / name / "export" / "debias" / "mask.safetensors").is_file()
         assert (out / name / "export" / "model.safetensors").is_file()
     assert (out / "lora-r1" / "export" / "adapter" / "adapter_config.json").is_file()
+    for name in ("instability-k20", "random-k20-seed0", "lora-r1"):  # merged = base + adapter = apply_delta(base)
+        export = out / name / "export"
+        forms = assert_export_consistent(export, json.loads((export / "debias" / "report.json").read_text())["base_model"])
+        assert set(forms) == ({"merged", "adapter"} if name == "lora-r1" else {"merged", "adapter", "delta"})
     assert "method: lora" in (out / "lora-r1" / "config.yaml").read_text()  # each cell's resolved config
     assert not (Path.cwd() / "config.yaml").exists()
     assert not (out / "lora-r1" / "export" / "debias" / "mask.safetensors").exists()

@@ -137,3 +137,57 @@ def test_layer_stack_of_a_peft_wrapped_model():
     module.prepare(make_data())
     fast = FastPath(module.net, module.parameter)
     assert fast.layer == 1 and fast.layers is module.net.model.layers
+
+
+def _other_model(module, *names, scale=0.05):
+    """The module's network's weights with `names` perturbed: another model of the same architecture."""
+    state = {key: value.clone() for key, value in module.net.state_dict().items()}
+    gen = torch.Generator().manual_seed(2)
+    for name in names:
+        state[name] += scale * torch.randn(state[name].shape, generator=gen) * state[name].abs().mean()
+    return state
+
+
+def _numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "gpt2"])
+def test_eval_of_another_model_takes_the_fast_path_with_the_full_paths_numbers(family, capsys):
+    """`debias eval` of a model whose W_out at the SAE's layer differs: layers below are cached, same numbers."""
+    from debias.edits.state_diff import StateDiffEdit
+    from debias.evaluation.evaluate import evaluate_model
+
+    data = make_data(max_texts=8)
+    module = make_module(base_model=f"tiny-{family}")
+    module.choose_features(data)
+    module.attach_edit(StateDiffEdit(module.net, _other_model(module, module.parameter)))
+    assert module.delta.changed_names() == [module.parameter]
+    assert "debias: evaluation on the fast path (only weights of layers >= 1 differ)" in capsys.readouterr().out
+    fast = module.fastpath
+    assert fast is not None and fast.usable()
+    results = {}
+    for path in ("fast", "full"):
+        module.fastpath = fast if path == "fast" else None
+        results[path] = [_numbers(evaluate_model(module, data, edited=edited, cue_limit=16))
+                         for edited in (False, True)]
+    assert fast.stats["upstream_hits"] > 0
+    for fast_numbers, full_numbers in zip(results["fast"], results["full"], strict=True):
+        assert fast_numbers.keys() == full_numbers.keys()
+        for name, value in fast_numbers.items():
+            assert value == pytest.approx(full_numbers[name], rel=1e-5, abs=1e-6), (family, name)
+    assert results["full"][0]["bias_gap"] != results["full"][1]["bias_gap"]  # the edit does change the numbers
+
+
+@pytest.mark.parametrize("which", ["layer0", "embeddings"])
+def test_eval_of_a_model_that_differs_below_the_sae_layer_takes_the_full_path(which, capsys):
+    from debias.edits.state_diff import StateDiffEdit
+
+    module = make_module()
+    module.choose_features(make_data(max_texts=8))
+    name = "model.layers.0.mlp.down_proj.weight" if which == "layer0" else "model.embed_tokens.weight"
+    module.attach_edit(StateDiffEdit(module.net, _other_model(module, name, module.parameter)))
+    assert module.fastpath is None
+    out = capsys.readouterr().out
+    assert f"debias: evaluation on the full path ({name} differs; the fast path needs every difference in " \
+           "layers >= 1)" in out

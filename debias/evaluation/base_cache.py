@@ -129,7 +129,7 @@ def code_version() -> dict:
     for pattern in CODE_FILES:
         for path in sorted(PACKAGE.glob(pattern)):
             h.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + path.read_bytes() + b"\0")
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in ("debias", "torch", "transformers", "sae-lens"):
         try:
             versions[name] = metadata.version(name)

@@ -171,7 +171,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     path = resolve_model_path(spec)
     local_only = hub_offline()  # also when HF_HUB_OFFLINE was set after huggingface_hub was imported
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=local_only)
-    model = model.to(device).eval()
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types its decorated `to` without self
     for param in model.parameters():
         param.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)

@@ -10,11 +10,14 @@ Batches are lists of raw strings (no chat template); the module tokenises them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
+from debias.bias_spec import load_bias_spec
 from debias.prompts import read_texts
 
 
@@ -39,6 +42,7 @@ class DebiasDataModule(LightningDataModule):
         neutral_train: str = "package:neutral_train.txt",
         neutral_heldout: str = "package:neutral_heldout.txt",
         prompt_dir: str | None = None,
+        bias: str = "gender",
         batch_size: int = 8,
         eval_batch_size: int = 16,
         max_texts: int | None = None,
@@ -52,6 +56,8 @@ class DebiasDataModule(LightningDataModule):
             neutral_heldout: held-out neutral text for LM loss and KL.
             prompt_dir: directory with the bias-metric files (professions, templates, relatives, cue templates):
                 the train split feeds the `bias` and `cue_kl` terms, the held-out split the metrics. None: shipped.
+            bias: the bias spec those prompts come from when `prompt_dir` is None: a shipped name
+                (`debias/data/biases/NAME.yaml`) or a path to a YAML spec. Default: gender.
             batch_size: texts per set in one training step.
             eval_batch_size: texts per batch in evaluation and the mask pass.
             max_texts: keep only the first N texts of each set (quick runs).
@@ -62,23 +68,32 @@ class DebiasDataModule(LightningDataModule):
                     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)) if value < 1]
         if max_texts is not None and max_texts < 1:
             problems.append(f"data.max_texts must be >= 1 or null, got {max_texts}")
+        if prompt_dir is not None and bias != "gender":
+            problems.append(f"data.prompt_dir holds gender prompt files; it cannot be combined with data.bias={bias!r}")
         if problems:
             raise ValueError("; ".join(problems))
+        if prompt_dir is None:
+            load_bias_spec(bias)  # a bad spec fails here, before any model loads
         self.save_hyperparameters()
         self.texts: dict[str, list[str]] = {}
+
+    @property
+    def args(self) -> Any:
+        """The arguments above, by name (Lightning's `hparams`, typed loosely)."""
+        return self.hparams
 
     def setup(self, stage: str | None = None) -> None:
         if self.texts:
             return
-        hp = self.hparams
+        hp: Any = self.hparams  # Lightning's AttributeDict of the arguments above
         sources = {"bias_train": hp.bias_train, "bias_heldout": hp.bias_heldout,
                    "neutral_train": hp.neutral_train, "neutral_heldout": hp.neutral_heldout}
         self.texts = {name: read_texts(src, hp.max_texts) for name, src in sources.items()}
         from debias.prompts import load_cue_prompts, load_gap_prompts
 
-        gap = load_gap_prompts("train", hp.prompt_dir)
+        gap = load_gap_prompts("train", hp.prompt_dir, bias=hp["bias"])
         self.texts.update(gap_female_train=gap.female[:hp.max_texts], gap_male_train=gap.male[:hp.max_texts],
-                          cue_train=load_cue_prompts("train", hp.prompt_dir).prompts[:hp.max_texts])
+                          cue_train=load_cue_prompts("train", hp.prompt_dir, bias=hp["bias"]).prompts[:hp.max_texts])
         files = f"the prompt files in {hp['prompt_dir']}" if hp["prompt_dir"] else "the shipped prompt files"
         sources = {**{name: repr(src) for name, src in sources.items()}, "gap_female_train": files,
                    "gap_male_train": files, "cue_train": files}
@@ -95,20 +110,21 @@ class DebiasDataModule(LightningDataModule):
         if shuffle:
             # One seeded permutation, the same every epoch: a run resumed from a checkpoint at an epoch
             # boundary then sees exactly the batches of a run that never stopped.
-            order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.hparams.seed))
+            order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.args.seed))
             texts = [texts[i] for i in order]
-        return DataLoader(texts, batch_size=batch_size, shuffle=False, collate_fn=_identity)
+        return DataLoader(texts,  # type: ignore[arg-type]  # a list is a map-style dataset
+                          batch_size=batch_size, shuffle=False, collate_fn=_identity)
 
     def train_dataloader(self):
         sets = {name: self.texts[f"{name}_train"] for name in ("bias", "neutral", "gap_female", "gap_male", "cue")}
-        loaders = {name: self._loader(texts, self.hparams.batch_size, True) for name, texts in sets.items()}
+        loaders = {name: self._loader(texts, self.args.batch_size, True) for name, texts in sets.items()}
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self):
-        size = self.hparams.eval_batch_size
+        size = self.args.eval_batch_size
         return [self._loader(self.texts[f"{name}_heldout"], size, False) for name in self.VAL_SETS]
 
     def mask_batches(self) -> list[list[str]]:
         """The train bias texts in evaluation-sized batches, in file order (the mask's input)."""
-        texts, size = self.texts["bias_train"], self.hparams.eval_batch_size
+        texts, size = self.texts["bias_train"], self.args.eval_batch_size
         return [texts[i:i + size] for i in range(0, len(texts), size)]

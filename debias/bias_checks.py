@@ -1,0 +1,245 @@
+"""Checks of a parsed bias spec (see `debias.bias_spec`): every problem is collected with the key it concerns
+("contexts.female.validation: empty list ...") so that one error lists them all."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+SPLITS = ("train", "validation", "heldout")
+CONTEXT_FIELDS = frozenset({"profession", "a_profession", "A_profession", "context", "a_context", "A_context"})
+RELATIVE_FIELD = "relative"
+TOP_KEYS = ("description", "groups", "swaps", "contexts", "attributes", "templates", "cues", "factual")
+REQUIRED_KEYS = TOP_KEYS[1:]
+
+
+class BiasSpecError(ValueError):
+    """A bias spec file that does not hold what the format asks for (the message lists every problem)."""
+
+
+@lru_cache(maxsize=64)
+def word_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
+    """Any of `words` as a whole word, any case (not inside a longer word; "mother's" and "mother-in-law" match
+    "mother", "grandmother" does not)."""
+    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append(f"{key}: {message}")
+
+    def mapping(self, value: Any, key: str, allowed: tuple[str, ...] | None = None,
+                required: tuple[str, ...] = ()) -> dict:
+        if not isinstance(value, dict):
+            self.fail(key or "(top level)", f"expected a mapping, got {_kind(value)}")
+            return {}
+        prefix = f"{key}." if key else ""
+        for k in value:
+            if allowed is not None and k not in allowed:
+                self.fail(f"{prefix}{k}", f"unknown key; expected one of {list(allowed)}")
+        for k in required:
+            if k not in value:
+                self.fail(f"{prefix}{k}", "missing")
+        return {k: v for k, v in value.items() if allowed is None or k in allowed}
+
+    def text(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            self.fail(key, f"expected a non-empty string (quote it in YAML), got {_kind(value)}")
+            return ""
+        return value
+
+    def strings(self, value: Any, key: str) -> list[str]:
+        if not isinstance(value, list) or not value:
+            got = "an empty list" if value == [] else _kind(value)
+            self.fail(key, f"expected a non-empty list of strings, got {got}")
+            return []
+        items = [self.text(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        dups = sorted({v for v in items if v and items.count(v) > 1})
+        if dups:
+            self.fail(key, f"expected distinct items, got repeats {dups}")
+        return [v for v in items if v]
+
+    def splits(self, value: Any, key: str) -> dict[str, list[str]]:
+        """A train / validation / heldout mapping of non-empty lists that share no item."""
+        raw = self.mapping(value, key, SPLITS, SPLITS)
+        out = {s: self.strings(raw[s], f"{key}.{s}") for s in SPLITS if s in raw}
+        for i, a in enumerate(SPLITS):
+            for b in SPLITS[i + 1:]:
+                shared = sorted(set(out.get(a, [])) & set(out.get(b, [])))
+                if shared:
+                    self.fail(key, f"expected disjoint splits, but {a} and {b} share {shared}")
+        return out
+
+    def per_group(self, value: Any, key: str, groups: list[str]) -> dict[str, dict[str, list[str]]]:
+        raw = self.mapping(value, key, tuple(groups), tuple(groups))
+        return {g: self.splits(raw[g], f"{key}.{g}") for g in groups if g in raw}
+
+
+def _groups(c: _Checker, raw: Any) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
+    groups = c.mapping(raw, "groups")
+    if isinstance(raw, dict) and len(raw) < 2:
+        c.fail("groups", f"expected two or more groups, got {len(raw)} {list(raw)}")
+    targets, extra = {}, {}
+    for g, body in groups.items():
+        body = c.mapping(body, f"groups.{g}", ("target", "words"), ("target",))
+        targets[g] = c.text(body.get("target"), f"groups.{g}.target") if "target" in body else ""
+        extra[g] = c.strings(body["words"], f"groups.{g}.words") if "words" in body else []
+    seen = [t for t in targets.values() if t]
+    if len(set(seen)) < len(seen):
+        c.fail("groups", f"expected a different target per group, got {targets}")
+    return list(groups), targets, extra
+
+
+def _swaps(c: _Checker, raw: Any, groups: list[str]) -> tuple[list[dict[str, str]], dict]:
+    if not isinstance(raw, list) or not raw:
+        c.fail("swaps", f"expected a non-empty list of rows {{group: word, ...}}, got {_kind(raw)}")
+        return [], {}
+    rows = []
+    for i, row in enumerate(raw):
+        body = c.mapping(row, f"swaps[{i}]", tuple(groups))
+        words = {g: c.text(body[g], f"swaps[{i}].{g}") for g in groups if g in body}
+        missing = [g for g in groups if g not in body]
+        if missing:
+            c.fail(f"swaps[{i}]", f"{sorted(words.values()) or 'the row'} has no partner in group(s) {missing}; "
+                   f"expected one word for each of {groups}")
+        if not missing and all(words.values()):
+            rows.append(words)
+    partners: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for src in groups:
+        for dst in groups:
+            if src != dst:
+                table = partners.setdefault((src, dst), {})
+                for row in rows:
+                    cands = table.setdefault(row[src].lower(), [])
+                    if row[dst] not in cands:
+                        cands.append(row[dst])
+                for word, cands in table.items():
+                    if len(cands) > 2:
+                        c.fail("swaps", f"{word!r} of group {src!r} has {len(cands)} partners in {dst!r} {cands}; "
+                               "expected at most two (the one before a content word first, then the other)")
+    return rows, partners
+
+
+def _vocabulary(c: _Checker, groups: list[str], rows: list[dict[str, str]],
+                extra: dict[str, list[str]]) -> dict[str, list[str]]:
+    words = {g: list(dict.fromkeys([r[g] for r in rows] + extra.get(g, []))) for g in groups}
+    owner: dict[str, str] = {}
+    for g in groups:
+        for w in words[g]:
+            other = owner.setdefault(w.lower(), g)
+            if other != g:
+                c.fail("swaps", f"{w!r} is a word of both {other!r} and {g!r}; expected each word in one group")
+    return words
+
+
+def group_words_in(words: Mapping[str, Sequence[str]], text: str) -> dict[str, list[str]]:
+    """The words of each group (`words`: group -> words) that `text` contains, as written."""
+    owner = {w.lower(): g for g, ws in words.items() for w in ws}
+    found: dict[str, list[str]] = {}
+    if owner:
+        for m in word_pattern(tuple(owner)).finditer(text):
+            found.setdefault(owner[m.group(0).lower()], []).append(m.group(0))
+    return found
+
+
+def _no_group_words(c: _Checker, key: str, lists: dict[str, list[str]], words: dict[str, list[str]]) -> None:
+    for split, items in lists.items():
+        for item in items:
+            if found := group_words_in(words, item):
+                c.fail(f"{key}.{split}", f"{item!r} names {found} (group words from the swap list / words); "
+                       "expected no group word here: a group word is a cue, not a stereotype")
+
+
+def _templates(c: _Checker, lists: dict[str, list[str]], key: str, cue: bool) -> None:
+    allowed = CONTEXT_FIELDS | {RELATIVE_FIELD} if cue else CONTEXT_FIELDS
+    need = "{relative} and a context placeholder" if cue else "a context placeholder"
+    for split, items in lists.items():
+        for t in items:
+            try:
+                names = {n for _, n, _, _ in string.Formatter().parse(t) if n is not None}
+            except ValueError as err:
+                c.fail(f"{key}.{split}", f"{t!r} is not a valid template ({err})")
+                continue
+            if names - allowed or not names & CONTEXT_FIELDS or (cue and RELATIVE_FIELD not in names):
+                c.fail(f"{key}.{split}", f"{t!r} has placeholders {sorted(names)}; expected {need} "
+                       f"({sorted(CONTEXT_FIELDS)}) and nothing else")
+            if t != t.rstrip():
+                c.fail(f"{key}.{split}", f"{t!r} ends with a space; expected none (targets carry their own)")
+
+
+def _factual(c: _Checker, raw: Any, groups: list[str], words: dict[str, list[str]]) -> dict[str, list[tuple]]:
+    out: dict[str, list[tuple]] = {}
+    for split, items in c.mapping(raw, "factual", SPLITS, SPLITS).items():
+        key = f"factual.{split}"
+        if not isinstance(items, list) or not items:
+            c.fail(key, f"expected a non-empty list of {{prompt, target, group}}, got {_kind(items)}")
+            continue
+        out[split] = []
+        for i, item in enumerate(items):
+            body = c.mapping(item, f"{key}[{i}]", ("prompt", "target", "group"), ("prompt", "target", "group"))
+            prompt, target, group = (c.text(body[k], f"{key}[{i}].{k}") if k in body else ""
+                                     for k in ("prompt", "target", "group"))
+            if group and group not in groups:
+                c.fail(f"{key}[{i}].group", f"unknown group {group!r}; expected one of {groups}")
+            elif prompt and target and group:
+                in_prompt, in_target = group_words_in(words, prompt), group_words_in(words, target)
+                wrong = {g: ws for g, ws in in_target.items() if g != group}
+                if wrong:
+                    c.fail(f"{key}[{i}]", f"target {target!r} names {wrong}, word(s) of another group in the swap "
+                           f"list, but the statement is for {group!r}; expected a target naming {group!r}")
+                elif group not in in_target:
+                    c.fail(f"{key}[{i}]", f"target {target!r} names no word of {group!r}; expected one (the "
+                           "statement is kept by a KL at that token)")
+                if group not in in_prompt:
+                    c.fail(f"{key}[{i}]", f"prompt {prompt!r} names no word of {group!r}; expected one")
+                out[split].append((prompt, target, group))
+    return out
+
+
+def check_spec(raw: Any) -> tuple[dict[str, Any], list[str]]:
+    """The fields of a `BiasSpec` (less name and path) from parsed YAML, and every problem found."""
+    c = _Checker()
+    top = c.mapping(raw, "", TOP_KEYS, REQUIRED_KEYS)
+    description = c.text(top["description"], "description") if "description" in top else ""
+    groups, targets, extra = _groups(c, top.get("groups", {}))
+    if len(groups) < 2:  # every other list is per group or pairs groups: checking them would only echo this
+        return {}, c.problems
+    rows, partners = _swaps(c, top.get("swaps", []), groups) if "swaps" in top else ([], {})
+    words = _vocabulary(c, groups, rows, extra)
+    contexts = c.per_group(top["contexts"], "contexts", groups) if "contexts" in top else {}
+    attributes = c.per_group(top["attributes"], "attributes", groups) if "attributes" in top else {}
+    templates = c.splits(top["templates"], "templates") if "templates" in top else {}
+    cues = c.mapping(top["cues"], "cues", ("templates", "relatives"), ("templates", "relatives")) \
+        if "cues" in top else {}
+    cue_templates = c.splits(cues["templates"], "cues.templates") if "templates" in cues else {}
+    relatives = c.per_group(cues["relatives"], "cues.relatives", groups) if "relatives" in cues else {}
+    factual = _factual(c, top["factual"], groups, words) if "factual" in top else {}
+    _templates(c, templates, "templates", cue=False)
+    _templates(c, cue_templates, "cues.templates", cue=True)
+    for key, lists in (("templates", templates), ("cues.templates", cue_templates)):
+        _no_group_words(c, key, lists, words)
+    for key, per in (("contexts", contexts), ("attributes", attributes)):
+        for g, lists in per.items():
+            _no_group_words(c, f"{key}.{g}", lists, words)
+    for g, lists in relatives.items():
+        for split, items in lists.items():
+            for item in items:
+                found = group_words_in(words, item)
+                if set(found) != {g}:
+                    c.fail(f"cues.relatives.{g}.{split}", f"{item!r} names {found or 'no group word'}; expected "
+                           f"word(s) of {g!r} only (the relative is the explicit cue)")
+    fields = dict(description=description, groups=groups, targets=targets, words=words, swaps=rows,
+                  contexts=contexts, attributes=attributes, templates=templates, cue_templates=cue_templates,
+                  cue_relatives=relatives, factual=factual, partners=partners)
+    return fields, c.problems
