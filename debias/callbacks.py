@@ -144,7 +144,8 @@ class ReportAndExport(Callback):
         self._lap("prepare")
         self.before_source = "shared"
         if self.before is None:
-            self.before, cached = evaluate_original(pl_module, datamodule_of(trainer), suites=self.suites)
+            self.before, cached = evaluate_original(pl_module, datamodule_of(trainer), suites=self.suites,
+                                                    progress="before")
             self.before_source = "cached" if cached else "computed"
         self._lap("before_eval")
 
@@ -164,7 +165,8 @@ class ReportAndExport(Callback):
             pl_module.load_state_dict(checkpoint["state_dict"], strict=False)
         from debias.evaluation.evaluate import completions, evaluate_model
 
-        self.after = evaluate_model(pl_module, datamodule_of(trainer), edited=True, suites=self.suites)
+        self.after = evaluate_model(pl_module, datamodule_of(trainer), edited=True, suites=self.suites,
+                                    progress="after")
         self._lap("after_eval")
         rows = completions(pl_module, datamodule_of(trainer), self.n_completions) if self.n_completions else []
         self._lap("completions")

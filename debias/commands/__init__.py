@@ -111,6 +111,3 @@ def one_line(err: BaseException) -> str:
     for reason in reasons[1:]:  # "invalid model.edit arguments:" then its problems
         message += (" " if message.endswith(":") else "; ") + reason
     return f"{where}: {message}" if where else message
-
-if __name__ == "__main__":
-    main()

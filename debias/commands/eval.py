@@ -53,8 +53,8 @@ def eval_command(model: str, fit_config: str = "configs/smollm2.yaml", base_mode
     del edited
     result = {"model": model, "base_model": module.model_id, "features": module.features,
               "changed_parameters": module.delta.changed_parameters(),
-              "before": evaluate_original(module, data, suites=suites)[0],
-              "after": evaluate_model(module, data, edited=True, suites=suites),
+              "before": evaluate_original(module, data, suites=suites, progress="before")[0],
+              "after": evaluate_model(module, data, edited=True, suites=suites, progress="after"),
               "completions": completions(module, data)}
     print(format_table(result["before"], result["after"]))
     if out:

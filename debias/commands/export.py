@@ -54,8 +54,8 @@ def export(fit_config: str, ckpt_path: str, out: str, overwrite: bool = False,
     module.prepare(datamodule)
     module.load_edit_state(checkpoint, source=ckpt_path)
     module.load_state_dict(checkpoint.get("state_dict", {}), strict=False)
-    before = evaluate_original(module, datamodule)[0]
-    after = evaluate_model(module, datamodule, edited=True)
+    before = evaluate_original(module, datamodule, progress="before")[0]
+    after = evaluate_model(module, datamodule, edited=True, progress="after")
     print(format_table(before, after))
     run = {"before": before, "after": after, "checkpoint": ckpt_path, "steps": checkpoint.get("global_step")}
     print(f"exported to {write_export(module, out, run, overwrite)}")

@@ -7,7 +7,9 @@ A bad key or value raises `ConfigError` (jsonargparse's message) instead of prin
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
@@ -114,11 +116,33 @@ def build_cli(args: list[str] | None, run: bool = True) -> DebiasCLI:
         raise ConfigError(None, str(err)) from err
 
 
+class _DropTips(logging.Filter):
+    """Lightning's advertising tips ("💡 Tip: ... install litlogger") are noise on the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+#: Dependency warnings that say nothing about the user's run (deprecations inside transformers and Lightning, and
+#: Lightning's note that frozen modules are in eval mode, which `DebiasModule.train` does on purpose).
+QUIET_WARNINGS = (r".*is_gradient_checkpointing.*", r".*LeafSpec.*", r"Found \d+ module\(s\) in eval mode.*")
+
+
+def quiet_console() -> None:
+    """Keep the console to what the run says: drop Lightning's tips and the dependency warnings above."""
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
+
+
 def fit(args: list[str]) -> None:
+    quiet_console()
     build_cli(["fit", *args])
 
 
 def validate(args: list[str]) -> None:
+    quiet_console()
     build_cli(["validate", *args])
 
 

@@ -200,7 +200,7 @@ def _read(path: Path, key: dict, suites: bool) -> dict | None:
 
 
 def evaluate_original(module, datamodule, suites: bool = False, cue_limit: int | None = 256,
-                      progress: bool = False) -> tuple[dict, bool]:
+                      progress: str | bool | None = None) -> tuple[dict, bool]:
     """(`evaluate_model(module, datamodule, edited=False, ...)`, whether it came from the cache).
 
     The numbers are the same either way (a computed result goes through JSON as a cached one does).

@@ -8,6 +8,7 @@ is the same network with the edit disabled.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
@@ -15,15 +16,18 @@ from debias.evaluation.heldout import edit_context, evaluate_heldout
 
 
 def evaluate_model(module, datamodule, edited: bool = True, suites: bool = False, cue_limit: int | None = 256,
-                   progress: bool = False) -> dict:
+                   progress: str | bool | None = None) -> dict:
     """Held-out metrics of the edited (or original) model; with `suites`, CrowS-Pairs and StereoSet gender too.
 
     Runs on the module's fast path where it has one: layers below the edit are computed once per text batch.
+    `progress` (a label such as "before", or True) shows a bar per phase.
     """
+    label = progress if isinstance(progress, str) else ("after" if edited else "before")
     with module.fastpath.active() if module.fastpath is not None else contextlib.nullcontext():
-        metrics = evaluate_heldout(module, datamodule, edited=edited, cue_limit=cue_limit)
+        metrics = evaluate_heldout(module, datamodule, edited=edited, cue_limit=cue_limit,
+                                   progress=label if progress else None)
         if suites:
-            metrics.update(suite_scores(module, edited, progress))
+            metrics.update(suite_scores(module, edited, bool(progress)))
     return metrics
 
 
@@ -43,6 +47,8 @@ def completions(module, datamodule, n: int = 4, max_new_tokens: int = 32) -> lis
     from debias.prompts import heldout_completion_prompts
 
     prompts = heldout_completion_prompts(datamodule.hparams.prompt_dir, n)
+    print(f"debias: completing {len(prompts)} held-out prompts ({max_new_tokens} tokens, before and after)",
+          file=sys.stderr, flush=True)
     return report_completions(module.net, module.tokenizer, prompts, lambda: edit_context(module, False),
                               contextlib.nullcontext, max_new_tokens=max_new_tokens)
 

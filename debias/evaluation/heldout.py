@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torchmetrics import MeanMetric, Metric
+from tqdm.auto import tqdm
 
 from debias.evaluation.bias_metrics import bias_gap, cue_margin
 from debias.prompts import load_cue_prompts, load_gap_prompts
@@ -68,23 +69,31 @@ class HeldOutAggregate:
                 "kl": float(self.kl.compute())}
 
 
-def evaluate_heldout(module: DebiasModule, datamodule, edited: bool = True, cue_limit: int | None = 256) -> dict:
+def evaluate_heldout(module: DebiasModule, datamodule, edited: bool = True, cue_limit: int | None = 256,
+                     progress: str | None = None) -> dict:
     """Held-out metrics of the edited model (or, with `edited=False`, of the original one).
 
     The explicit-cue margin uses a seeded subset of `cue_limit` held-out cue prompts, balanced over cue gender
-    and pro/anti-stereotypical profession (None: all of them).
+    and pro/anti-stereotypical profession (None: all of them). `progress`: a label for a progress bar.
     """
     agg = HeldOutAggregate(len(module.features), module.device)
     was_training = module.training
     module.eval()
+    loaders = list(zip(datamodule.VAL_SETS, datamodule.val_dataloader(), strict=True))
+    bar = tqdm(total=sum(len(loader) for _, loader in loaders) + 1, desc=f"{progress}: held-out",
+               disable=progress is None, unit="batch")
     try:
-        for kind, loader in zip(datamodule.VAL_SETS, datamodule.val_dataloader(), strict=False):
+        for kind, loader in loaders:
             for texts in loader:
                 with edit_context(module, edited):
                     agg.update(kind, module.evaluate_batch(texts, kind))
+                bar.update()
         metrics = agg.compute()
+        bar.set_description(f"{progress}: bias gap and cues")
         metrics.update(behaviour_metrics(module, datamodule, edited, cue_limit))
+        bar.update()
     finally:
+        bar.close()
         module.train(was_training)
     return metrics
 

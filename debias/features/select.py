@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tqdm.auto import tqdm
+
 from debias.features.attribution import Attribution, ablated_gap, attribute
 from debias.features.rank import activation_stats
 from debias.prompts import load_gap_prompts
@@ -27,13 +29,17 @@ def select_features(model, tokenizer, sae, site, n: int = 9, split: str = "train
     chosen: list[int] = []
     current = att.gap
     tried: list[dict] = []
-    for f in order[: n_candidates or 3 * n]:
+    candidates = order[: n_candidates or 3 * n]
+    bar = tqdm(candidates, desc=f"features: confirming up to {len(candidates)} candidates by ablation", unit="latent")
+    for f in bar:
         g = ablated_gap(model, tokenizer, sae, site, prompts, chosen + [f], batch_size)
         tried.append({"index": f, "attribution": float(att.latents[f]), "joint_gap": g, "kept": abs(g) < abs(current)})
         if abs(g) < abs(current):
             chosen, current = chosen + [f], g
+            bar.set_postfix(kept=len(chosen))
         if len(chosen) == n:
             break
+    bar.close()
     if not chosen:
         raise RuntimeError(f"no latent among {len(order)} eligible (attribution toward the gap, fire rate >= "
                            f"{min_fire_rate}) lowers the train gap {att.gap:.4g} when ablated")
