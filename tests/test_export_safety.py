@@ -174,3 +174,65 @@ def test_a_live_writers_directory_is_left_alone(tmp_path):
     with atomic_dir(tmp_path / "export") as tmp:
         (tmp / "ok").write_text("done")
     assert live.is_dir()
+
+
+def _mask_case(tmp_path, name, tensors=None, metadata=None, raw=None):
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"{name}.safetensors"
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no_metadata", "is not a mask written by `debias mask`"),
+    ("garbage", "is not a mask written by `debias mask`"),
+    ("other_shape", "this run edits model.layers.1.mlp.down_proj.weight [32, 64]"),
+    ("out_of_range", "indices must be in [0, 2048)"),
+    ("negative", "indices must be in [0, 2048)"),
+    ("duplicates", "2 duplicate indices"),
+    ("missing", "no such file"),
+])
+def test_a_bad_mask_file_is_refused_naming_the_file_and_option(tmp_path, case, expected):
+    from debias.edits.mask import load_mask_for
+
+    parameter, shape = "model.layers.1.mlp.down_proj.weight", (32, 64)
+    meta = {"parameter": parameter, "shape": json.dumps(list(shape)), "layer": "1",
+            "hook_name": "blocks.1.hook_mlp_out", "features": "[3]"}
+    paths = {
+        "no_metadata": lambda: _mask_case(tmp_path, case, {"indices": torch.arange(5)}),
+        "garbage": lambda: _mask_case(tmp_path, case, raw=b"\x00not a safetensors file at all"),
+        "other_shape": lambda: _mask_case(tmp_path, case, {"indices": torch.arange(5)},
+                                          {**meta, "shape": "[16, 64]"}),
+        "out_of_range": lambda: _mask_case(tmp_path, case, {"indices": torch.tensor([1, 2048])}, meta),
+        "negative": lambda: _mask_case(tmp_path, case, {"indices": torch.tensor([-1, 4])}, meta),
+        "duplicates": lambda: _mask_case(tmp_path, case, {"indices": torch.tensor([1, 1, 2, 2, 3])}, meta),
+        "missing": lambda: tmp_path / "nowhere.safetensors",
+    }
+    path = paths[case]()
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        load_mask_for(path, parameter, shape)
+    message = str(err.value)
+    assert expected in message and f"model.edit.mask_path={str(path)!r}" in message and "\n" not in message
+
+
+def test_a_bad_mask_path_fails_before_training(tmp_path, capsys):
+    bad = _mask_case(tmp_path, "garbage", raw=b"garbage")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", TINY, f"--model.edit.mask_path={bad}", "--export.export_dir=null",
+              f"--trainer.default_root_dir={tmp_path}"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("debias: error: ")]
+    assert len(lines) == 1 and "model.edit.mask_path" in lines[0]
+
+
+def test_help_is_fast_because_it_imports_no_lightning():
+    code = ("import sys; from debias.commands import main; main(['--help']); "
+            "assert not any(m.startswith(('lightning', 'torch', 'transformers')) for m in sys.modules), "
+            "sorted(m for m in sys.modules if m.startswith(('lightning', 'torch', 'transformers')))[:5]")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fit" in done.stdout and "compare" in done.stdout
+    assert " test " not in done.stdout and "predict" not in done.stdout

@@ -159,7 +159,7 @@ def test_token_sequences_start_with_bos_and_mask_specials():
     ids = corpus.token_sequences(tok, corpus.split_passages("train"), 16, 300)
     assert ids.shape[1] == 16 and ids.shape[0] * 15 >= 300
     assert (ids[:, 0] == tok.bos_token_id).all()
-    mask = corpus.real_token_mask(tok, ids)
+    mask = corpus.non_special_tokens(tok, ids)
     assert not mask[:, 0].any() and mask.float().mean() > 0.8
     assert torch.equal(ids, corpus.token_sequences(tok, corpus.split_passages("train"), 16, 300))
 

@@ -150,7 +150,7 @@ def train_sae(model, tokenizer, settings: SAETrainSettings, out_dir: str | Path,
                                        settings.n_tokens)
     val_ids = corpus.token_sequences(tokenizer, corpus.split_passages("validation"), settings.seq_len,
                                      settings.val_tokens)
-    acts = capture_activations(model, site, train_ids, corpus.real_token_mask(tokenizer, train_ids),
+    acts = capture_activations(model, site, train_ids, corpus.non_special_tokens(tokenizer, train_ids),
                                settings.capture_batch, desc=f"capture {settings.hook_name}")
     capture_s = time.perf_counter() - start
 

@@ -115,7 +115,7 @@ def token_sequences(tokenizer, texts: Iterable[str], seq_len: int = 128, n_token
     return torch.tensor(rows, dtype=torch.long)
 
 
-def real_token_mask(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
+def non_special_tokens(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
     """Bool mask [n_seq, seq_len]: True where the token is not special (BOS, EOS separators, padding)."""
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=input_ids.dtype)
     return ~torch.isin(input_ids, special)

@@ -39,7 +39,7 @@ def sae_metrics(model, tokenizer, sae, site: hooks.HookSite, val_tokens: torch.T
     clean, with x̂ spliced in at real tokens, and with the hooked activation zeroed there;
     ce_loss_recovered = (zero - sae) / (zero - clean).
     """
-    real = corpus.real_token_mask(tokenizer, val_tokens)
+    real = corpus.non_special_tokens(tokenizer, val_tokens)
     x = capture_activations(model, site, val_tokens, real, batch, desc="validation")
     param = next(sae.parameters())
     feats = sae.encode(x.to(param.device, param.dtype))

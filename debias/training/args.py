@@ -7,6 +7,7 @@ collects every problem at once, naming the flag, before any model is loaded.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, fields
 from typing import Literal, get_args, get_origin, get_type_hints
 
@@ -106,6 +107,8 @@ class EditArgs:
             problems.append(f"model.edit.fraction must be in (0, 1], got {self.fraction}")
         if self.lora_rank < 1:
             problems.append(f"model.edit.lora_rank must be >= 1, got {self.lora_rank}")
+        if self.mask_path is not None and not Path(self.mask_path).is_file():
+            problems.append(f"model.edit.mask_path={self.mask_path!r}: no such file")
         for name in ("clamp_value", "steering_alpha"):
             if not _finite(getattr(self, name)):
                 problems.append(f"model.edit.{name} must be finite, got {getattr(self, name)}")
