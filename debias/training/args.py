@@ -7,8 +7,8 @@ collects every problem at once, naming the flag, before any model is loaded.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
 from debias.config import STEERING_ALPHA, DType, MaskStrategy, SteeringKind
