@@ -102,6 +102,7 @@ def build_cli(args: list[str] | None, run: bool = True) -> DebiasCLI:
 
     A bad key or value raises `ConfigError`, not `SystemExit` after the usage.
     """
+    quiet_console()
     try:
         return DebiasCLI(
             DebiasModule, DebiasDataModule, args=args, run=run,
@@ -133,16 +134,16 @@ def quiet_console() -> None:
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropTips())
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
 
 
 def fit(args: list[str]) -> None:
-    quiet_console()
     build_cli(["fit", *args])
 
 
 def validate(args: list[str]) -> None:
-    quiet_console()
     build_cli(["validate", *args])
 
 
