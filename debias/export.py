@@ -102,14 +102,15 @@ Files: merged weights here; {_files(report)}`debias/report.json`.
 
 
 def _what(report: dict) -> str:
-    where = f"`{report['parameter']}` (layer {report['layer']})"
-    if report["method"] == "lora":
-        rank = report["config"]["edit"]["lora_rank"]
-        return f"a rank-{rank} LoRA adapter ({report['changed_parameters']} parameters) on {where}"
-    if report["method"] == "dense":
+    from debias.edits import registry
+
+    method, where = registry.get(report["method"]), f"`{report['parameter']}` (layer {report['layer']})"
+    if method.kind == "mask":
+        return (f"only **{report['k']}** of the {report['numel']} entries of {where} changed, chosen by the "
+                f"{report['mask_strategy']} mask ({report['method']})")
+    if method.mask_from == "all":
         return f"all {report['numel']} entries of {where}"
-    return (f"only **{report['k']}** of the {report['numel']} entries of {where} changed, chosen by the "
-            f"{report['mask_strategy']} mask ({report['method']})")
+    return f"{method.summary} ({report['changed_parameters']} parameters) on {where}"
 
 
 def _nothing_changed(report: dict) -> str:

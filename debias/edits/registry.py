@@ -45,7 +45,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "top-k entries by the train bias gap's own gradient, no SAE",
            "tab:blue", "bias", _SPARSE_FILES),
     Method("dense", "weight", sparse.build_dense, "every entry of W_out", "tab:purple", "all"),
-    Method("lora", "weight", lora.build, "a peft LoRA adapter of `lora_rank` on W_out", "tab:green",
+    Method("lora", "weight", lora.build, "a peft LoRA adapter (rank `lora_rank`)", "tab:green",
            export_files="`adapter/` (PEFT LoRA); "),
     Method("sae_clamp", "inference", interventions.build_clamp,
            "the features clamped to `clamp_value` at the hook, error term kept", "tab:brown"),
