@@ -18,6 +18,19 @@ and male-stereotyped contexts at SmolLM2's blocks.24.hook_mlp_out (it moves the 
 Other models and hooks need their own value."""
 
 
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed version of each distribution (None where it is not installed), for reports and cache keys."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def choices(literal) -> tuple[str, ...]:
     """The values of a `Literal` type."""
     return get_args(literal)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from debias.config import package_versions
 from debias.io import atomic_dir
 
 #: An edit value this many times the matrix's largest weight is a blown-up run, not an edit.
@@ -50,12 +50,7 @@ def merged_state_dict(module) -> dict[str, torch.Tensor]:
 
 def environment() -> dict:
     """Package versions and the git commit of the working directory (if any)."""
-    versions: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = package_versions(PACKAGES)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                                 cwd=Path(__file__).parent).stdout.strip() or None

@@ -1,9 +1,7 @@
-"""Behavioural gender-bias metrics: the she-vs-he stereotype gap and the explicit-cue margin.
-
-The margin of a prompt is log p(" she") - log p(" he") at the next token (raw text, no chat template).
-`StereotypeGap` = mean margin over female-stereotyped profession prompts - mean over male-stereotyped ones
-(0 = no stereotype). `CueMargin` = mean margin of the *cued* pronoun after explicit cues ("My brother, a nurse,
-said that"): what a debiasing edit must keep (over-erasure check). Prompt lists live in `debias/prompts/`.
+"""Every text source and its templating: the bias prompts of a spec (`debias.bias_spec`) or of a prompt directory
+(profession x template gap prompts, explicit-cue prompts), and the texts of `package:`, `.txt`, `.jsonl` and `hf:`
+sources. The metrics computed on them live in `debias.evaluation.bias_metrics`; the shipped files are in
+`debias/data/prompts/` and `debias/data/biases/`.
 """
 
 from __future__ import annotations

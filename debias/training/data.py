@@ -1,7 +1,7 @@
 """Prompt sets and the DataModule: bias and neutral texts, with explicit train and held-out splits.
 
 A source is one of
-- `package:NAME`: a file shipped in `debias/prompts/`;
+- `package:NAME`: a file shipped in `debias/data/prompts/`;
 - a `.txt` file (one text per line; blank lines and lines starting with `#` are skipped);
 - a `.jsonl` file (the `text` field of each line);
 - `hf:DATASET[:CONFIG]:SPLIT:FIELD`, anything `datasets.load_dataset` can open.
@@ -85,7 +85,7 @@ class DebiasDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.texts:
             return
-        hp: Any = self.hparams  # Lightning's AttributeDict of the arguments above
+        hp = self.args
         sources = {"bias_train": hp.bias_train, "bias_heldout": hp.bias_heldout,
                    "neutral_train": hp.neutral_train, "neutral_heldout": hp.neutral_heldout}
         self.texts = {name: read_texts(src, hp.max_texts) for name, src in sources.items()}
