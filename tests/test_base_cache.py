@@ -72,6 +72,24 @@ def test_another_code_version_or_setting_is_a_new_entry(prepared, cache, counted
     assert not hit and len(counted) == 3 and len(_entries(cache)) == 3
 
 
+def test_an_edited_bias_spec_is_a_new_entry(prepared, cache, counted, tmp_path):
+    """The held-out gap and cue prompts come from the spec, not from the DataModule's texts: its file is in the key."""
+    import shutil
+
+    from debias.bias_spec import default_bias_dir
+
+    module, data = prepared
+    spec = tmp_path / "gender.yaml"
+    shutil.copy(default_bias_dir() / "gender.yaml", spec)
+    data.hparams["bias"] = str(spec)
+    try:
+        key = base_cache.cache_key(module, data, False, CUES)
+        spec.write_text(spec.read_text() + "\n# an edit of the spec\n")
+        assert base_cache.cache_key(module, data, False, CUES) != key
+    finally:
+        data.hparams["bias"] = "gender"
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not an object", "missing field", "another key"])
 def test_damaged_entry_warns_and_is_recomputed(prepared, cache, counted, capsys, damage):
     module, data = prepared

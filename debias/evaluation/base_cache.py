@@ -24,11 +24,11 @@ import json
 import os
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from debias.config import package_versions
 from debias.evaluation.heldout import ROWS
 from debias.io import atomic_write, atomic_write_json
 from debias.models.load import cache_dir
@@ -37,7 +37,7 @@ ENV = "DEBIAS_EVAL_CACHE"
 FORMAT = 1
 PACKAGE = Path(__file__).resolve().parents[1]
 #: Sources whose code computes the before-numbers (relative to the package); a change to any of them is a new key.
-CODE_FILES = ("evaluation/*.py", "prompts.py", "models/scoring.py", "models/hooks.py", "sae/ops.py",
+CODE_FILES = ("evaluation/*.py", "prompts.py", "bias_spec.py", "models/scoring.py", "models/hooks.py", "sae/ops.py",
               "training/module.py", "training/objective.py", "training/cache.py")
 #: Fields every entry must hold (with `suites`, also the suite scores).
 REQUIRED = (*ROWS, "bias_gap_ci", "cue_margin_ci", "gap_per_profession")
@@ -129,13 +129,7 @@ def code_version() -> dict:
     for pattern in CODE_FILES:
         for path in sorted(PACKAGE.glob(pattern)):
             h.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + path.read_bytes() + b"\0")
-    versions: dict[str, str | None] = {}
-    for name in ("debias", "torch", "transformers", "sae-lens"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"versions": versions, "sources": h.hexdigest()}
+    return {"versions": package_versions(("debias", "torch", "transformers", "sae-lens")), "sources": h.hexdigest()}
 
 
 def cache_key(module, datamodule, suites: bool, cue_limit: int | None) -> dict | None:
@@ -150,6 +144,11 @@ def cache_key(module, datamodule, suites: bool, cue_limit: int | None) -> dict |
     prompt_dir = Path(hp["prompt_dir"]) if hp.get("prompt_dir") else default_prompt_dir()
     data = {"settings": hp, "texts": _digest({k: datamodule.texts[k] for k in sorted(datamodule.texts)}),
             "prompt_files": _dir_hashes(prompt_dir)}
+    if not hp.get("prompt_dir"):  # the held-out gap and cue prompts come from the bias spec
+        from debias.bias_spec import load_bias_spec
+
+        spec = load_bias_spec(hp.get("bias", "gender")).path
+        data["bias_spec"] = {spec.name: file_hashes([spec])[str(spec)]}
     if suites:
         from debias.evaluation.suites import BENCHMARK_DIR
 
