@@ -20,9 +20,9 @@ from debias.sae.build import SAETrainSettings
 def _choices(group: str, obj) -> list[str]:
     """A problem for each `Literal` field whose value is not one of its choices (jsonargparse checks them on the
     command line and in YAML; this covers the Python API)."""
-    problems = []
+    problems, hints = [], get_type_hints(type(obj))
     for f in fields(obj):
-        hint = get_type_hints(type(obj))[f.name]
+        hint = hints[f.name]
         options = [a for a in (hint, *get_args(hint)) if get_origin(a) is Literal]
         allowed = [v for literal in options for v in get_args(literal)]
         value = getattr(obj, f.name)
