@@ -12,8 +12,9 @@ from typing import Any
 SPLITS = ("train", "validation", "heldout")
 CONTEXT_FIELDS = frozenset({"profession", "a_profession", "A_profession", "context", "a_context", "A_context"})
 RELATIVE_FIELD = "relative"
-TOP_KEYS = ("description", "groups", "swaps", "contexts", "attributes", "templates", "cues", "factual")
-REQUIRED_KEYS = TOP_KEYS[1:]
+SUBJECT_FIELDS = frozenset({"subject", "Subject"})
+TOP_KEYS = ("description", "groups", "swaps", "contexts", "attributes", "templates", "cues", "factual", "statements")
+REQUIRED_KEYS = TOP_KEYS[1:-1]  # `statements` is optional: without it the sentence-level terms are unavailable
 
 
 class BiasSpecError(ValueError):
@@ -161,19 +162,24 @@ def _no_group_words(c: _Checker, key: str, lists: dict[str, list[str]], words: d
                        "expected no group word here: a group word is a cue, not a stereotype")
 
 
-def _templates(c: _Checker, lists: dict[str, list[str]], key: str, cue: bool) -> None:
-    allowed = CONTEXT_FIELDS | {RELATIVE_FIELD} if cue else CONTEXT_FIELDS
-    need = "{relative} and a context placeholder" if cue else "a context placeholder"
+def _templates(c: _Checker, lists: dict[str, list[str]], key: str, kind: str) -> None:
+    """`kind`: "gap" (a context placeholder), "cue" (also {relative}) or "statement" (one subject placeholder)."""
+    fields = SUBJECT_FIELDS if kind == "statement" else CONTEXT_FIELDS
+    allowed = fields | {RELATIVE_FIELD} if kind == "cue" else fields
+    need = {"gap": "a context placeholder", "cue": "{relative} and a context placeholder",
+            "statement": "one subject placeholder"}[kind]
     for split, items in lists.items():
         for t in items:
             try:
-                names = {n for _, n, _, _ in string.Formatter().parse(t) if n is not None}
+                parsed = [n for _, n, _, _ in string.Formatter().parse(t) if n is not None]
             except ValueError as err:
                 c.fail(f"{key}.{split}", f"{t!r} is not a valid template ({err})")
                 continue
-            if names - allowed or not names & CONTEXT_FIELDS or (cue and RELATIVE_FIELD not in names):
-                c.fail(f"{key}.{split}", f"{t!r} has placeholders {sorted(names)}; expected {need} "
-                       f"({sorted(CONTEXT_FIELDS)}) and nothing else")
+            names = set(parsed)
+            if (names - allowed or not names & fields or (kind == "cue" and RELATIVE_FIELD not in names)
+                    or (kind == "statement" and len(parsed) != 1)):
+                c.fail(f"{key}.{split}", f"{t!r} has placeholders {sorted(parsed)}; expected {need} "
+                       f"({sorted(fields)}) and nothing else")
             if t != t.rstrip():
                 c.fail(f"{key}.{split}", f"{t!r} ends with a space; expected none (targets carry their own)")
 
@@ -207,6 +213,32 @@ def _factual(c: _Checker, raw: Any, groups: list[str], words: dict[str, list[str
     return out
 
 
+def _subject_rows(c: _Checker, raw: Any, groups: list[str], words: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """statements.subjects: per split, rows {group: subject naming that group only} (the counterfactual subjects)."""
+    out: dict[str, list[dict]] = {}
+    for split, rows in c.mapping(raw, "statements.subjects", SPLITS, SPLITS).items():
+        key = f"statements.subjects.{split}"
+        if not isinstance(rows, list) or not rows:
+            c.fail(key, f"expected a non-empty list of rows {{group: subject, ...}}, got {_kind(rows)}")
+            continue
+        out[split] = []
+        for i, row in enumerate(rows):
+            body = c.mapping(row, f"{key}[{i}]", tuple(groups), tuple(groups))
+            subjects = {g: c.text(body[g], f"{key}[{i}].{g}") for g in groups if g in body}
+            for g, subject in subjects.items():
+                if subject and set(group_words_in(words, subject)) != {g}:
+                    c.fail(f"{key}[{i}].{g}", f"{subject!r} names {group_words_in(words, subject) or 'no group word'}; "
+                           f"expected word(s) of {g!r} only (the subject carries the group)")
+            if len(subjects) == len(groups) and all(subjects.values()):
+                out[split].append(subjects)
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1:]:
+            shared = [r for r in out.get(a, []) if r in out.get(b, [])]
+            if shared:
+                c.fail("statements.subjects", f"expected disjoint splits, but {a} and {b} share {shared}")
+    return out
+
+
 def check_spec(raw: Any) -> tuple[dict[str, Any], list[str]]:
     """The fields of a `BiasSpec` (less name and path) from parsed YAML, and every problem found."""
     c = _Checker()
@@ -225,9 +257,15 @@ def check_spec(raw: Any) -> tuple[dict[str, Any], list[str]]:
     cue_templates = c.splits(cues["templates"], "cues.templates") if "templates" in cues else {}
     relatives = c.per_group(cues["relatives"], "cues.relatives", groups) if "relatives" in cues else {}
     factual = _factual(c, top["factual"], groups, words) if "factual" in top else {}
-    _templates(c, templates, "templates", cue=False)
-    _templates(c, cue_templates, "cues.templates", cue=True)
-    for key, lists in (("templates", templates), ("cues.templates", cue_templates)):
+    statements = c.mapping(top["statements"], "statements", ("templates", "subjects"), ("templates", "subjects")) \
+        if "statements" in top else {}
+    statement_templates = c.splits(statements["templates"], "statements.templates") if "templates" in statements else {}
+    subjects = _subject_rows(c, statements["subjects"], groups, words) if "subjects" in statements else {}
+    _templates(c, templates, "templates", "gap")
+    _templates(c, cue_templates, "cues.templates", "cue")
+    _templates(c, statement_templates, "statements.templates", "statement")
+    for key, lists in (("templates", templates), ("cues.templates", cue_templates),
+                       ("statements.templates", statement_templates)):
         _no_group_words(c, key, lists, words)
     for key, per in (("contexts", contexts), ("attributes", attributes)):
         for g, lists in per.items():
@@ -241,5 +279,6 @@ def check_spec(raw: Any) -> tuple[dict[str, Any], list[str]]:
                            f"word(s) of {g!r} only (the relative is the explicit cue)")
     fields = dict(description=description, groups=groups, targets=targets, words=words, swaps=rows,
                   contexts=contexts, attributes=attributes, templates=templates, cue_templates=cue_templates,
-                  cue_relatives=relatives, factual=factual, partners=partners)
+                  cue_relatives=relatives, factual=factual, statement_templates=statement_templates,
+                  subjects=subjects, partners=partners)
     return fields, c.problems

@@ -3,7 +3,8 @@
 A spec (`debias/data/biases/NAME.yaml`, format in that folder's README) names two or more groups, each with the
 target token of next-token gaps (gender: " she" / " he"); counterfactual swap rows (one word per group); the
 stereotyped contexts and attribute phrases of each group; gap templates; explicit-cue templates and relatives;
-and factual statements an edit must keep. Every list comes in a train, a validation and a held-out split.
+factual statements an edit must keep; and (optional) sentence-level statement templates with rows of
+counterfactual subjects ("In my experience, {subject}" x "my sister" / "my brother"). Every list comes in a train, a validation and a held-out split.
 `load_bias_spec` checks all of it and reports every problem at once, naming the file, the key and what was
 expected, before any model loads.
 """
@@ -69,6 +70,10 @@ class BiasSpec:
     cue_templates: Mapping[str, tuple[str, ...]]
     cue_relatives: Mapping[str, Mapping[str, tuple[str, ...]]]
     factual: Mapping[str, tuple[FactualStatement, ...]]
+    #: Sentence-level statements (optional; empty without a `statements` key): prefix templates with one
+    #: `{subject}` / `{Subject}` placeholder, and rows of counterfactual subjects (group -> "my sister").
+    statement_templates: Mapping[str, tuple[str, ...]]
+    subjects: Mapping[str, tuple[Mapping[str, str], ...]]
     #: (from group, to group) -> lower-case word -> its partners in the other group (one or two, row order).
     partners: Mapping[tuple[str, str], Mapping[str, tuple[str, ...]]] = field(repr=False)
 

@@ -1,7 +1,9 @@
-"""Callbacks: held-out metrics at validation, and the before/after report with the export at the end of `fit`."""
+"""Callbacks: validation-split metrics and the checkpoint score at validation, and the held-out before/after report
+with the export at the end of `fit`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from debias.evaluation.heldout import HeldOutAggregate, behaviour_metrics, format_table
+from debias.evaluation.heldout import HeldOutAggregate, behaviour_metrics, format_table, outcome
 
 
 def datamodule_of(trainer: Trainer) -> Any:
@@ -18,25 +20,77 @@ def datamodule_of(trainer: Trainer) -> Any:
     return trainer.datamodule  # type: ignore[attr-defined]
 
 
-class HeldOutMetrics(Callback):
-    """Logs `val/feature_act`, `val/feature_fire_rate`, `val/lm_loss`, `val/perplexity`, `val/kl`,
-    `val/bias_gap` and `val/cue_margin` at each validation (progress bar and loggers)."""
+class ValidationMetrics(Callback):
+    """Logs the validation split's metrics at each validation, and `val/score`, the number that
+    `ModelCheckpoint(monitor="val/score", mode="min")` chooses the exported step by.
+
+    Logged (progress bar and loggers): `val/feature_act`, `val/feature_fire_rate`, `val/lm_loss`, `val/kl`,
+    `val/bias_gap`, `val/cue_margin`, and with a spec's statements `val/statement_gap` and `val/factual_margin`:
+    the spec's validation prompts, and the data's validation neutral text. Held-out prompts are never read here.
+
+    `val/score` (lower is better) = the mean remaining share of the gaps (|gap| / |gap of the original|, over
+    the profession and the statement gap) + `penalty` × (max(0, kl / kl_budget − 1) + max(0, cue_floor − cue
+    kept) + max(0, factual_floor − factual kept)), each margin kept being after / before on the validation split.
+    """
+
+    def __init__(self, kl_budget: float = 0.01, cue_floor: float = 0.75, factual_floor: float = 0.9,
+                 penalty: float = 10.0, cue_limit: int = 128):
+        """
+        Args:
+            kl_budget: neutral-text KL the edit may spend before the score charges for it.
+            cue_floor: share of the explicit-cue margin the edit must keep.
+            factual_floor: share of the factual statements' margin the edit must keep.
+            penalty: weight of a missed budget or floor against the gaps.
+            cue_limit: validation cue prompts scored (a seeded, balanced subset).
+        """
+        problems = [f"metrics.{name} must be a finite number > 0, got {value}" for name, value in
+                    (("kl_budget", kl_budget), ("penalty", penalty)) if not (0 < value < float("inf"))]
+        problems += [f"metrics.{name} must be in [0, 1], got {value}" for name, value in
+                     (("cue_floor", cue_floor), ("factual_floor", factual_floor)) if not 0 <= value <= 1]
+        if cue_limit < 1:
+            problems.append(f"metrics.cue_limit must be >= 1, got {cue_limit}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.kl_budget, self.cue_floor, self.factual_floor = kl_budget, cue_floor, factual_floor
+        self.penalty, self.cue_limit = penalty, cue_limit
+        self.original: dict | None = None
+
+    def behaviour(self, trainer: Trainer, pl_module: Any, edited: bool) -> dict:
+        with pl_module.fastpath.active() if pl_module.fastpath is not None else contextlib.nullcontext():
+            metrics = behaviour_metrics(pl_module, datamodule_of(trainer), edited, self.cue_limit, "validation",
+                                        n_boot=1)
+        return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+    def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
+        if datamodule_of(trainer).hparams.prompt_dir is None:
+            self.original = self.behaviour(trainer, pl_module, edited=False)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
         self.agg = HeldOutAggregate(len(pl_module.features), pl_module.device)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.agg.update(datamodule_of(trainer).VAL_SETS[dataloader_idx], outputs)
+        self.agg.update(datamodule_of(trainer).val_sets()[dataloader_idx], outputs)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
         if trainer.sanity_checking:
             return
         metrics = self.agg.compute()
-        metrics.update({k: v for k, v in behaviour_metrics(pl_module, datamodule_of(trainer), True, 128).items()
-                        if isinstance(v, float)})
-        shown = ("feature_act", "kl", "bias_gap", "cue_margin")
+        if self.original is not None:
+            metrics.update(self.behaviour(trainer, pl_module, edited=True))
+            metrics["score"] = self.score(self.original, metrics)
+        shown = ("kl", "bias_gap", "statement_gap", "score")
         for name, value in metrics.items():
             pl_module.log(f"val/{name}", value, prog_bar=name in shown, add_dataloader_idx=False)
+
+    def score(self, original: dict, current: dict) -> float:
+        """`val/score` of `current` validation metrics against the original model's."""
+        summary = outcome(original, current)
+        remaining = [1 - summary[k] for k in ("bias_gap_reduction", "statement_gap_reduction") if k in summary]
+        missed = max(0.0, current["kl"] / self.kl_budget - 1)
+        for key, floor in (("cue_kept", self.cue_floor), ("factual_kept", self.factual_floor)):
+            if key in summary:
+                missed += max(0.0, floor - summary[key])
+        return sum(remaining) / max(len(remaining), 1) + self.penalty * missed
 
 
 def run_dirs(trainer: Trainer) -> dict[str, Path]:

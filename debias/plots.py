@@ -27,7 +27,7 @@ def heldout_feature_acts(module, datamodule) -> tuple[torch.Tensor, torch.Tensor
     out = {}
     for edited in (False, True):
         values = []
-        for texts in datamodule.val_dataloader()[datamodule.VAL_SETS.index("bias")]:
+        for texts in dict(datamodule.loaders("heldout"))["bias"]:
             if edited:
                 batch = module.evaluate_batch(texts, "bias")
             else:

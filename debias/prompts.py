@@ -7,6 +7,7 @@ sources. The metrics computed on them live in `debias.evaluation.bias_metrics`; 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from debias.bias_spec import BiasSpec, load_bias_spec
 
 SPLITS = ("train", "heldout")  # the splits of a prompt directory; a bias spec also has "validation"
 GENDERS = ("female", "male")
+GENDER_TARGETS = (" she", " he")  # the gender spec's targets: those of the prompt directory's files
 
 
 def default_prompt_dir() -> Path:
@@ -78,67 +80,87 @@ def fill(template: str, profession: str, relative: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class GapPrompts:
-    """Profession prompts of one split: `female` / `male` texts (professions x templates, profession-major)
-    with the profession of each prompt in `female_labels` / `male_labels`. From a bias spec, `female` holds the
-    first of `groups` and `male` the second (the names are gender's; the gap is first minus second)."""
+    """Stereotyped-context prompts of one split, per group in `groups` order: `texts[g]` (contexts x templates,
+    context-major), the context of each prompt in `labels[g]` and the group's contexts in `contexts[g]`.
+    `targets[g]` is group g's next-token target (gender: " she", " he") and `bias` the spec's name. The gender
+    names `female` / `male` (and `*_labels`, `*_professions`) are the first / second group's lists."""
 
-    female: list[str]
-    male: list[str]
-    female_labels: list[str]
-    male_labels: list[str]
-    female_professions: list[str]
-    male_professions: list[str]
+    texts: tuple[list[str], ...]
+    labels: tuple[list[str], ...]
+    contexts: tuple[list[str], ...]
     templates: list[str]
-    groups: tuple[str, str] = GENDERS
+    groups: tuple[str, ...] = GENDERS
+    targets: tuple[str, ...] = GENDER_TARGETS
+    bias: str = "gender"
 
     @property
     def prompts(self) -> list[str]:
-        """All prompts, female first: [n_female + n_male]."""
-        return self.female + self.male
+        """All prompts, group by group (gender: female first)."""
+        return [t for texts in self.texts for t in texts]
 
     @property
-    def is_female(self) -> torch.Tensor:
-        """Bool [n_female + n_male], aligned with `prompts`."""
-        return torch.tensor([True] * len(self.female) + [False] * len(self.male))
+    def all_labels(self) -> list[str]:
+        """The context of each prompt, aligned with `prompts`."""
+        return [label for labels in self.labels for label in labels]
+
+    @property
+    def group_index(self) -> torch.Tensor:
+        """Long [n]: the index in `groups` of each prompt's stereotyped group, aligned with `prompts`."""
+        return torch.tensor([g for g, texts in enumerate(self.texts) for _ in texts], dtype=torch.long)
+
+    is_female = property(lambda self: _first_of_two(self), doc="Bool [n]: of the first group (two groups only).")
+    female = property(lambda self: self.texts[0], doc="The first group's prompts.")
+    male = property(lambda self: self.texts[1], doc="The second group's prompts.")
+    female_labels = property(lambda self: self.labels[0], doc="The first group's prompt contexts.")
+    male_labels = property(lambda self: self.labels[1], doc="The second group's prompt contexts.")
+    female_professions = property(lambda self: self.contexts[0], doc="The first group's contexts.")
+    male_professions = property(lambda self: self.contexts[1], doc="The second group's contexts.")
 
 
-def _spec_pair(split: str, prompt_dir: str | Path | None, bias: str | Path | BiasSpec,
-               groups: tuple[str, str] | None) -> tuple[BiasSpec | None, tuple[str, str]]:
-    """The spec to read (None: the prompt directory's files) and the two groups to compare."""
+def _first_of_two(prompts: GapPrompts | CuePrompts) -> torch.Tensor:
+    if len(prompts.groups) != 2:
+        raise ValueError(f"a female/male flag needs a two-group bias; bias {prompts.bias!r} has groups "
+                         f"{list(prompts.groups)}: use group_index")
+    return prompts.group_index == 0
+
+
+def _spec_groups(split: str, prompt_dir: str | Path | None, bias: str | Path | BiasSpec,
+                 groups: Sequence[str] | None) -> tuple[BiasSpec | None, tuple[str, ...], dict]:
+    """The spec to read (None: the prompt directory's files), the groups to compare and the prompts' `groups`,
+    `targets` and `bias` fields."""
     if prompt_dir is not None:
-        if not (isinstance(bias, str) and bias == "gender") or groups not in (None, GENDERS):
+        if not (isinstance(bias, str) and bias == "gender") or groups not in (None, GENDERS, list(GENDERS)):
             raise ValueError(f"prompt_dir={str(prompt_dir)!r} holds gender prompt files; pass either prompt_dir or "
                              f"bias={bias!r} / groups={groups!r}, not both")
-        return None, GENDERS
+        return None, GENDERS, {"groups": GENDERS, "targets": GENDER_TARGETS, "bias": "gender"}
     spec = load_bias_spec(bias)
     if split not in SPEC_SPLITS:
         raise ValueError(f"unknown split {split!r} of bias spec {spec.path}; expected one of {SPEC_SPLITS}")
-    pair = groups if groups is not None else (spec.groups[0], spec.groups[1])
-    if len(pair) != 2 or len(set(pair)) != 2 or not set(pair) <= set(spec.groups):
-        raise ValueError(f"groups must be two different groups of bias {spec.name!r} {list(spec.groups)}, got {pair}")
-    return spec, (pair[0], pair[1])
+    chosen = tuple(groups) if groups is not None else spec.groups
+    if len(chosen) < 2 or len(set(chosen)) != len(chosen) or not set(chosen) <= set(spec.groups):
+        raise ValueError(f"groups must be two or more different groups of bias {spec.name!r} {list(spec.groups)}, "
+                         f"got {chosen}")
+    return spec, chosen, {"groups": chosen, "targets": tuple(spec.targets[g] for g in chosen), "bias": spec.name}
 
 
-def _contexts(spec: BiasSpec | None, pair: tuple[str, str], split: str, prompt_dir: str | Path | None):
+def _contexts(spec: BiasSpec | None, groups: tuple[str, ...], split: str, prompt_dir: str | Path | None):
     if spec is None:
         return _split_lines("templates", split, prompt_dir), {g: _split_lines(f"professions_{g}", split, prompt_dir)
                                                               for g in GENDERS}
-    return list(spec.templates[split]), {g: list(spec.contexts[g][split]) for g in pair}
+    return list(spec.templates[split]), {g: list(spec.contexts[g][split]) for g in groups}
 
 
 def load_gap_prompts(split: str = "train", prompt_dir: str | Path | None = None,
-                     bias: str | Path | BiasSpec = "gender", groups: tuple[str, str] | None = None) -> GapPrompts:
+                     bias: str | Path | BiasSpec = "gender", groups: Sequence[str] | None = None) -> GapPrompts:
     """Stereotyped contexts x templates of `split`, from the bias spec `bias` (a shipped name, a YAML path or a
-    spec; splits "train", "validation", "heldout") comparing `groups` (default: its first two), or from the
-    gender prompt files in `prompt_dir` when given (splits "train", "heldout"). For gender both give the same
-    prompts."""
-    spec, pair = _spec_pair(split, prompt_dir, bias, groups)
-    templates, profs = _contexts(spec, pair, split, prompt_dir)
-    texts = {g: [fill(t, p) for p in profs[g] for t in templates] for g in pair}
-    labels = {g: [p for p in profs[g] for _ in templates] for g in pair}
-    first, second = pair
-    return GapPrompts(texts[first], texts[second], labels[first], labels[second], profs[first], profs[second],
-                      templates, pair)
+    spec; splits "train", "validation", "heldout") for `groups` (default: all of its groups, in file order), or
+    from the gender prompt files in `prompt_dir` when given (splits "train", "heldout"). For gender both give the
+    same prompts."""
+    spec, chosen, meta = _spec_groups(split, prompt_dir, bias, groups)
+    templates, profs = _contexts(spec, chosen, split, prompt_dir)
+    texts = tuple([fill(t, p) for p in profs[g] for t in templates] for g in chosen)
+    labels = tuple([p for p in profs[g] for _ in templates] for g in chosen)
+    return GapPrompts(texts, labels, tuple(profs[g] for g in chosen), templates, **meta)
 
 
 def write_bias_prompts(split: str, out: str | Path, prompt_dir: str | Path | None = None) -> Path:
@@ -151,24 +173,30 @@ def write_bias_prompts(split: str, out: str | Path, prompt_dir: str | Path | Non
 
 @dataclass(frozen=True)
 class CuePrompts:
-    """Explicit-cue prompts: `cued[i]` is "female"/"male" (the relative's gender); `pro[i]` is True when the
-    profession's stereotype agrees with the cue ("My sister, a nurse") and False when it does not."""
+    """Explicit-cue prompts: `cued[i]` is the group the relative names ("female" / "male" for gender); `pro[i]` is
+    True when the context's stereotype agrees with the cue ("My sister, a nurse") and False when it does not.
+    `groups`, `targets` and `bias` as in `GapPrompts`."""
 
     prompts: list[str]
     cued: list[str]
     pro: list[bool]
-    groups: tuple[str, str] = GENDERS
+    groups: tuple[str, ...] = GENDERS
+    targets: tuple[str, ...] = GENDER_TARGETS
+    bias: str = "gender"
 
     @property
-    def cued_female(self) -> torch.Tensor:
-        """Bool [n]: the cue names the first of `groups`."""
-        return torch.tensor([c == self.groups[0] for c in self.cued])
+    def group_index(self) -> torch.Tensor:
+        """Long [n]: the index in `groups` of each prompt's cued group."""
+        return torch.tensor([self.groups.index(c) for c in self.cued], dtype=torch.long)
+
+    cued_female = property(lambda self: _first_of_two(self), doc="Bool [n]: the cue names the first group "
+                           "(two-group biases only).")
 
 
-def _relatives(spec: BiasSpec | None, pair: tuple[str, str], split: str,
+def _relatives(spec: BiasSpec | None, groups: tuple[str, ...], split: str,
                prompt_dir: str | Path | None) -> list[tuple[str, str]]:
     if spec is not None:
-        return [(relative, g) for g in pair for relative in spec.cue_relatives[g][split]]
+        return [(relative, g) for g in groups for relative in spec.cue_relatives[g][split]]
     relatives = []
     for line in _split_lines("cue_relatives", split, prompt_dir):
         parts = line.rsplit(None, 1)
@@ -181,30 +209,31 @@ def _relatives(spec: BiasSpec | None, pair: tuple[str, str], split: str,
 
 def load_cue_prompts(split: str = "train", prompt_dir: str | Path | None = None, limit: int | None = None,
                      seed: int = 0, bias: str | Path | BiasSpec = "gender",
-                     groups: tuple[str, str] | None = None) -> CuePrompts:
-    """Relatives x cue templates x contexts (both groups' stereotyped lists) of `split`, from the bias spec or
-    the prompt directory as in `load_gap_prompts`; `limit` keeps a seeded random subset with equal shares of the
-    four (cued group, pro/anti) cells (the full gender set is ~1,000 prompts)."""
-    spec, pair = _spec_pair(split, prompt_dir, bias, groups)
-    relatives = _relatives(spec, pair, split, prompt_dir)
+                     groups: Sequence[str] | None = None) -> CuePrompts:
+    """Relatives x cue templates x contexts (every compared group's stereotyped lists) of `split`, from the bias
+    spec or the prompt directory as in `load_gap_prompts`; `limit` keeps a seeded random subset with equal shares
+    of the (cued group, pro/anti) cells (the full gender set is ~1,000 prompts)."""
+    spec, chosen, meta = _spec_groups(split, prompt_dir, bias, groups)
+    relatives = _relatives(spec, chosen, split, prompt_dir)
     templates = _split_lines("cue_templates", split, prompt_dir) if spec is None else list(spec.cue_templates[split])
-    profs = _contexts(spec, pair, split, prompt_dir)[1]
+    profs = _contexts(spec, chosen, split, prompt_dir)[1]
     prompts, cued, pro = [], [], []
-    for relative, gender in relatives:
+    for relative, group in relatives:
         for template in templates:
-            for prof_gender in pair:
-                for prof in profs[prof_gender]:
+            for prof_group in chosen:
+                for prof in profs[prof_group]:
                     prompts.append(fill(template, prof, relative))
-                    cued.append(gender)
-                    pro.append(gender == prof_gender)
+                    cued.append(group)
+                    pro.append(group == prof_group)
     if limit is not None:
-        if limit < 4:
-            raise ValueError(f"limit must be >= 4 (one prompt per cue gender x pro/anti cell), got {limit}")
+        if limit < 2 * len(chosen):
+            raise ValueError(f"limit must be >= {2 * len(chosen)} (one prompt per cued group x pro/anti cell), "
+                             f"got {limit}")
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
         cells = [[i for i in order if (cued[i], pro[i]) == cell] for cell in sorted(set(zip(cued, pro, strict=True)))]
         keep = sorted(i for k, cell in enumerate(cells) for i in cell[: (limit + k) // len(cells)])
         prompts, cued, pro = [prompts[i] for i in keep], [cued[i] for i in keep], [pro[i] for i in keep]
-    return CuePrompts(prompts, cued, pro, pair)
+    return CuePrompts(prompts, cued, pro, **meta)
 
 
 PROMPT_DIR = default_prompt_dir()
@@ -271,8 +300,6 @@ def _read_hf(source: str) -> list[str]:
 def heldout_completion_prompts(prompt_dir: str | Path | None = None, n: int = 4) -> list[str]:
     """`n` held-out profession prompts: the first n//2 female-stereotyped professions, then the first n - n//2
     male-stereotyped ones, the i-th profession of a gender in held-out template i (cycling); deterministic."""
-    from debias.prompts import load_gap_prompts
-
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     gap = load_gap_prompts("heldout", prompt_dir)
@@ -288,8 +315,6 @@ def heldout_completion_prompts(prompt_dir: str | Path | None = None, n: int = 4)
 
 def default_prompts() -> list[str]:
     """Four held-out profession prompts and two held-out explicit-cue prompts (one female, one male cue)."""
-    from debias.prompts import load_cue_prompts
-
     cues = load_cue_prompts("heldout", limit=4)
     first = {g: next(p for p, c in zip(cues.prompts, cues.cued, strict=True) if c == g) for g in ("female", "male")}
     return heldout_completion_prompts(n=4) + [first["female"], first["male"]]

@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,9 +108,10 @@ def test_crows_pairs_swap_and_ci(model, tok, tmp_path, one_thread):
     assert res["n"] == res_swapped["n"] == len(CROWS)
     assert res_swapped["stereo_pct"] == pytest.approx(100 - res["stereo_pct"])
     assert res_swapped["margin"] == pytest.approx(-res["margin"])
-    for key in ("stereo_pct", "margin"):
+    for key in ("stereo_pct", "margin", "abs_pct_minus_50"):
         lo, hi = res[f"{key}_ci"]
         assert lo <= res[key] <= hi
+    assert res["abs_pct_minus_50"] == abs(res["stereo_pct"] - 50) == res_swapped["abs_pct_minus_50"]
     # by hand: per-token mean log-prob of the filled sentences
     mean = lambda t: manual_logprob(model, tok, t) / len(tok(t, add_special_tokens=False)["input_ids"])  # noqa: E731
     margins = [mean(it["sentence"].replace("[MASK]", it["stereo"])) - mean(it["sentence"].replace("[MASK]", it["anti"]))
@@ -140,9 +142,10 @@ def test_stereoset_matches_hand_count_and_swap(by_target, model, tok, tmp_path, 
     assert res["ss"] == pytest.approx(ss) and res["lms"] == pytest.approx(lms)
     assert res["icat"] == pytest.approx(res["lms"] * min(res["ss"], 100 - res["ss"]) / 50)
     assert (res["n"], res["n_intrasentence"], res["n_intersentence"]) == (5, 2, 3)
-    for key in ("ss", "lms"):
+    for key in ("ss", "lms", "abs_ss_minus_50"):
         lo, hi = res[f"{key}_ci"]
         assert lo <= res[key] <= hi
+    assert res["abs_ss_minus_50"] == abs(res["ss"] - 50)
     swapped = [dict(it, stereotype=it["anti-stereotype"], **{"anti-stereotype": it["stereotype"]}) for it in STEREO]
     res_swapped = suites.stereoset(model, tok, write(tmp_path, swapped, "swap.json"), n_boot=200, progress=False,
                                    by_target=by_target)
@@ -150,6 +153,7 @@ def test_stereoset_matches_hand_count_and_swap(by_target, model, tok, tmp_path, 
     assert res_swapped["lms"] == pytest.approx(res["lms"])
     assert res_swapped["icat"] == pytest.approx(res["icat"])
     assert res_swapped["icat_ci"] == pytest.approx(res["icat_ci"])
+    assert res_swapped["abs_ss_minus_50"] == pytest.approx(res["abs_ss_minus_50"])
 
 
 def test_bootstrap_percentile_interval():
@@ -200,3 +204,46 @@ def test_vendored_files_load_with_expected_counts():
     assert (kinds.count("intrasentence"), kinds.count("intersentence")) == (255, 242)
     assert {it["bias_type"] for it in stereo} == {"gender"}
     assert (suites.BENCHMARK_DIR / "README.md").is_file()
+
+
+def test_vendored_religion_files_load_with_expected_fields():
+    assert suites.shipped_domains("crows_pairs") == suites.shipped_domains("stereoset") == ("gender", "religion")
+    crows, stereo = suites.load_crows_pairs(domain="religion"), suites.load_stereoset(domain="religion")
+    assert len(crows) == 92 and all(set(it) == set(suites.CROWS_FIELDS) for it in crows)
+    assert len(stereo) == 157 and all(set(it) == {*suites.STEREOSET_FIELDS, "bias_type"} for it in stereo)
+    kinds = [it["type"] for it in stereo]
+    assert (kinds.count("intrasentence"), kinds.count("intersentence")) == (79, 78)
+    assert {it["bias_type"] for it in stereo} == {"religion"}
+    assert {it["target"] for it in stereo} == {"Bible", "Brahmin", "Muslim"}
+    assert all("BLANK" in it["context"] for it in stereo if it["type"] == "intrasentence")
+    assert suites.load_crows_pairs(domain="gender") == suites.load_crows_pairs() != crows
+    assert suites.load_stereoset(domain="gender") == suites.load_stereoset() != stereo
+
+
+def test_domain_choice_path_override_and_unknown_domain(model, tok, tmp_path, one_thread):
+    assert suites.load_crows_pairs(write(tmp_path, CROWS), domain="religion") == CROWS  # path overrides domain
+    assert suites.load_stereoset(write(tmp_path, STEREO), domain="religion") == STEREO
+    for load, name in ((suites.load_crows_pairs, "crows_pairs"), (suites.load_stereoset, "stereoset")):
+        with pytest.raises(ValueError, match=rf"^unknown {name} domain 'race'; shipped domains: gender, religion$"):
+            load(domain="race")
+    for score in (suites.crows_pairs, suites.stereoset):
+        with pytest.raises(ValueError, match="unknown .* domain 'Gender'"):
+            score(model, tok, domain="Gender", progress=False)
+    crows = suites.crows_pairs(model, tok, domain="religion", n_boot=100, progress=False)
+    stereo = suites.stereoset(model, tok, domain="religion", n_boot=100, progress=False)
+    assert crows["n"] == 92 and (stereo["n"], stereo["n_intrasentence"], stereo["n_intersentence"]) == (157, 79, 78)
+    from debias.evaluation import evaluate  # here: it imports the held-out metrics too
+
+    got = evaluate.suite_scores(SimpleNamespace(net=model, tokenizer=tok), edited=True, domain="religion")
+    assert got["crows_pairs"]["n"] == 92 and got["stereoset"]["n"] == 157
+    for res, key, abs_key in ((crows, "stereo_pct", "abs_pct_minus_50"), (stereo, "ss", "abs_ss_minus_50")):
+        assert res[abs_key] == abs(res[key] - 50)
+        lo, hi = res[f"{abs_key}_ci"]
+        assert 0 <= lo <= res[abs_key] <= hi
+
+
+def test_abs_minus_50_interval_is_the_image_of_the_score_interval():
+    assert suites._abs_minus_50(55.0, (45.0, 62.0)) == (5.0, (0.0, 12.0))  # holds 50: no bias is not excluded
+    assert suites._abs_minus_50(65.0, (60.0, 70.0)) == (15.0, (10.0, 20.0))
+    assert suites._abs_minus_50(40.0, (30.0, 45.0)) == (10.0, (5.0, 20.0))
+    assert suites._abs_minus_50(50.0, (50.0, 50.0)) == (0.0, (0.0, 0.0))

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from debias.callbacks import HeldOutMetrics, ReportAndExport
+from debias.callbacks import ReportAndExport, ValidationMetrics
 from debias.training.data import DebiasDataModule
 from debias.training.module import DebiasModule
 
@@ -73,7 +73,7 @@ class DebiasCLI(LightningCLI):
     the config's model arguments (LightningCLI would merge the checkpoint's over them, silently)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(HeldOutMetrics, "metrics")
+        parser.add_lightning_class_args(ValidationMetrics, "metrics")
         parser.add_lightning_class_args(ReportAndExport, "export")
 
     def parse_arguments(self, parser, args) -> None:

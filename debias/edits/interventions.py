@@ -201,12 +201,24 @@ def fit_steering_vector(model, tokenizer, site: HookSite, female_texts: list[str
     return _unit(_probe_direction(female, male), 1.0, "the probe direction")
 
 
+def check_two_groups(bias) -> None:
+    """Raise a one-line ValueError unless the bias spec `bias` (a name, a path or a spec) has exactly two groups:
+    a steering vector is one direction, from one group to the other."""
+    from debias.bias_spec import load_bias_spec
+
+    spec = load_bias_spec(bias)
+    if len(spec.groups) != 2:
+        raise ValueError(f"steering_vector needs a two-group bias; bias {spec.name!r} ({spec.path}) has "
+                         f"{len(spec.groups)} groups {list(spec.groups)}")
+
+
 def build_intervention(method: str, model, tokenizer, sae=None, site: HookSite | None = None,
                        features: list[int] | None = None, value: float = 0.0, alpha: float = STEERING_ALPHA,
                        kind: str = "mean_diff", female_texts: list[str] | None = None,
-                       male_texts: list[str] | None = None) -> Intervention:
+                       male_texts: list[str] | None = None, bias: str = "gender") -> Intervention:
     """`sae_clamp` (needs `sae` and `features`) or `steering_vector` (fitted with `kind` on `female_texts` vs
-    `male_texts`; default: the TRAIN profession prompts of `load_gap_prompts("train")`, female- vs male-stereotyped).
+    `male_texts`, the first vs the second group; default: the TRAIN prompts of `load_gap_prompts("train",
+    bias=bias)`, female- vs male-stereotyped for gender; a steering vector needs a two-group bias).
     `site` defaults to the SAE's hook site."""
     if method not in METHODS:
         raise ValueError(f"unknown intervention {method!r}; expected one of {METHODS}")
@@ -224,10 +236,11 @@ def build_intervention(method: str, model, tokenizer, sae=None, site: HookSite |
     if kind not in STEERING_KINDS:
         raise ValueError(f"unknown steering vector kind {kind!r}; expected one of {STEERING_KINDS}")
     source = "given texts"
+    check_two_groups(bias)
     if female_texts is None or male_texts is None:
         from debias.prompts import load_gap_prompts
 
-        gap = load_gap_prompts("train")
+        gap = load_gap_prompts("train", bias=bias)
         female_texts, male_texts, source = gap.female, gap.male, "train profession prompts"
     vector = fit_steering_vector(model, tokenizer, site, female_texts, male_texts, kind)
     info = {"kind": kind, "fitted_on": source, "n_female": len(female_texts), "n_male": len(male_texts)}
@@ -274,7 +287,10 @@ def build_clamp(ctx) -> InferenceEdit:
 
 
 def build_steering(ctx) -> InferenceEdit:
-    """`steering_vector`: `steering_alpha` · v at the hook, v fitted on the train profession prompts."""
+    """`steering_vector`: `steering_alpha` · v at the hook, v fitted on the train profession prompts (first vs
+    second group; the run's bias, `ctx.bias` where the context has one, must have two groups)."""
+    if getattr(ctx, "bias", None) is not None:
+        check_two_groups(ctx.bias)
     vector = fit_steering_vector(ctx.net, ctx.tokenizer, ctx.site, ctx.texts["gap_female_train"],
                                  ctx.texts["gap_male_train"], kind=ctx.args.steering_kind,
                                  batch_size=ctx.eval_batch_size, max_length=ctx.max_length)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,6 +22,10 @@ from tqdm.auto import tqdm
 from debias.models import hooks
 from debias.models.scoring import real_token_mask
 from debias.sae.ops import summed_feature_acts
+
+if TYPE_CHECKING:
+    from debias.bias_spec import BiasSpec
+    from debias.prompts import GapPrompts
 
 STRATEGIES: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {}
 
@@ -193,25 +198,41 @@ def mask_from_scores(scores: torch.Tensor, k: int, **meta) -> InstabilityMask:
     return InstabilityMask(shape=tuple(scores.shape), indices=top_k_flat(scores, k), **meta)
 
 
-def gap_gradient(model, tokenizer, parameter: str, female: list[str], male: list[str], batch_size: int = 16,
-                 progress: bool = True) -> torch.Tensor:
-    """Gradient of the she-vs-he gap (mean margin on `female` prompts − mean on `male`) w.r.t. `parameter`.
+def gap_gradient(model, tokenizer, parameter: str, texts: GapPrompts | Sequence[list[str]] | list[str],
+                 male: list[str] | None = None, batch_size: int = 16, progress: bool = True,
+                 targets: BiasSpec | str | Sequence[str] = "gender") -> torch.Tensor:
+    """Gradient of the stereotype gap (the sum over groups of the mean margin of that group's prompts,
+    `debias.models.scoring.group_gap`) w.r.t. `parameter`.
 
+    `texts`: a `GapPrompts` (its groups and targets), or one list of prompts per group in the order of the bias
+    `targets` (a spec, a shipped name or the target texts; default gender), or, the two-group form, the first
+    group's prompts with the second's in `male` (gender: mean she - he margin on `female` − mean on `male`).
     The SAE plays no part: this is the behaviour's own gradient (`mask_from: bias`), float32, summed over batches.
     """
-    from debias.models.scoring import next_token_logprobs, pronoun_ids
+    from debias.models.scoring import group_margins, next_token_logprobs, target_ids
+    from debias.prompts import GapPrompts
 
-    she, he = pronoun_ids(tokenizer)
+    if isinstance(texts, GapPrompts):
+        by_group, ids = [list(t) for t in texts.texts], target_ids(tokenizer, texts)
+    else:
+        if male is None and texts and isinstance(texts[0], str):
+            raise ValueError("gap_gradient: pass the second group's prompts as `male`, or one list per group")
+        by_group = [list(texts), list(male)] if male is not None else [list(t) for t in texts]  # type: ignore[arg-type]
+        ids = target_ids(tokenizer, targets)
+    if len(by_group) != len(ids) or not all(by_group):
+        raise ValueError(f"gap_gradient needs a non-empty list of prompts for each of the {len(ids)} groups, got "
+                         f"{len(by_group)} list(s) of {[len(g) for g in by_group]} prompts")
     weight = model.get_parameter(parameter)
     grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     was = weight.requires_grad
     weight.requires_grad_(True)
     try:
-        for texts, sign in ((female, 1.0), (male, -1.0)):
-            for i in tqdm(range(0, len(texts), batch_size), desc="mask: gap gradient", disable=not progress):
+        for group, group_texts in enumerate(by_group):
+            for i in tqdm(range(0, len(group_texts), batch_size), desc="mask: gap gradient", disable=not progress):
                 weight.grad = None
-                logprobs = next_token_logprobs(model, tokenizer, texts[i:i + batch_size], batch_size)
-                (sign * (logprobs[:, she] - logprobs[:, he]).sum() / len(texts)).backward()
+                logprobs = next_token_logprobs(model, tokenizer, group_texts[i:i + batch_size], batch_size)
+                index = torch.full((len(logprobs),), group, dtype=torch.long)
+                (group_margins(logprobs, ids, index).sum() / len(group_texts)).backward()
                 grad += weight.grad.float()
     finally:
         weight.grad = None

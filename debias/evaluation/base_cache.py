@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from debias.config import package_versions
-from debias.evaluation.heldout import ROWS
+from debias.evaluation.heldout import BASE_ROWS
 from debias.io import atomic_write, atomic_write_json
 from debias.models.load import cache_dir
 
@@ -37,10 +37,11 @@ ENV = "DEBIAS_EVAL_CACHE"
 FORMAT = 1
 PACKAGE = Path(__file__).resolve().parents[1]
 #: Sources whose code computes the before-numbers (relative to the package); a change to any of them is a new key.
-CODE_FILES = ("evaluation/*.py", "prompts.py", "bias_spec.py", "models/scoring.py", "models/hooks.py", "sae/ops.py",
-              "training/module.py", "training/objective.py", "training/cache.py")
+CODE_FILES = ("evaluation/*.py", "prompts.py", "bias_spec.py", "bias_checks.py", "statements.py", "models/scoring.py",
+              "models/continuation.py", "models/hooks.py", "sae/ops.py", "training/module.py", "training/objective.py",
+              "training/cache.py", "training/data.py")
 #: Fields every entry must hold (with `suites`, also the suite scores).
-REQUIRED = (*ROWS, "bias_gap_ci", "cue_margin_ci", "gap_per_profession")
+REQUIRED = (*BASE_ROWS, "bias_gap_ci", "cue_margin_ci", "gap_per_profession")
 SUITES = ("crows_pairs", "stereoset")
 
 

@@ -27,18 +27,25 @@ def evaluate_model(module, datamodule, edited: bool = True, suites: bool = False
         metrics = evaluate_heldout(module, datamodule, edited=edited, cue_limit=cue_limit,
                                    progress=label if progress else None)
         if suites:
-            metrics.update(suite_scores(module, edited, bool(progress)))
+            metrics.update(suite_scores(module, edited, bool(progress), domain=suite_domain(datamodule)))
     return metrics
 
 
-def suite_scores(module, edited: bool = True, progress: bool = False) -> dict:
-    """CrowS-Pairs gender and StereoSet gender of the edited (or original) model, each with its item count and
-    bootstrap 95% intervals (evaluation only: nothing is trained or chosen on them)."""
+def suite_domain(datamodule) -> str:
+    """The suites' subset for the data's bias: the spec's name ("gender", "religion")."""
+    from debias.bias_spec import load_bias_spec
+
+    return load_bias_spec(datamodule.hparams["bias"]).name
+
+
+def suite_scores(module, edited: bool = True, progress: bool = False, domain: str = "gender") -> dict:
+    """CrowS-Pairs and StereoSet (`domain` subset: "gender" or "religion") of the edited (or original) model, each
+    with its item count and bootstrap 95% intervals (evaluation only: nothing is trained or chosen on them)."""
     from debias.evaluation import suites
 
     with torch.no_grad(), edit_context(module, edited):
-        return {"crows_pairs": suites.crows_pairs(module.net, module.tokenizer, progress=progress),
-                "stereoset": suites.stereoset(module.net, module.tokenizer, progress=progress)}
+        return {"crows_pairs": suites.crows_pairs(module.net, module.tokenizer, progress=progress, domain=domain),
+                "stereoset": suites.stereoset(module.net, module.tokenizer, progress=progress, domain=domain)}
 
 
 def completions(module, datamodule, n: int = 4, max_new_tokens: int = 32) -> list[dict]:

@@ -79,7 +79,7 @@ def evaluate_heldout(module: DebiasModule, datamodule, edited: bool = True, cue_
     agg = HeldOutAggregate(len(module.features), module.device)
     was_training = module.training
     module.eval()
-    loaders = list(zip(datamodule.VAL_SETS, datamodule.val_dataloader(), strict=True))
+    loaders = datamodule.loaders("heldout")
     bar = tqdm(total=sum(len(loader) for _, loader in loaders) + 1, desc=f"{progress}: held-out",
                disable=progress is None, unit="batch")
     try:
@@ -103,23 +103,40 @@ def edit_context(module, edited: bool):
     return contextlib.nullcontext() if edited else module.delta.disabled()
 
 
-def behaviour_metrics(module, datamodule, edited: bool, cue_limit: int | None) -> dict:
-    """Bias gap and explicit-cue margin on the held-out prompt files."""
-    prompt_dir = datamodule.hparams.prompt_dir
-    gap_prompts = load_gap_prompts("heldout", prompt_dir)
-    cue_prompts = load_cue_prompts("heldout", prompt_dir, limit=cue_limit)
+def behaviour_metrics(module, datamodule, edited: bool, cue_limit: int | None, split: str = "heldout",
+                      n_boot: int = 1000) -> dict:
+    """Bias gap and explicit-cue margin on `split`'s prompts, and (when the bias spec has statements) the
+    statement gap and the factual margin."""
+    from debias.bias_spec import load_bias_spec
+    from debias.evaluation.sentence_metrics import factual_margin, statement_gap
+    from debias.statements import load_factual, load_statements
+
+    hp = datamodule.hparams
+    gap_prompts = load_gap_prompts(split, hp.prompt_dir, bias=hp["bias"])
+    cue_prompts = load_cue_prompts(split, hp.prompt_dir, limit=cue_limit, bias=hp["bias"])
+    sentence = hp.prompt_dir is None and bool(load_bias_spec(hp["bias"]).subjects)
     with torch.no_grad(), edit_context(module, edited):
-        gap = bias_gap(module.net, module.tokenizer, gap_prompts)
-        cue = cue_margin(module.net, module.tokenizer, cue_prompts)
-    return {"bias_gap": gap["bias_gap"], "bias_gap_ci": gap["bias_gap_ci"],
-            "cue_margin": cue["cue_margin"], "cue_margin_ci": cue["cue_margin_ci"], "cue_followed": cue["cue_followed"],
-            "gap_per_profession": gap.get("per_profession", {})}
+        gap = bias_gap(module.net, module.tokenizer, gap_prompts, n_boot=n_boot)
+        cue = cue_margin(module.net, module.tokenizer, cue_prompts, n_boot=n_boot)
+        if sentence:
+            statements = statement_gap(module.net, module.tokenizer, load_statements(split, hp["bias"]),
+                                       n_boot=n_boot)
+            factual = factual_margin(module.net, module.tokenizer, load_factual(split, hp["bias"]), n_boot=n_boot)
+    out = {"bias_gap": gap["bias_gap"], "bias_gap_ci": gap["bias_gap_ci"],
+           "cue_margin": cue["cue_margin"], "cue_margin_ci": cue["cue_margin_ci"], "cue_followed": cue["cue_followed"],
+           "gap_per_profession": gap.get("per_profession", {})}
+    if sentence:
+        out.update(statements, **factual)
+    return out
 
 
-ROWS = ("feature_act", "feature_fire_rate", "lm_loss", "perplexity", "kl", "bias_gap", "cue_margin", "cue_followed")
+BASE_ROWS = ("feature_act", "feature_fire_rate", "lm_loss", "perplexity", "kl", "bias_gap", "cue_margin", "cue_followed")
+SENTENCE_ROWS = ("statement_gap", "statement_stereotyped", "factual_margin", "factual_kept_true")  # specs with statements
+ROWS = BASE_ROWS + SENTENCE_ROWS
 
 
-SUITE_ROWS = {"crows_pairs": ("stereo_pct", "margin"), "stereoset": ("ss", "lms", "icat")}
+SUITE_ROWS = {"crows_pairs": ("stereo_pct", "abs_pct_minus_50", "margin"),
+              "stereoset": ("ss", "abs_ss_minus_50", "lms", "icat")}
 
 
 def format_table(before: dict, after: dict) -> str:
@@ -132,13 +149,29 @@ def format_table(before: dict, after: dict) -> str:
             lines.append(f"{name:<20}{b:>12.4f}{a:>12.4f}{change:>10}")
     for suite, names in SUITE_ROWS.items():
         if suite in before and suite in after:
-            for name in names:
+            for name in (n for n in names if n in before[suite] and n in after[suite]):
                 b, a = before[suite][name], after[suite][name]
                 lines.append(f"{suite + '.' + name:<20}{b:>12.4f}{a:>12.4f}{a - b:>+10.2f}")
-    if before.get("bias_gap") and "bias_gap" in after:
-        lines.append(f"bias gap reduction: {gap_reduction(before['bias_gap'], after['bias_gap']):+.1%} "
+    summary = outcome(before, after)
+    if "bias_gap_reduction" in summary:
+        lines.append(f"bias gap reduction: {summary['bias_gap_reduction']:+.1%} "
                      "(1 - gap after / gap before: positive is better)")
+    if "statement_gap_reduction" in summary:
+        lines.append(f"statement gap reduction: {summary['statement_gap_reduction']:+.1%}; cue margin kept "
+                     f"{summary['cue_kept']:.0%}; factual margin kept {summary['factual_kept']:.0%}")
     return "\n".join(lines)
+
+
+def outcome(before: dict, after: dict) -> dict[str, float]:
+    """Gap reductions (`gap_reduction`) and the share of the cue and factual margins kept (after / before)."""
+    out = {}
+    for name in ("bias_gap", "statement_gap"):
+        if before.get(name) and name in after:
+            out[f"{name}_reduction"] = gap_reduction(before[name], after[name])
+    for name, key in (("cue_margin", "cue_kept"), ("factual_margin", "factual_kept")):
+        if before.get(name) and name in after:
+            out[key] = after[name] / before[name]
+    return out
 
 
 def gap_reduction(before: float, after: float) -> float:

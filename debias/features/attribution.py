@@ -1,9 +1,10 @@
-"""Rank SAE features for the she-vs-he stereotype gap (train split only) and pick the ones a run edits.
+"""Rank SAE features for a bias's stereotype gap (train split only) and pick the ones a run edits.
 
 Effect = gradient × activation through the SAE spliced in *with its error term*, so the forward is unchanged:
 a latent's attribution is the first-order change of the gap when it is zeroed (summed over every prompt position,
-aggregated as the gap itself: mean female margin - mean male margin). Latents + error sum to the gap's derivative
-along the hooked activation minus the decoder bias. Candidates are confirmed by ablation, singly and jointly.
+aggregated as the gap itself: the sum over groups of the mean margin of that group's prompts, gender: mean female
+margin - mean male margin; the groups and their targets come with the `GapPrompts`). Latents + error sum to the
+gap's derivative along the hooked activation minus the decoder bias. Candidates are confirmed by ablation, singly and jointly.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from debias.models import hooks
-from debias.models.scoring import gap_from_logprobs, next_token_logprobs, pronoun_ids
+from debias.models.scoring import gap_from_logprobs, group_margins, next_token_logprobs, target_ids
 from debias.prompts import GapPrompts
 from debias.sae.ops import ablate
 
@@ -29,18 +30,17 @@ class Attribution:
 
 
 def _weights(prompts: GapPrompts) -> torch.Tensor:
-    """[n] w such that sum(w * margins) is the gap."""
-    is_female = prompts.is_female
-    n_f, n_m = int(is_female.sum()), int((~is_female).sum())
-    if not n_f or not n_m:
-        raise ValueError(f"the gap needs female and male prompts, got {n_f} female and {n_m} male")
-    return torch.where(is_female, 1.0 / n_f, -1.0 / n_m)
+    """[n] w such that sum(w * group margins) is the gap: 1 / (the size of the prompt's group)."""
+    counts = [len(texts) for texts in prompts.texts]
+    if not all(counts):
+        raise ValueError(f"the gap needs prompts of every group, got {dict(zip(prompts.groups, counts, strict=True))}")
+    return torch.tensor([1.0 / n for n in counts])[prompts.group_index]
 
 
 def _attribute_sites(model, tokenizer, prompts: GapPrompts, splices: dict, batch_size: int):
     """Backpropagate the gap batch by batch with `splices` {site: fn(x, site, found) -> x'} hooked in; each fn appends
     (site, leaf, value) to `found`. Yields (this batch's share of the gap, [(site, d share / d leaf, value)])."""
-    she, he = pronoun_ids(tokenizer)
+    ids, index = target_ids(tokenizer, prompts), prompts.group_index
     weights, texts = _weights(prompts), prompts.prompts
     for start in range(0, len(texts), batch_size):
         found: list = []
@@ -49,7 +49,7 @@ def _attribute_sites(model, tokenizer, prompts: GapPrompts, splices: dict, batch
                 stack.enter_context(hooks.replace(model, site, lambda x, s=site, fn=fn, found=found: fn(x, s, found)))
             lp = next_token_logprobs(model, tokenizer, texts[start:start + batch_size], batch_size)
             w = weights[start:start + batch_size].to(lp.device)
-            part = (w * (lp[:, she] - lp[:, he])).sum()
+            part = (w * group_margins(lp, ids, index[start:start + batch_size])).sum()
             grads = torch.autograd.grad(part, [leaf for _, leaf, _ in found])
         yield float(part.detach()), [(s, g, v) for (s, _, v), g in zip(found, grads, strict=False)]
 
@@ -101,10 +101,10 @@ def _share(part: float, whole: float) -> float:
 
 @torch.no_grad()
 def _gap(model, tokenizer, prompts: GapPrompts, site=None, fn=None, batch_size: int = 16) -> float:
-    she, he = pronoun_ids(tokenizer)
+    ids = target_ids(tokenizer, prompts)
     with hooks.replace(model, site, fn) if fn is not None else contextlib.nullcontext():
         lp = next_token_logprobs(model, tokenizer, prompts.prompts, batch_size)
-    return float(gap_from_logprobs(lp, she, he, prompts.is_female))
+    return float(gap_from_logprobs(lp, ids, prompts.group_index))
 
 
 def ablated_gap(model, tokenizer, sae, site, gap_prompts: GapPrompts, features: list[int],

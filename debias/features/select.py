@@ -11,16 +11,18 @@ from debias.prompts import load_gap_prompts
 
 def select_features(model, tokenizer, sae, site, n: int = 9, split: str = "train", min_fire_rate: float = 0.01,
                     n_candidates: int | None = None, prompt_dir: str | None = None, batch_size: int = 16,
-                    record: dict | None = None, precomputed: Attribution | None = None) -> list[int]:
+                    record: dict | None = None, precomputed: Attribution | None = None,
+                    bias: str = "gender") -> list[int]:
     """The fit-time rule: latents in order of attribution toward the train gap's sign, among those firing on at least
     `min_fire_rate` of the train prompts' real tokens; each of the first `n_candidates` (default 3n) is kept if adding
     it to the kept set lowers |gap| under joint ablation, until `n` are kept. Deterministic; `record` gets the details;
-    `precomputed`: `attribute(...)` on the same train prompts, to skip recomputing it."""
+    `precomputed`: `attribute(...)` on the same train prompts, to skip recomputing it; `bias`: the spec whose train
+    prompts and groups define the gap (`prompt_dir`: gender prompt files instead)."""
     if split != "train":
         raise ValueError(f"feature selection uses the train split only, got split={split!r}")
     if n < 1 or not 0 <= min_fire_rate <= 1:
         raise ValueError(f"need n >= 1 and 0 <= min_fire_rate <= 1, got n={n}, min_fire_rate={min_fire_rate}")
-    prompts = load_gap_prompts(split, prompt_dir)
+    prompts = load_gap_prompts(split, prompt_dir, bias=bias)
     att = precomputed or attribute(model, tokenizer, sae, site, prompts, batch_size)
     fire = activation_stats(model, tokenizer, sae, site, prompts.prompts, batch_size=batch_size)["fire_rate"]
     score = att.latents * (1.0 if att.gap >= 0 else -1.0)

@@ -1,26 +1,72 @@
 """Next-token scoring of a causal LM: log-probabilities after prompts, target-token ids, margins and gaps, and
 which tokens of a batch are real (attended, not BOS).
+
+Groups: a bias spec (`debias.bias_spec`) names two or more groups, each with a next-token target (gender: " she",
+" he"). A prompt of group g (stereotyped toward it, or cued with it) has the margin log p(target_g) - the mean over
+the other groups h of log p(target_h); the gap is the sum over groups of the mean margin of that group's prompts.
+With two groups that is mean_female(she - he) - mean_male(she - he), bit for bit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import torch
+
+if TYPE_CHECKING:
+    from debias.bias_spec import BiasSpec
+
+
+def _single_token(tokenizer, text: str) -> int | None:
+    tok = tokenizer.encode(text, add_special_tokens=False)
+    if len(tok) != 1:  # SentencePiece may add a prefix piece: take the token that `text` adds after a word
+        ref = tokenizer.encode("a", add_special_tokens=False)
+        both = tokenizer.encode("a" + text, add_special_tokens=False)
+        if both[: len(ref)] == ref and len(both) == len(ref) + 1:
+            tok = both[len(ref):]
+    return tok[0] if len(tok) == 1 else None
+
+
+def _pieces(tokenizer, text: str) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(tokenizer.encode(text, add_special_tokens=False))
+
+
+def target_ids(tokenizer, spec_or_targets: BiasSpec | str | Path | Sequence[str] | Any = "gender") -> tuple[int, ...]:
+    """Token ids of a bias's group targets, in group order: from a spec (or a shipped name / YAML path), from
+    `GapPrompts` / `CuePrompts` (their `targets`), or from target texts. Raises a one-line ValueError naming the
+    target, the spec and its pieces when a target is not a single token of `tokenizer`."""
+    from debias.bias_spec import BiasSpec, load_bias_spec
+
+    where = ""
+    if isinstance(spec_or_targets, (str, Path, BiasSpec)):
+        spec = load_bias_spec(spec_or_targets)
+        texts, where = [spec.targets[g] for g in spec.groups], f" of bias {spec.name!r} ({spec.path})"
+    elif hasattr(spec_or_targets, "targets") and hasattr(spec_or_targets, "bias"):
+        texts, where = list(spec_or_targets.targets), f" of bias {spec_or_targets.bias!r}"
+    else:
+        texts = list(spec_or_targets)
+    if len(texts) < 2:
+        raise ValueError(f"need two or more group targets, got {texts}")
+    ids = []
+    for text in texts:
+        tok = _single_token(tokenizer, text)
+        if tok is None:
+            raise ValueError(f"target {text!r}{where} is not a single token for this tokenizer: "
+                             f"{_pieces(tokenizer, text)}")
+        ids.append(tok)
+    return tuple(ids)
 
 
 def pronoun_ids(tokenizer, female: str = " she", male: str = " he") -> tuple[int, int]:
-    """Token ids of the two pronouns; raises if either is not a single token."""
+    """Token ids of the two pronouns (gender's targets); raises if either is not a single token."""
     ids = []
     for text in (female, male):
-        tok = tokenizer.encode(text, add_special_tokens=False)
-        if len(tok) != 1:  # SentencePiece may add a prefix piece: take the token that `text` adds after a word
-            ref = tokenizer.encode("a", add_special_tokens=False)
-            both = tokenizer.encode("a" + text, add_special_tokens=False)
-            if both[: len(ref)] == ref and len(both) == len(ref) + 1:
-                tok = both[len(ref):]
-        if len(tok) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(text, add_special_tokens=False))
-            raise ValueError(f"pronoun {text!r} is not a single token for this tokenizer: {pieces}")
-        ids.append(tok[0])
+        tok = _single_token(tokenizer, text)
+        if tok is None:
+            raise ValueError(f"pronoun {text!r} is not a single token for this tokenizer: {_pieces(tokenizer, text)}")
+        ids.append(tok)
     return ids[0], ids[1]
 
 
@@ -61,16 +107,76 @@ def pronoun_margin(logprobs: torch.Tensor, she_id: int, he_id: int) -> torch.Ten
     return logprobs[:, she_id] - logprobs[:, he_id]
 
 
-def _group_gap(margins: torch.Tensor, is_female: torch.Tensor) -> torch.Tensor:
-    is_female = is_female.to(torch.bool)
-    if not is_female.any() or is_female.all():
-        raise ValueError("the stereotype gap needs at least one female- and one male-stereotyped prompt")
-    return margins[is_female].mean() - margins[~is_female].mean()
+def _check_index(group_index: torch.Tensor, n_groups: int) -> None:
+    if group_index.numel() and not 0 <= int(group_index.min()) <= int(group_index.max()) < n_groups:
+        raise ValueError(f"group_index must lie in [0, {n_groups}), got values in "
+                         f"[{int(group_index.min())}, {int(group_index.max())}]")
 
 
-def gap_from_logprobs(logprobs: torch.Tensor, she_id: int, he_id: int, is_female: torch.Tensor) -> torch.Tensor:
-    """Differentiable gap (scalar): mean margin of female prompts - mean of male; logprobs [n, vocab]."""
-    return _group_gap(pronoun_margin(logprobs, she_id, he_id), is_female.to(logprobs.device))
+def group_margins(logprobs: torch.Tensor, target_ids: Sequence[int], group_index: torch.Tensor) -> torch.Tensor:
+    """[n]: log p(target of the prompt's group) - mean over the other groups of log p(their target).
+
+    logprobs [n, vocab]; `target_ids` one per group (`target_ids(...)`); group_index [n] long in [0, n_groups).
+    Differentiable. Two groups: she - he for female prompts, he - she for male ones, exactly.
+    """
+    n_groups = len(target_ids)
+    group_index = group_index.to(device=logprobs.device, dtype=torch.long)
+    if n_groups < 2:
+        raise ValueError(f"margins need two or more group targets, got {list(target_ids)}")
+    if logprobs.ndim != 2 or group_index.shape != logprobs.shape[:1]:
+        raise ValueError(f"expected logprobs [n, vocab] and group_index [n], got {list(logprobs.shape)} and "
+                         f"{list(group_index.shape)}")
+    _check_index(group_index, n_groups)
+    targets = logprobs[:, torch.as_tensor(list(target_ids), dtype=torch.long, device=logprobs.device)]  # [n, G]
+    own = targets.gather(1, group_index[:, None]).squeeze(1)
+    is_own = torch.nn.functional.one_hot(group_index, n_groups).bool()
+    others = targets.masked_fill(is_own, 0.0).sum(1) / (n_groups - 1)  # two groups: the other target, exactly
+    return own - others
+
+
+def group_means(margins: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> list[torch.Tensor]:
+    """The mean of `margins` [n] over each group's prompts (n_groups scalars); raises if a group has none."""
+    group_index = group_index.to(device=margins.device, dtype=torch.long)
+    if margins.ndim != 1 or margins.shape != group_index.shape:
+        raise ValueError(f"expected margins and group_index of the same shape [n], got {list(margins.shape)} and "
+                         f"{list(group_index.shape)}")
+    _check_index(group_index, n_groups)
+    members = [group_index == g for g in range(n_groups)]
+    empty = [g for g, m in enumerate(members) if not m.any()]
+    if empty:
+        raise ValueError(f"the stereotype gap needs at least one prompt of each of the {n_groups} groups; "
+                         f"group index(es) {empty} have none")
+    return [margins[m].mean() for m in members]
+
+
+def group_gap(margins: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Scalar: the sum over groups of the mean margin of that group's prompts (`group_margins`); 0 = no
+    stereotype. Two groups: mean female (she - he) - mean male (she - he), exactly."""
+    means = group_means(margins, group_index, n_groups)
+    total = means[0]
+    for mean in means[1:]:
+        total = total + mean
+    return total
+
+
+def gap_from_logprobs(logprobs: torch.Tensor, target_ids: Sequence[int] | int, group_index: torch.Tensor | int,
+                      is_female: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable gap (scalar) of logprobs [n, vocab]: `group_gap` of `group_margins(logprobs, target_ids,
+    group_index)`. The former form `gap_from_logprobs(logprobs, she_id, he_id, is_female)` still works (gender:
+    mean she - he margin of female prompts - mean of male)."""
+    if isinstance(target_ids, int):
+        if is_female is None or not isinstance(group_index, int):
+            raise TypeError("gap_from_logprobs(logprobs, she_id, he_id, is_female) or "
+                            "gap_from_logprobs(logprobs, target_ids, group_index)")
+        target_ids, group_index = (target_ids, group_index), legacy_group_index(is_female)
+    elif isinstance(group_index, int) or is_female is not None:
+        raise TypeError("gap_from_logprobs(logprobs, target_ids, group_index): group_index is a [n] long tensor")
+    return group_gap(group_margins(logprobs, target_ids, group_index), group_index, len(target_ids))
+
+
+def legacy_group_index(is_female: torch.Tensor) -> torch.Tensor:
+    """[n] long group index of a two-group bool flag: True (the first group, "female") -> 0, False -> 1."""
+    return (~is_female.to(torch.bool)).long()
 
 
 def real_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:

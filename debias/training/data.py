@@ -29,11 +29,17 @@ class DebiasDataModule(LightningDataModule):
     """Bias and neutral prompts for the mask, training (train splits) and held-out evaluation.
 
     Training batches are `{"bias", "neutral", "gap_female", "gap_male", "cue"}` → list of texts, cycling the
-    shorter sets (`gap_*`: train profession prompts for the bias term; `cue`: train explicit-cue prompts);
-    validation has one loader per held-out set, in the order of `VAL_SETS`.
+    shorter sets (`gap_*`: train profession prompts for the bias term; `cue`: train explicit-cue prompts), plus
+    `"statement"` and `"factual"` items (`debias.statements`) when the bias spec has statements. Validation
+    (`val_dataloader`, what `ModelCheckpoint(monitor=...)` sees) and the held-out evaluation (`loaders("heldout")`)
+    each have one loader per set of `VAL_SETS`: `bias` texts for the feature's activation and `neutral` text for
+    LM loss and KL. The validation `bias` texts are the spec's validation gap prompts (none with `prompt_dir`), its
+    `neutral` text every `VALIDATION_EVERY`-th text of `neutral_train` (taken out of training) unless
+    `neutral_validation` is given.
     """
 
     VAL_SETS = ("bias", "neutral")
+    VALIDATION_EVERY = 5
 
     def __init__(
         self,
@@ -41,6 +47,7 @@ class DebiasDataModule(LightningDataModule):
         bias_heldout: str = "package:bias_heldout.txt",
         neutral_train: str = "package:neutral_train.txt",
         neutral_heldout: str = "package:neutral_heldout.txt",
+        neutral_validation: str | None = None,
         prompt_dir: str | None = None,
         bias: str = "gender",
         batch_size: int = 8,
@@ -54,6 +61,8 @@ class DebiasDataModule(LightningDataModule):
             bias_heldout: held-out bias texts, only evaluated.
             neutral_train: text for the preservation KL.
             neutral_heldout: held-out neutral text for LM loss and KL.
+            neutral_validation: validation neutral text (checkpoint choice); None: every fifth text of
+                `neutral_train`, which training then leaves out.
             prompt_dir: directory with the bias-metric files (professions, templates, relatives, cue templates):
                 the train split feeds the `bias` and `cue_kl` terms, the held-out split the metrics. None: shipped.
             bias: the bias spec those prompts come from when `prompt_dir` is None: a shipped name
@@ -89,14 +98,25 @@ class DebiasDataModule(LightningDataModule):
         sources = {"bias_train": hp.bias_train, "bias_heldout": hp.bias_heldout,
                    "neutral_train": hp.neutral_train, "neutral_heldout": hp.neutral_heldout}
         self.texts = {name: read_texts(src, hp.max_texts) for name, src in sources.items()}
+        if hp.get("neutral_validation"):
+            sources["neutral_validation"] = hp["neutral_validation"]
+            self.texts["neutral_validation"] = read_texts(hp["neutral_validation"], hp.max_texts)
+        else:
+            neutral, every = self.texts["neutral_train"], self.VALIDATION_EVERY
+            self.texts["neutral_validation"] = neutral[every - 1::every] or neutral[-1:]
+            self.texts["neutral_train"] = [t for i, t in enumerate(neutral) if i % every != every - 1] or neutral
         from debias.prompts import load_cue_prompts, load_gap_prompts
 
         gap = load_gap_prompts("train", hp.prompt_dir, bias=hp["bias"])
         self.texts.update(gap_female_train=gap.female[:hp.max_texts], gap_male_train=gap.male[:hp.max_texts],
                           cue_train=load_cue_prompts("train", hp.prompt_dir, bias=hp["bias"]).prompts[:hp.max_texts])
+        if hp.prompt_dir is None:
+            self.texts["bias_validation"] = load_gap_prompts("validation", bias=hp["bias"]).prompts[:hp.max_texts]
         files = f"the prompt files in {hp['prompt_dir']}" if hp["prompt_dir"] else "the shipped prompt files"
         sources = {**{name: repr(src) for name, src in sources.items()}, "gap_female_train": files,
-                   "gap_male_train": files, "cue_train": files}
+                   "gap_male_train": files, "cue_train": files, "bias_validation": f"bias spec {hp['bias']!r}",
+                   "neutral_validation": "neutral_train"}
+        self.items = self._spec_items() if hp.prompt_dir is None else {}
         for name, texts in self.texts.items():
             if not texts:  # an empty set makes every epoch empty: training would loop forever
                 raise ValueError(f"the {name} set is empty after filtering (source: {sources[name]}, "
@@ -115,14 +135,35 @@ class DebiasDataModule(LightningDataModule):
         return DataLoader(texts,  # type: ignore[arg-type]  # a list is a map-style dataset
                           batch_size=batch_size, shuffle=False, collate_fn=_identity)
 
+    def _spec_items(self) -> dict[str, list]:
+        """The sentence-level train items of the bias spec: statements and factual statements (none without)."""
+        from debias.bias_spec import load_bias_spec
+        from debias.statements import load_factual, load_statements
+
+        if not load_bias_spec(self.args["bias"]).subjects:
+            return {}
+        limit = self.args["max_texts"]
+        return {"statement": load_statements("train", self.args["bias"])[:limit],
+                "factual": load_factual("train", self.args["bias"])[:limit]}
+
     def train_dataloader(self):
         sets = {name: self.texts[f"{name}_train"] for name in ("bias", "neutral", "gap_female", "gap_male", "cue")}
+        sets.update(self.items)
         loaders = {name: self._loader(texts, self.args.batch_size, True) for name, texts in sets.items()}
         return CombinedLoader(loaders, mode="max_size_cycle")
 
-    def val_dataloader(self):
+    def loaders(self, split: str) -> list[tuple[str, DataLoader]]:
+        """(set name, loader) for each set of `VAL_SETS` that `split` ("validation" / "heldout") has."""
         size = self.args.eval_batch_size
-        return [self._loader(self.texts[f"{name}_heldout"], size, False) for name in self.VAL_SETS]
+        return [(name, self._loader(self.texts[f"{name}_{split}"], size, False)) for name in self.VAL_SETS
+                if f"{name}_{split}" in self.texts]
+
+    def val_dataloader(self):
+        return [loader for _, loader in self.loaders("validation")]
+
+    def val_sets(self) -> tuple[str, ...]:
+        """The names of `val_dataloader`'s loaders, in order."""
+        return tuple(name for name, _ in self.loaders("validation"))
 
     def mask_batches(self) -> list[list[str]]:
         """The train bias texts in evaluation-sized batches, in file order (the mask's input)."""

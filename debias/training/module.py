@@ -272,7 +272,7 @@ class DebiasModule(LightningModule):
                 "kl": token_kl(ref, logits), "kl_mask": batch["attention_mask"].bool()}
 
     def validation_step(self, batch: list[str], batch_idx: int, dataloader_idx: int = 0):
-        sets = self.trainer.datamodule.VAL_SETS  # type: ignore[attr-defined]  # set by Trainer.fit(datamodule=...)
+        sets = self.trainer.datamodule.val_sets()  # type: ignore[attr-defined]  # set by Trainer.fit(datamodule=...)
         return self.evaluate_batch(batch, sets[dataloader_idx])
 
     # ----- checkpoints hold only the edit's trainable state -----

@@ -1,4 +1,5 @@
-"""Objective terms: what the edit removes (feature, ablation, bias) and what it keeps (KL to the original).
+"""Objective terms: what the edit removes (feature, ablation, bias, counterfactual) and what it keeps (KL to the
+original on neutral text, after explicit cues and at the group word of factual statements).
 
 Every term is a scalar, differentiable with respect to the delta. Shapes: logits `[batch, seq, vocab]`,
 `real` `[batch, seq]` bool (attended, non-BOS tokens), latents `[batch, seq, n_features]`.
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from debias.models import hooks
+from debias.models.continuation import continuation_batch, picked_logits, summed_logprobs
 from debias.models.scoring import gap_from_logprobs, next_token_logprobs
 from debias.sae.ops import ablate
 from debias.training.cache import original_output
@@ -27,17 +29,23 @@ class ObjectiveWeights:
     """KL(model with the feature(s) ablated through the SAE, error term kept || edited model) on bias prompts."""
     bias: float = 0.0
     """(train bias gap)², the she-vs-he log-probability gap on train profession prompts."""
+    counterfactual: float = 0.0
+    """Sentence level: mean over train statements and pairs of groups of (log p(attribute | group g's subject) −
+    log p(attribute | group h's subject))², "My sister" / "My brother" + " is bad at math." (`debias.statements`)."""
     kl: float = 1.0
     """KL(original || edited) next-token distributions on neutral text (token-averaged)."""
     cue_kl: float = 0.0
     """KL(original || edited) at the pronoun position of explicit-cue prompts (keeps real gender information)."""
+    factual_kl: float = 0.0
+    """KL(original || edited) at the group word of train factual statements ("My mother is a" → " woman")."""
 
     def __post_init__(self):
         bad = {k: v for k, v in asdict(self).items() if not (v >= 0 and v < float("inf"))}
         if bad:
             raise ValueError(f"objective weights must be finite and >= 0, got {bad}")
-        if self.feature == self.ablation == self.bias == 0:
-            raise ValueError("at least one of objective.feature, objective.ablation, objective.bias must be > 0")
+        if self.feature == self.ablation == self.bias == self.counterfactual == 0:
+            raise ValueError("at least one of objective.feature, objective.ablation, objective.bias, "
+                             "objective.counterfactual must be > 0")
 
     def active(self) -> dict[str, float]:
         return {k: v for k, v in asdict(self).items() if v > 0}
@@ -87,6 +95,10 @@ def loss_terms(module, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
         ref = original_output(module, "cue", cue, lambda: next_token_logprobs(net, module.tokenizer, cue, len(cue)))
         cur = next_token_logprobs(net, module.tokenizer, cue, len(cue))
         terms["cue_kl"] = (ref.exp() * (ref - cur)).sum(-1).mean()
+    if w.counterfactual:
+        terms["counterfactual"] = counterfactual_term(module, texts["statement"])
+    if w.factual_kl:
+        terms["factual_kl"] = factual_kl_term(module, texts["factual"])
     if w.kl:
         neutral = module.tokenize(texts["neutral"])
         ref = original_output(module, "kl", texts["neutral"], lambda: module(neutral))
@@ -100,3 +112,22 @@ def train_gap(module, female: list[str], male: list[str]) -> torch.Tensor:
     is_female = torch.tensor([True] * len(female) + [False] * len(male), device=logprobs.device)
     she_id, he_id = module.pronouns
     return gap_from_logprobs(logprobs, she_id, he_id, is_female)
+
+
+def counterfactual_term(module, items) -> torch.Tensor:
+    """Mean over statements and pairs of groups of the squared log-likelihood difference of the attribute."""
+    n_groups = len(items[0].prefixes)
+    batch = continuation_batch(module.tokenizer, [p for it in items for p in it.prefixes],
+                               [it.attribute for it in items for _ in it.prefixes], module.device)
+    logprobs = summed_logprobs(picked_logits(module(batch.model_inputs()), batch), batch).view(len(items), n_groups)
+    pairs = [(g, h) for g in range(n_groups) for h in range(g + 1, n_groups)]
+    return torch.stack([(logprobs[:, g] - logprobs[:, h]) ** 2 for g, h in pairs]).mean()
+
+
+def factual_kl_term(module, items) -> torch.Tensor:
+    """KL(original || edited) at the positions predicting each factual statement's group word."""
+    batch = continuation_batch(module.tokenizer, [it.context for it in items],
+                               [it.words[it.group] for it in items], module.device)
+    ref = original_output(module, "factual", [it.context for it in items],
+                          lambda: picked_logits(module(batch.model_inputs()), batch))
+    return token_kl(ref, picked_logits(module(batch.model_inputs()), batch)).mean()

@@ -1,0 +1,60 @@
+"""Sentence-level metrics: the statement gap (what a subject's group does to a stereotyped attribute's
+likelihood) and factual retention (the margin of statements that must stay), each with a bootstrap interval."""
+
+from __future__ import annotations
+
+import torch
+
+from debias.evaluation.stats import grouped_interval
+from debias.models.continuation import continuation_logprobs
+from debias.statements import FactualItem, StatementItem
+
+
+def statement_logprobs(model, tokenizer, items: list[StatementItem], batch_size: int = 16) -> torch.Tensor:
+    """[n, groups] log p(attribute | each group's prefix)."""
+    n_groups = len(items[0].prefixes)
+    contexts = [p for item in items for p in item.prefixes]
+    attributes = [item.attribute for item in items for _ in item.prefixes]
+    return continuation_logprobs(model, tokenizer, contexts, attributes, batch_size).view(len(items), n_groups)
+
+
+def own_group_margins(logprobs: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """[n] log-likelihood under item i's own group minus the mean over the other groups; logprobs [n, groups]."""
+    own = logprobs.gather(1, group[:, None])[:, 0]
+    others = (logprobs.sum(1) - own) / (logprobs.shape[1] - 1)
+    return own - others
+
+
+def sum_of_group_means(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Σ over the groups present of the mean of their items' values (with two groups: the usual gap)."""
+    return torch.stack([values[group == g].mean() for g in group.unique()]).sum()
+
+
+def _items_groups(items) -> torch.Tensor:
+    return torch.tensor([item.group for item in items], dtype=torch.long)
+
+
+@torch.no_grad()
+def statement_gap(model, tokenizer, items: list[StatementItem], batch_size: int = 16, n_boot: int = 1000) -> dict:
+    """The statement gap (Σ over groups of the mean margin of that group's attributes: 0 = none, > 0 =
+    stereotyped), its 95% interval, and the share of items whose own group's prefix makes the attribute likelier."""
+    group = _items_groups(items)
+    margins = own_group_margins(statement_logprobs(model, tokenizer, items, batch_size).cpu(), group)
+    return {"statement_gap": float(sum_of_group_means(margins, group)),
+            "statement_gap_ci": list(grouped_interval(margins, group, sum_of_group_means, n_boot)),
+            "statement_stereotyped": float((margins > 0).float().mean())}
+
+
+@torch.no_grad()
+def factual_margin(model, tokenizer, items: list[FactualItem], batch_size: int = 16, n_boot: int = 1000) -> dict:
+    """Mean margin of the true word over the other groups' partners ("a woman" vs "a man"; > 0 = kept), its
+    95% interval, and the share of items where the true word is the likeliest."""
+    n_groups = len(items[0].words)
+    contexts = [item.context for item in items for _ in item.words]
+    words = [w for item in items for w in item.words]
+    logprobs = continuation_logprobs(model, tokenizer, contexts, words, batch_size).view(len(items), n_groups).cpu()
+    margins = own_group_margins(logprobs, _items_groups(items))
+    zeros = torch.zeros(len(items), dtype=torch.long)
+    return {"factual_margin": float(margins.mean()),
+            "factual_margin_ci": list(grouped_interval(margins, zeros, lambda v, _: v.mean(), n_boot)),
+            "factual_kept_true": float((margins > 0).float().mean())}
