@@ -4,7 +4,8 @@ A spec (`debias/data/biases/NAME.yaml`, format in that folder's README) names tw
 target token of next-token gaps (gender: " she" / " he"); counterfactual swap rows (one word per group); the
 stereotyped contexts and attribute phrases of each group; gap templates; explicit-cue templates and relatives;
 factual statements an edit must keep; and (optional) sentence-level statement templates with rows of
-counterfactual subjects ("In my experience, {subject}" x "my sister" / "my brother"). Every list comes in a train, a validation and a held-out split.
+counterfactual subjects ("In my experience, {subject}" x "my sister" / "my brother"). Every list comes in a
+train, a validation and a held-out split.
 `load_bias_spec` checks all of it and reports every problem at once, naming the file, the key and what was
 expected, before any model loads.
 """

@@ -63,7 +63,12 @@ class ValidationMetrics(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
         if datamodule_of(trainer).hparams.prompt_dir is None:
+            from debias.training.module import say
+
+            say("scoring the original model on the validation split (val/score compares against it)")
             self.original = self.behaviour(trainer, pl_module, edited=False)
+            for logger in trainer.loggers:
+                logger.log_metrics({f"val_original/{k}": v for k, v in self.original.items()}, step=0)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
         self.agg = HeldOutAggregate(len(pl_module.features), pl_module.device)
@@ -167,7 +172,8 @@ class ReportAndExport(Callback):
         Args:
             export_dir: where the export goes (None: no export).
             overwrite: replace a non-empty export directory.
-            suites: also score CrowS-Pairs and StereoSet gender before and after (about a minute on SmolLM2, CPU).
+            suites: also score CrowS-Pairs and StereoSet (the bias's domain: gender, religion) before and after
+                (about a minute on SmolLM2, CPU).
             completions: held-out prompts greedily completed (32 tokens) before and after, for the report.
             plots: write `report.png` beside the export.
         """
@@ -183,6 +189,14 @@ class ReportAndExport(Callback):
             return
         self.timings: dict[str, float] = {}
         self.clock = time.perf_counter()  # the module's own setup (SAE, features, mask) runs after this hook
+        if self.suites:
+            from debias.evaluation.evaluate import suite_domain
+            from debias.evaluation.suites import shipped_domains
+
+            domain, shipped = suite_domain(datamodule_of(trainer)), shipped_domains("stereoset")
+            if domain not in shipped:
+                raise ValueError(f"export.suites is true, but the suites ship no {domain!r} subset (shipped: "
+                                 f"{list(shipped)}); set export.suites false for this bias")
         if not self.export_dir:
             return
         from debias.export import check_target

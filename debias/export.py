@@ -4,7 +4,8 @@ Layout of the export directory:
     config.json, model.safetensors, tokenizer files   the merged model (`from_pretrained(dir)`)
     README.md                                         model card
     adapter/                                          PEFT adapter (masked methods on nn.Linear layers, LoRA)
-    debias/mask.safetensors, debias/delta.safetensors  the edit as plain files (masked methods only)
+    debias/mask.safetensors, debias/delta.safetensors  the edit as plain files (masked methods only; several matrices
+                                                      with `model.edit.layers`: `JointMask`, `EditRecord`)
     debias/report.json
 Everything is written into a hidden sibling directory, then renamed into place (`debias.io.atomic_dir`).
 """
@@ -36,13 +37,13 @@ def check_target(path: Path, overwrite: bool) -> None:
 
 
 def merged_state_dict(module) -> dict[str, torch.Tensor]:
-    """The HF model's state dict with the edit merged, under the keys it had before the edit wrapped its layer."""
+    """The HF model's state dict with the edit merged, under the keys it had before the edit wrapped its layers."""
     edit = module.delta
     edit.merge()
     try:
         wrapped = module.net.state_dict()
-        prefix = module.parameter.removesuffix("weight")
-        edited = {prefix + key: value for key, value in edit.base_layer.state_dict().items()}
+        edited = {parameter.removesuffix("weight") + key: value for parameter, base in edit.base_layers().items()
+                  for key, value in base.state_dict().items()}
         return {key: (edited[key] if key in edited else wrapped[key]).detach().clone() for key in module.original_keys}
     finally:
         edit.unmerge()
@@ -65,13 +66,22 @@ def build_report(module, run: dict) -> dict:
     return {
         "base_model": module.model_path, "base_model_spec": module.model_id, "hook_name": module.site.hook_name,
         "layer": module.site.layer, "parameter": module.parameter, "method": module.edit_args.method,
-        "features": module.features, "k": module.k, "changed_parameters": module.delta.changed_parameters(),
+        "layers": module.layers_edited, "parameters": module.parameters_edited,
+        "k_per_parameter": _k_per_parameter(module.mask), "features": module.features, "k": module.k,
+        "changed_parameters": module.delta.changed_parameters(),
         "changed_entries": module.changed_entries(),
         "feature_selection": module.feature_selection,
         "numel": module.numel,
         "mask_strategy": module.mask.strategy if module.mask is not None else None, "seed": module.edit_args.seed,
         "config": hp, **run, **environment(),
     }
+
+
+def _k_per_parameter(mask) -> dict[str, int] | None:
+    """{edited parameter: its k} of a masked edit (the matrices of a joint mask, `model.edit.layers`)."""
+    if mask is None:
+        return None
+    return {part.parameter: part.k for part in getattr(mask, "parts", (mask,))}
 
 
 def model_card(report: dict) -> str:
@@ -100,6 +110,10 @@ def _what(report: dict) -> str:
     from debias.edits import registry
 
     method, where = registry.get(report["method"]), f"`{report['parameter']}` (layer {report['layer']})"
+    if len(report.get("parameters") or []) > 1:
+        split = ", ".join(f"{k} in `{name}`" for name, k in report["k_per_parameter"].items())
+        return (f"only **{report['k']}** of the {report['numel']} entries of the `W_out` of layers {report['layers']} "
+                f"changed ({split}), chosen jointly by the {report['mask_strategy']} mask ({report['method']})")
     if method.kind == "mask":
         return (f"only **{report['k']}** of the {report['numel']} entries of {where} changed, chosen by the "
                 f"{report['mask_strategy']} mask ({report['method']})")
@@ -134,8 +148,10 @@ def _completions(report: dict) -> str:
 def export(module, out_dir: str | Path, run: dict, overwrite: bool = False) -> Path:
     """Write the export directory for a trained `DebiasModule` atomically (`debias.io.atomic_dir`); returns its path.
 
-    Merged weights, adapter, mask, delta and report all come from the module's one edit.
+    Merged weights, adapter, mask, delta and report all come from the module's one edit (of every matrix it edits).
     """
+    from debias.edits.sparse import save_records
+
     out = Path(out_dir)
     check_target(out, overwrite)
     check_edit(module)
@@ -149,7 +165,7 @@ def export(module, out_dir: str | Path, run: dict, overwrite: bool = False) -> P
         (tmp / "debias").mkdir()
         if module.mask is not None and module.mask.strategy != "dense":
             module.mask.save(tmp / "debias" / "mask.safetensors")
-            module.delta.record().save(tmp / "debias" / "delta.safetensors")
+            save_records(module.delta.records(), tmp / "debias" / "delta.safetensors")
         report = build_report(module, run)
         (tmp / "debias" / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (tmp / "README.md").write_text(model_card(report))
@@ -166,9 +182,10 @@ def check_edit(module) -> None:
         if not torch.isfinite(values).all():
             raise ValueError(f"the trained edit has {int((~torch.isfinite(values)).sum())} non-finite values; "
                              "nothing was exported (lower model.train.lr)")
-    scale = float(module.delta.base_layer.weight.detach().abs().max())
+    scale = max(float(base.weight.detach().abs().max()) for base in module.delta.base_layers().values())
     for param in module.delta.parameters():
         largest = float(param.detach().abs().max()) if param.numel() else 0.0
         if largest > ABSURD * max(scale, 1e-6):
             raise ValueError(f"the trained edit has a value of {largest:.3g}, over {ABSURD:g}× the largest weight of "
-                             f"{module.parameter} ({scale:.3g}); nothing was exported (lower model.train.lr)")
+                             f"{', '.join(module.parameters_edited)} ({scale:.3g}); nothing was exported (lower "
+                             "model.train.lr)")

@@ -46,7 +46,7 @@ class FakeLM(torch.nn.Module):
 
 
 def _gap_prompts(female, male):
-    return GapPrompts(female, male, female, male, female, male, ["{profession}"])
+    return GapPrompts((female, male), (female, male), (female, male), ["{profession}"])
 
 
 @pytest.fixture

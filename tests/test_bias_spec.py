@@ -74,14 +74,15 @@ def test_validation_split_is_new_and_disjoint():
 
 
 def test_religion_prompts_compare_any_two_groups():
-    gap = load_gap_prompts("train", bias="religion")
+    gap = load_gap_prompts("train", bias="religion", groups=("christian", "muslim"))
     assert gap.groups == ("christian", "muslim") and gap.is_female.sum() == len(gap.female) > 0
+    assert load_gap_prompts("train", bias="religion").groups == ("christian", "muslim", "jewish")  # default: all
     assert "The banker grew up in a devout" in load_gap_prompts("train", bias="religion",
                                                                 groups=("jewish", "muslim")).female
     cue = load_cue_prompts("heldout", bias="religion", groups=("muslim", "jewish"))
     assert set(cue.cued) == {"muslim", "jewish"} and cue.cued_female.tolist() == [c == "muslim" for c in cue.cued]
     assert all("{" not in p for p in cue.prompts + gap.prompts)
-    with pytest.raises(ValueError, match="two different groups"):
+    with pytest.raises(ValueError, match="two or more different groups"):
         load_gap_prompts("train", bias="religion", groups=("muslim", "hindu"))
     with pytest.raises(ValueError, match="not both"):
         load_gap_prompts("train", PROMPTS, bias="religion")
@@ -249,5 +250,6 @@ def test_data_module_passes_the_bias_through():
     dm = DebiasDataModule(bias="religion")
     dm.setup()
     gap = load_gap_prompts("train", bias="religion")
-    assert dm.texts["gap_female_train"] == gap.female and dm.texts["gap_male_train"] == gap.male
+    assert dm.groups == ("christian", "muslim", "jewish") and dm.gap_texts() == list(gap.texts)
+    assert dm.texts["gap_jewish_train"] == gap.texts[2]
     assert dm.texts["cue_train"] == load_cue_prompts("train", bias="religion").prompts

@@ -24,7 +24,7 @@ def eval_command(model: str, fit_config: str = "configs/smollm2.yaml", base_mode
         fit_config: a `debias fit` config naming the SAE, the prompts and (unless `base_model`) the base model.
         base_model: the model to compare against (default: a `debias` export's own base, else the config's).
         features: SAE latents to measure (default: a `debias` export's, else the config's, else the config's rule).
-        suites: also score CrowS-Pairs and StereoSet gender.
+        suites: also score CrowS-Pairs and StereoSet (the domain of the config's bias).
         out: write the results here as JSON (atomically).
         overrides: extra `debias fit` arguments, e.g. ["--model.dtype=bfloat16"].
     """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -54,6 +54,22 @@ class EditContext:
     sae_name: str = ""
     preset_mask: Any = None  # a mask to use as it is (an export takes its checkpoint's)
     broadcast: Callable[[Any], Any] = lambda obj: obj  # under DDP: every rank takes rank 0's object (the mask)
+    bias: str = "gender"  # the bias spec (a shipped name or a path): its groups' targets score the gap
+    gap_texts: list[list[str]] | None = None  # train gap prompts, one list per group (None: gender's two lists)
+    parameters: list[str] = field(default_factory=list)  # masked methods: every W_out edited (`model.edit.layers`)
+    layers: list[int] = field(default_factory=list)  # their layers, ascending; both empty: `parameter` alone
+
+    def edited(self) -> list[str]:
+        """The W_out matrices a masked method edits, in layer order (`parameter` alone unless `model.edit.layers`)."""
+        return list(self.parameters) or [self.parameter]
+
+    def edited_layers(self) -> list[int]:
+        return list(self.layers) or [self.site.layer]
+
+    def gap_prompts(self) -> list[list[str]]:
+        """The train gap prompts per group of the bias."""
+        return self.gap_texts if self.gap_texts is not None else [self.texts["gap_female_train"],
+                                                                    self.texts["gap_male_train"]]
 
     def mask_meta(self, **extra) -> dict:
         """The fields every mask of this run records."""

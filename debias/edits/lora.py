@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from debias.edits.sparse import ADAPTER
+from debias.edits.sparse_layers import ADAPTER
 
 
 def check_lora_rank(rank: int, shape: tuple[int, ...]) -> None:
@@ -60,6 +60,10 @@ class LoraDelta:
     @property
     def base_layer(self) -> nn.Module:
         return self.layer.base_layer
+
+    def base_layers(self) -> dict[str, nn.Module]:
+        """{edited parameter: the plain layer that holds it}."""
+        return {self.parameter: self.layer.base_layer}
 
     def merge(self) -> None:
         self._saved = self.layer.base_layer.weight.data.clone()

@@ -2,58 +2,25 @@
 
 Scores are accumulated (summed) over batches of prompts in float32; the mask keeps exactly
 `k = max(1, floor(fraction × numel))` entries, ties broken by the lower flat index (a stable sort), unlike a
-`>= threshold` cut, which over-selects on ties.
+`>= threshold` cut, which over-selects on ties. A `JointMask` is one such mask over the `W_out` of several layers
+(`model.edit.layers`, `debias.edits.joint`): the top k of all their entries, ranked together.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
+from debias.edits.gradients import STRATEGIES, feature_gradient
+from debias.edits.gradients import gap_gradient as gap_gradient  # re-exported: the one-matrix form
 from debias.models import hooks
-from debias.models.scoring import real_token_mask
-from debias.sae.ops import summed_feature_acts
-
-if TYPE_CHECKING:
-    from debias.bias_spec import BiasSpec
-    from debias.prompts import GapPrompts
-
-STRATEGIES: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {}
-
-
-def register_strategy(name: str):
-    """Register a scoring rule `score(grad, weight, seed) -> Tensor` (same shape) under `name`."""
-
-    def wrap(fn):
-        STRATEGIES[name] = fn
-        return fn
-
-    return wrap
-
-
-@register_strategy("gradient")
-def _gradient(grad: torch.Tensor, weight: torch.Tensor, seed: int) -> torch.Tensor:
-    return grad.abs()
-
-
-@register_strategy("grad_x_weight")
-def _grad_x_weight(grad: torch.Tensor, weight: torch.Tensor, seed: int) -> torch.Tensor:
-    """|g · w|: the first-order change of the objective when the entry is zeroed."""
-    return (grad * weight.float()).abs()
-
-
-@register_strategy("random")
-def _random(grad: torch.Tensor, weight: torch.Tensor, seed: int) -> torch.Tensor:
-    return torch.rand(grad.shape, generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass(frozen=True)
@@ -94,12 +61,8 @@ class InstabilityMask:
         }
 
     def save(self, path: str | Path) -> None:
-        meta = {
-            "parameter": self.parameter, "shape": json.dumps(list(self.shape)), "layer": str(self.layer),
-            "hook_name": self.hook_name, "features": json.dumps(list(self.features)),
-            "model_id": self.model_id, "sae_id": self.sae_id, "strategy": self.strategy,
-            "extra": json.dumps(self.extra),
-        }
+        meta = {"parameter": self.parameter, "shape": json.dumps(list(self.shape)), "layer": str(self.layer),
+                **_shared_meta(self)}
         save_file({"indices": self.indices.to(torch.int64).contiguous()}, str(path), metadata=meta)
 
     def to_record(self) -> dict:
@@ -108,23 +71,110 @@ class InstabilityMask:
                 "features": list(self.features), "extra": json.dumps(self.extra)}
 
     @classmethod
-    def from_record(cls, record: dict) -> InstabilityMask:
-        return cls(**{**record, "shape": tuple(record["shape"]), "features": tuple(record["features"]),
-                      "extra": json.loads(record["extra"])})
+    def from_record(cls, record: dict) -> Mask:
+        """The mask of `to_record()`; a `JointMask`'s record (it has `parts`) gives that `JointMask`."""
+        return JointMask.from_record(record) if "parts" in record else _one_from_record(record)
 
     @classmethod
-    def load(cls, path: str | Path) -> InstabilityMask:
+    def load(cls, path: str | Path) -> Mask:
+        """The mask `save` wrote; a file of several matrices (`JointMask.save`) gives that `JointMask`."""
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-        return cls(
-            parameter=meta["parameter"], shape=tuple(json.loads(meta["shape"])),
-            indices=load_file(str(path))["indices"], layer=int(meta["layer"]), hook_name=meta["hook_name"],
-            features=tuple(json.loads(meta["features"])), model_id=meta.get("model_id", ""),
-            sae_id=meta.get("sae_id", ""), strategy=meta.get("strategy", "gradient"),
-            extra=json.loads(meta.get("extra", "{}")),
-        )
+        tensors = load_file(str(path))
+        if "parameters" in meta:
+            return JointMask.from_file(meta, tensors)
+        return cls(parameter=meta["parameter"], shape=tuple(json.loads(meta["shape"])), indices=tensors["indices"],
+                   layer=int(meta["layer"]), **_shared_fields(meta))
+
+
+def _one_from_record(record: dict) -> InstabilityMask:
+    return InstabilityMask(**{**record, "shape": tuple(record["shape"]), "features": tuple(record["features"]),
+                              "extra": json.loads(record["extra"])})
+
+
+def _shared_meta(mask: InstabilityMask) -> dict[str, str]:
+    """File metadata every matrix of a mask shares."""
+    return {"hook_name": mask.hook_name, "features": json.dumps(list(mask.features)), "model_id": mask.model_id,
+            "sae_id": mask.sae_id, "strategy": mask.strategy, "extra": json.dumps(mask.extra)}
+
+
+def _shared_fields(meta: dict[str, str]) -> dict:
+    return dict(hook_name=meta["hook_name"], features=tuple(json.loads(meta["features"])),
+                model_id=meta.get("model_id", ""), sae_id=meta.get("sae_id", ""),
+                strategy=meta.get("strategy", "gradient"), extra=json.loads(meta.get("extra", "{}")))
+
+
+@dataclass(frozen=True)
+class JointMask:
+    """One mask over the `W_out` of several layers (`model.edit.layers`): the top k of all their entries' scores,
+    ranked together (`debias.edits.joint`). `parts` holds one `InstabilityMask` per matrix, in layer order; a part's
+    `layer` is its matrix's layer, and a part may hold no entry at all. `layer` is the SAE's layer.
+
+    File (`save` / `InstabilityMask.load`): one int64 tensor of sorted flat indices per matrix, `indices.<parameter>`;
+    metadata `parameters` (JSON list, layer order), `shapes` and `layers` (JSON objects keyed by parameter) and the
+    one-matrix file's `layer` (the SAE's), `hook_name`, `features`, `model_id`, `sae_id`, `strategy`, `extra`.
+    """
+
+    parts: tuple[InstabilityMask, ...]
+    layer: int
+
+    @property
+    def parameters(self) -> list[str]:
+        return [part.parameter for part in self.parts]
+
+    @property
+    def k(self) -> int:
+        return sum(part.k for part in self.parts)
+
+    @property
+    def numel(self) -> int:
+        return sum(part.numel for part in self.parts)
+
+    @property
+    def strategy(self) -> str:
+        return self.parts[0].strategy
+
+    @property
+    def features(self) -> tuple[int, ...]:
+        return self.parts[0].features
+
+    def stats(self) -> dict:
+        """`InstabilityMask.stats` of the whole mask, with each matrix's k and rows touched."""
+        per = {part.parameter: part.stats() for part in self.parts}
+        return {"parameters": self.parameters, "k": self.k, "fraction": self.k / self.numel,
+                "k_per_parameter": {name: s["k"] for name, s in per.items()},
+                "rows_touched": {name: s["rows_touched"] for name, s in per.items()},
+                "features": list(self.features), "strategy": self.strategy}
+
+    def save(self, path: str | Path) -> None:
+        meta = {"parameters": json.dumps(self.parameters), "layer": str(self.layer),
+                "shapes": json.dumps({part.parameter: list(part.shape) for part in self.parts}),
+                "layers": json.dumps({part.parameter: part.layer for part in self.parts}),
+                **_shared_meta(self.parts[0])}
+        save_file({f"indices.{part.parameter}": part.indices.to(torch.int64).contiguous() for part in self.parts},
+                  str(path), metadata=meta)
+
+    @classmethod
+    def from_file(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> JointMask:
+        shapes, layers = json.loads(meta["shapes"]), json.loads(meta["layers"])
+        parts = tuple(InstabilityMask(parameter=name, shape=tuple(shapes[name]), indices=tensors[f"indices.{name}"],
+                                      layer=int(layers[name]), **_shared_fields(meta))
+                      for name in json.loads(meta["parameters"]))
+        return cls(parts, int(meta["layer"]))
+
+    def to_record(self) -> dict:
+        """Plain values (what a checkpoint loads with weights_only=True)."""
+        return {"parts": [part.to_record() for part in self.parts], "layer": self.layer}
+
+    @classmethod
+    def from_record(cls, record: dict) -> JointMask:
+        return cls(tuple(_one_from_record(part) for part in record["parts"]), int(record["layer"]))
+
+
+Mask = InstabilityMask | JointMask
+"""A masked method's mask: of one matrix, or of several ranked together."""
 
 
 def resolve_k(numel: int, fraction: float | None = None, k: int | None = None) -> int:
@@ -146,98 +196,21 @@ def top_k_flat(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k].sort().values
 
 
-def feature_gradient(model, sae, site: hooks.HookSite, parameter: str, batches: Iterable[dict], features: list[int],
-                     bos_token_id: int | None, progress: bool = True) -> torch.Tensor:
-    """Gradient of Σ_f a_f / a_f⁰ with respect to `parameter`, summed over batches, float32, same shape.
-
-    a_f is feature f's activation summed over real tokens; a_f⁰ its total over all batches (so that no
-    feature dominates). The forward stops at the SAE's hook: layers above it never run.
-    `batches` yields tokenised inputs (`input_ids`, `attention_mask`, [batch, seq]); it is iterated twice
-    when there are several features.
-    """
-    weight = model.get_parameter(parameter)
-    batches = list(batches)
-    if len(features) > 1:
-        with torch.no_grad():
-            totals = sum(_summed(model, sae, site, b, features, bos_token_id) for b in batches)
-    else:
-        totals = torch.ones(1)
-    if (totals <= 0).any():
-        silent = [f for f, t in zip(features, totals.tolist(), strict=False) if t <= 0]
-        raise ValueError(f"feature(s) {silent} never fire on the bias prompts: no gradient to rank W_out by")
-    grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    was = weight.requires_grad
-    weight.requires_grad_(True)
-    try:
-        for batch in tqdm(batches, desc="mask: feature gradient", disable=not progress):
-            weight.grad = None
-            summed = _summed(model, sae, site, batch, features, bos_token_id)
-            (summed / totals.to(summed.device)).sum().backward()
-            grad += weight.grad.float()
-    finally:
-        weight.grad = None
-        weight.requires_grad_(was)
-    return grad
-
-
-def _summed(model, sae, site, batch, features, bos_token_id):
-    acts = hooks.forward_until(model, site, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    real = real_token_mask(batch["input_ids"], batch["attention_mask"], bos_token_id)
-    return summed_feature_acts(sae, acts, real, features)
-
-
 def mask_from_scores(scores: torch.Tensor, k: int, **meta) -> InstabilityMask:
     """Keep the top-k scores; refuses an all-zero score (it would pick arbitrary entries)."""
+    check_scores(scores, meta.get("features"))
+    return InstabilityMask(shape=tuple(scores.shape), indices=top_k_flat(scores, k), **meta)
+
+
+def check_scores(scores: torch.Tensor, features) -> None:
+    """Refuse non-finite scores, or all-zero ones (a top k of them would be arbitrary entries)."""
     if not torch.isfinite(scores).all():
         raise ValueError("mask scores contain NaN or inf; check the model dtype and the prompts")
     if not scores.abs().sum() > 0:
         raise ValueError(
-            f"all mask scores are zero for features {meta.get('features')}: the feature(s) never fire on the "
+            f"all mask scores are zero for features {features}: the feature(s) never fire on the "
             "bias prompts (or do not depend on this W_out), so no mask of meaningful entries exists"
         )
-    return InstabilityMask(shape=tuple(scores.shape), indices=top_k_flat(scores, k), **meta)
-
-
-def gap_gradient(model, tokenizer, parameter: str, texts: GapPrompts | Sequence[list[str]] | list[str],
-                 male: list[str] | None = None, batch_size: int = 16, progress: bool = True,
-                 targets: BiasSpec | str | Sequence[str] = "gender") -> torch.Tensor:
-    """Gradient of the stereotype gap (the sum over groups of the mean margin of that group's prompts,
-    `debias.models.scoring.group_gap`) w.r.t. `parameter`.
-
-    `texts`: a `GapPrompts` (its groups and targets), or one list of prompts per group in the order of the bias
-    `targets` (a spec, a shipped name or the target texts; default gender), or, the two-group form, the first
-    group's prompts with the second's in `male` (gender: mean she - he margin on `female` − mean on `male`).
-    The SAE plays no part: this is the behaviour's own gradient (`mask_from: bias`), float32, summed over batches.
-    """
-    from debias.models.scoring import group_margins, next_token_logprobs, target_ids
-    from debias.prompts import GapPrompts
-
-    if isinstance(texts, GapPrompts):
-        by_group, ids = [list(t) for t in texts.texts], target_ids(tokenizer, texts)
-    else:
-        if male is None and texts and isinstance(texts[0], str):
-            raise ValueError("gap_gradient: pass the second group's prompts as `male`, or one list per group")
-        by_group = [list(texts), list(male)] if male is not None else [list(t) for t in texts]  # type: ignore[arg-type]
-        ids = target_ids(tokenizer, targets)
-    if len(by_group) != len(ids) or not all(by_group):
-        raise ValueError(f"gap_gradient needs a non-empty list of prompts for each of the {len(ids)} groups, got "
-                         f"{len(by_group)} list(s) of {[len(g) for g in by_group]} prompts")
-    weight = model.get_parameter(parameter)
-    grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    was = weight.requires_grad
-    weight.requires_grad_(True)
-    try:
-        for group, group_texts in enumerate(by_group):
-            for i in tqdm(range(0, len(group_texts), batch_size), desc="mask: gap gradient", disable=not progress):
-                weight.grad = None
-                logprobs = next_token_logprobs(model, tokenizer, group_texts[i:i + batch_size], batch_size)
-                index = torch.full((len(logprobs),), group, dtype=torch.long)
-                (group_margins(logprobs, ids, index).sum() / len(group_texts)).backward()
-                grad += weight.grad.float()
-    finally:
-        weight.grad = None
-        weight.requires_grad_(was)
-    return grad
 
 
 def compute_mask(model, sae, site: hooks.HookSite, parameter: str, batches: Iterable[dict], features: list[int], k: int,
@@ -276,21 +249,49 @@ def full_mask(model: nn.Module, parameter: str, **meta) -> InstabilityMask:
 
 def load_mask_for(path: str | Path, parameter: str, shape: tuple[int, ...]) -> InstabilityMask:
     """A saved mask, checked against the matrix it will edit; every error names the file and the option."""
+    where, mask = _read(path)
+    if isinstance(mask, JointMask):
+        raise ValueError(f"{where} is for {len(mask.parts)} matrices ({', '.join(mask.parameters)}); this run edits "
+                         f"{parameter} {list(shape)} only (model.edit.layers names the matrices of a joint mask)")
+    if mask.parameter != parameter or tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{where} is for {mask.parameter} {list(mask.shape)}; this run edits {parameter} "
+                         f"{list(shape)}")
+    return _checked(where, mask)
+
+
+def load_masks_for(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> Mask:
+    """`load_mask_for` of the matrices `shapes` maps to their shapes: for several, the file must be a `JointMask`
+    of exactly those matrices (its parts come back in the order of `shapes`)."""
+    if len(shapes) == 1:
+        return load_mask_for(path, *next(iter(shapes.items())))
+    where, mask = _read(path)
+    parts = {part.parameter: part for part in (mask.parts if isinstance(mask, JointMask) else (mask,))}
+    theirs, ours = ({name: list(p.shape) for name, p in parts.items()}, {name: list(s) for name, s in shapes.items()})
+    if theirs != ours:
+        raise ValueError(f"{where} is for {theirs}; this run edits {ours} (model.edit.layers)")
+    joint = JointMask(tuple(_checked(f"{where} ({name})", parts[name], True) for name in shapes), mask.layer)
+    if joint.k == 0:
+        raise ValueError(f"{where}: the mask holds no entry of any of its {len(shapes)} matrices")
+    return joint
+
+
+def _read(path: str | Path) -> tuple[str, Mask]:
     where = f"model.edit.mask_path={str(path)!r}"
     if not Path(path).is_file():
         raise FileNotFoundError(f"{where}: no such file")
     try:
-        mask = InstabilityMask.load(path)
+        return where, InstabilityMask.load(path)
     except Exception as err:  # safetensors raises its own (Rust) error types for a bad header or bytes
         raise ValueError(f"{where} is not a mask written by `debias mask` ({type(err).__name__}: {err})") from None
-    if mask.parameter != parameter or tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{where} is for {mask.parameter} {list(mask.shape)}; this run edits {parameter} "
-                         f"{list(shape)}")
-    indices, numel = mask.indices, math.prod(shape)
-    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1 or indices.numel() == 0:
-        raise ValueError(f"{where}: indices must be a non-empty 1-D integer tensor, got {indices.dtype} "
-                         f"{list(indices.shape)}")
-    if int(indices.min()) < 0 or int(indices.max()) >= numel:
+
+
+def _checked(where: str, mask: InstabilityMask, allow_empty: bool = False) -> InstabilityMask:
+    """`mask` with its indices checked (1-D integers in range, no duplicates) and sorted."""
+    indices, numel = mask.indices, mask.numel
+    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1 or not (indices.numel() or allow_empty):
+        raise ValueError(f"{where}: indices must be a {'' if allow_empty else 'non-empty '}1-D integer tensor, got "
+                         f"{indices.dtype} {list(indices.shape)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
         raise ValueError(f"{where}: indices must be in [0, {numel}), got [{int(indices.min())}, {int(indices.max())}]")
     if indices.unique().numel() != indices.numel():
         raise ValueError(f"{where}: {indices.numel() - indices.unique().numel()} duplicate indices")

@@ -1,14 +1,16 @@
-"""A sparse, trainable delta on the masked entries of one weight, and the frozen record of the edit.
+"""A sparse, trainable delta on the masked entries of one weight (or of several: a `JointMask`), and the frozen record
+of the edit.
 
 `nn.Linear` weights carry the delta with peft's Super-Tuning tuner (frozen base weight + flat `values` at flat
 `indices`), so the edit saves as an ordinary PEFT adapter. peft refuses GPT-2's `Conv1D` (its weight is stored
-`[in, out]`), so `SparseConv1D` below is a small fallback with the same interface.
+`[in, out]`), so `SparseConv1D` (`debias.edits.sparse_layers`) is a small fallback with the same interface.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +20,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from debias.edits.mask import InstabilityMask, compute_mask, full_mask, gap_gradient, load_mask_for
-
-ADAPTER = "default"
+from debias.edits.gradients import gap_gradients
+from debias.edits.joint import compute_joint_mask
+from debias.edits.mask import InstabilityMask, JointMask, Mask, compute_mask, full_mask, load_masks_for
+from debias.edits.sparse_layers import ADAPTER, SparseConv1D, attach_supertuning
 
 
 @dataclass(frozen=True)
 class EditRecord:
-    """The whole edit of one matrix: `weight.flatten()[indices] += values`."""
+    """The whole edit of one matrix: `weight.flatten()[indices] += values`.
+
+    `delta.safetensors` of one matrix: tensors `indices` ([k] int64 flat positions) and `values` ([k] float32),
+    metadata `parameter` and `shape` (JSON). Of several (`save_records`): tensors `indices.<parameter>` and
+    `values.<parameter>` per matrix, metadata `parameters` (JSON list) and `shapes` (JSON object: parameter -> shape).
+    """
 
     parameter: str
     shape: tuple[int, ...]
@@ -38,83 +46,120 @@ class EditRecord:
 
     @classmethod
     def load(cls, path: str | Path) -> EditRecord:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        tensors = load_file(str(path))
-        return cls(meta["parameter"], tuple(json.loads(meta["shape"])), tensors["indices"], tensors["values"])
+        """A one-matrix file (`load_records` reads either kind)."""
+        (record, *more) = load_records(path)
+        if more:
+            raise ValueError(f"{path} holds the edit of {len(more) + 1} matrices; read it with load_records")
+        return record
+
+
+def save_records(records: Sequence[EditRecord], path: str | Path) -> None:
+    """Write the edit of one matrix in the one-matrix layout, of several in the multi-matrix one (`EditRecord`)."""
+    if len(records) == 1:
+        records[0].save(path)
+        return
+    tensors = {}
+    for r in records:
+        tensors[f"indices.{r.parameter}"] = r.indices.to(torch.int64).contiguous()
+        tensors[f"values.{r.parameter}"] = r.values.float().contiguous()
+    meta = {"parameters": json.dumps([r.parameter for r in records]),
+            "shapes": json.dumps({r.parameter: list(r.shape) for r in records})}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_records(path: str | Path) -> list[EditRecord]:
+    """The matrices' edits in a `delta.safetensors` of either layout."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    if "parameters" not in meta:
+        return [EditRecord(meta["parameter"], tuple(json.loads(meta["shape"])), tensors["indices"], tensors["values"])]
+    shapes = json.loads(meta["shapes"])
+    return [EditRecord(name, tuple(shapes[name]), tensors[f"indices.{name}"], tensors[f"values.{name}"])
+            for name in json.loads(meta["parameters"])]
 
 
 def apply_delta(model: nn.Module, path: str | Path) -> nn.Module:
-    """Add a saved `delta.safetensors` to `model`'s weight in place (no peft needed); returns the model."""
-    record = EditRecord.load(path)
-    weight = model.get_parameter(record.parameter)
-    if tuple(weight.shape) != record.shape:
-        raise ValueError(f"delta is for {record.parameter} of shape {record.shape}, model has {tuple(weight.shape)}")
+    """Add a saved `delta.safetensors` (one matrix or several) to `model`'s weights in place (no peft needed); every
+    shape is checked before any weight changes. Returns the model."""
+    records = load_records(path)
+    for record in records:
+        weight = model.get_parameter(record.parameter)
+        if tuple(weight.shape) != record.shape:
+            raise ValueError(f"delta is for {record.parameter} of shape {record.shape}, model has "
+                             f"{tuple(weight.shape)}")
     with torch.no_grad():
-        weight.view(-1).index_add_(0, record.indices.to(weight.device), record.values.to(weight))
+        for record in records:
+            weight = model.get_parameter(record.parameter)
+            weight.view(-1).index_add_(0, record.indices.to(weight.device), record.values.to(weight))
     return model
 
 
-class SparseConv1D(nn.Module):
-    """Sparse delta on a transformers `Conv1D` (weight `[in, out]`, y = x @ W + b); mirrors Super-Tuning's layer."""
+def _hold_fillers(k: int):
+    """A gradient hook that keeps a layer's value slots from k on (peft's fillers, `attach_supertuning`) at 0."""
 
-    def __init__(self, base_layer: nn.Module, indices: torch.Tensor):
-        super().__init__()
-        self.base_layer: Any = base_layer  # transformers' Conv1D: `weight` [in, out] and `bias` [out]
-        self.indices: torch.Tensor
-        self.register_buffer("indices", indices.to(torch.int64))
-        device = next(base_layer.parameters()).device
-        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=device))
-        self.disabled = False
-        self.merged = False
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[k:] = 0
+        return grad
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled and self.merged:
-            self.unmerge()
-        if self.disabled or self.merged:
-            return self.base_layer(x)
-        w = self.base_layer.weight
-        weight = w.reshape(-1).scatter_add(0, self.indices, self.values.to(w.dtype)).reshape_as(w)
-        out = torch.addmm(self.base_layer.bias, x.reshape(-1, x.shape[-1]), weight)
-        return out.reshape(*x.shape[:-1], weight.shape[-1])
-
-    def merge(self) -> None:
-        if not self.merged:
-            weight = self.base_layer.weight.data
-            weight.view(-1).scatter_add_(0, self.indices, self.values.data.to(weight))
-            self.merged = True
-
-    def unmerge(self) -> None:
-        if self.merged:
-            weight = self.base_layer.weight.data
-            weight.view(-1).scatter_add_(0, self.indices, -self.values.data.to(weight))
-            self.merged = False
+    return hook
 
 
 class SparseDelta:
-    """Attach a trainable sparse delta at `mask`'s entries of `model`; everything else stays frozen."""
+    """Attach a trainable sparse delta at `mask`'s entries of `model` (each matrix of a `JointMask`: one layer per
+    matrix); everything else stays frozen. The entries of a matrix are trained in that layer's value slots 0..k-1."""
 
-    def __init__(self, model: nn.Module, mask: InstabilityMask):
+    def __init__(self, model: nn.Module, mask: Mask):
         self.mask = mask
-        self.module_name = mask.parameter.removesuffix(".weight")
-        base = model.get_submodule(self.module_name)
+        self.masks: list[InstabilityMask] = list(mask.parts) if isinstance(mask, JointMask) else [mask]
+        names = [m.parameter.removesuffix(".weight") for m in self.masks]
+        bases = [model.get_submodule(name) for name in names]
+        for m, base in zip(self.masks, bases, strict=True):
+            if not isinstance(base, nn.Linear) and type(base).__name__ != "Conv1D":
+                raise TypeError(f"{m.parameter} belongs to a {type(base).__name__}; supported: nn.Linear, Conv1D")
+        if len({isinstance(base, nn.Linear) for base in bases}) > 1:
+            raise TypeError(f"{[m.parameter for m in self.masks]} mix nn.Linear and Conv1D layers; one kind only")
         for p in model.parameters():
             p.requires_grad_(False)
         self.peft_model: Any = None
-        self.layer: Any  # peft's Super-Tuning Linear, or SparseConv1D
-        self._saved: torch.Tensor | None = None
-        if isinstance(base, nn.Linear):
-            self.peft_model = _attach_supertuning(model, self.module_name, mask)
-            self.layer = self.peft_model.base_model.model.get_submodule(self.module_name)
-            self.values = self.layer.supertuning_values[ADAPTER]
-        elif type(base).__name__ == "Conv1D":
-            self.layer = SparseConv1D(base, mask.indices)
-            parent, _, child = self.module_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, self.layer)
-            self.values = self.layer.values
+        self.layers: list[Any]  # peft's Super-Tuning Linear, or SparseConv1D, one per matrix
+        self._saved: list[torch.Tensor] | None = None
+        if isinstance(bases[0], nn.Linear):
+            self.peft_model = attach_supertuning(model, self.masks)
+            self.layers = [self.peft_model.base_model.model.get_submodule(name) for name in names]
+            self.slots: list[nn.Parameter] = [layer.supertuning_values[ADAPTER] for layer in self.layers]
+            self._where = [layer.supertuning_indices[ADAPTER].to(torch.int64) for layer in self.layers]
         else:
-            raise TypeError(f"{mask.parameter} belongs to a {type(base).__name__}; supported: nn.Linear, Conv1D")
+            self.layers = [SparseConv1D(base, m.indices) for base, m in zip(bases, self.masks, strict=True)]
+            for name, layer in zip(names, self.layers, strict=True):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, layer)
+            self.slots = [layer.values for layer in self.layers]
+            self._where = [m.indices for m in self.masks]
+        for m, slot in zip(self.masks, self.slots, strict=True):
+            if slot.numel() > m.k:
+                slot.register_hook(_hold_fillers(m.k))
         self.model = model
+
+    @property
+    def values(self) -> nn.Parameter:
+        """The k trained values of a one-matrix delta (`values_of` gives each matrix's of a joint one)."""
+        return self.slots[self._only("values")]
+
+    def values_of(self, parameter: str) -> torch.Tensor:
+        """The trained values of `parameter`'s masked entries, in its mask's index order (a view)."""
+        i = [m.parameter for m in self.masks].index(parameter)
+        return self.slots[i][: self.masks[i].k]
+
+    def _only(self, what: str) -> int:
+        if len(self.masks) != 1:
+            raise AttributeError(f"{what}: this delta spans {len(self.masks)} matrices; ask per matrix "
+                                 "(values_of, base_layers, records)")
+        return 0
+
+    def _key(self, kind: str, mask: InstabilityMask) -> str:
+        return kind if len(self.masks) == 1 else f"{kind}.{mask.parameter}"
 
     @contextlib.contextmanager
     def disabled(self):
@@ -123,101 +168,114 @@ class SparseDelta:
             with self.peft_model.disable_adapter():
                 yield
             return
-        self.layer.disabled = True
+        for layer in self.layers:
+            layer.disabled = True
         try:
             yield
         finally:
-            self.layer.disabled = False
+            for layer in self.layers:
+                layer.disabled = False
 
     def parameters(self) -> list[nn.Parameter]:
-        """What the optimiser trains: the k values."""
-        return [self.values]
+        """What the optimiser trains: the values of every matrix."""
+        return list(self.slots)
 
     def changed_parameters(self) -> int:
         return self.mask.k
 
+    def nonzero_values(self) -> int:
+        """How many of the k trained values are not 0 (the entries the edit changed)."""
+        return sum(int((self.values_of(m.parameter) != 0).sum()) for m in self.masks)
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint keeps: the k values and their flat indices."""
-        return {"indices": self.mask.indices.clone(), "values": self.values.detach().clone()}
+        """What a checkpoint keeps: the k values and their flat indices (`indices` / `values` of one matrix;
+        `indices.<parameter>` / `values.<parameter>` of each of several)."""
+        state = {}
+        for m in self.masks:
+            state[self._key("indices", m)] = m.indices.clone()
+            state[self._key("values", m)] = self.values_of(m.parameter).detach().clone()
+        return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore `trainable_state()`; refuses a state made for another mask (other indices)."""
-        if "values" not in state or "indices" not in state:
-            raise ValueError(f"the checkpoint holds no sparse-delta state (keys {sorted(state)})")
-        indices = state["indices"].to(torch.int64).cpu()
-        ours = self.mask.indices.to(torch.int64).cpu()
-        if indices.shape != ours.shape or not torch.equal(indices, ours):
-            agree = len(set(indices.tolist()) & set(self.mask.indices.tolist()))
-            raise ValueError(f"the checkpoint's delta is for another mask of {self.mask.parameter}: {agree} of its "
-                             f"{indices.numel()} indices are among this run's {self.mask.k}")
+        expected = sorted(self._key(kind, m) for m in self.masks for kind in ("indices", "values"))
+        if not set(expected) <= set(state):
+            raise ValueError(f"the checkpoint holds no sparse-delta state (keys {sorted(state)})"
+                             + (f", expected {expected}" if len(self.masks) > 1 else ""))
+        for m in self.masks:
+            indices = state[self._key("indices", m)].to(torch.int64).cpu()
+            ours = m.indices.to(torch.int64).cpu()
+            if indices.shape != ours.shape or not torch.equal(indices, ours):
+                agree = len(set(indices.tolist()) & set(m.indices.tolist()))
+                raise ValueError(f"the checkpoint's delta is for another mask of {m.parameter}: {agree} of its "
+                                 f"{indices.numel()} indices are among this run's {m.k}")
         with torch.no_grad():
-            self.values.copy_(state["values"].to(self.values))
+            for m, slot in zip(self.masks, self.slots, strict=True):
+                slot.zero_()
+                slot[: m.k].copy_(state[self._key("values", m)].to(slot))
 
     def merge(self) -> None:
-        """Fold the delta into the base weight (the adapter then runs the plain layer)."""
-        flat = self.base_weight().data.view(-1)
-        self._saved = flat[self.mask.indices.to(flat.device)].clone()
-        self.layer.merge()
+        """Fold the delta into the base weights (the adapter then runs the plain layers)."""
+        self._saved = []
+        for layer, where in zip(self.layers, self._where, strict=True):
+            flat = layer.base_layer.weight.data.view(-1)
+            self._saved.append(flat[where.to(flat.device)].clone())
+            layer.merge()
 
     def unmerge(self) -> None:
         """Undo `merge` bit-exactly: (w + v) − v is not always w in floating point, so restore the saved entries."""
-        self.layer.unmerge()
+        for layer in self.layers:
+            layer.unmerge()
         if self._saved is not None:
-            flat = self.base_weight().data.view(-1)
-            flat[self.mask.indices.to(flat.device)] = self._saved
+            for layer, where, saved in zip(self.layers, self._where, self._saved, strict=True):
+                flat = layer.base_layer.weight.data.view(-1)
+                flat[where.to(flat.device)] = saved
             self._saved = None
 
+    def records(self) -> list[EditRecord]:
+        """The edit of each matrix (`save_records` writes them as `delta.safetensors`)."""
+        return [EditRecord(m.parameter, m.shape, m.indices.clone(), self.values_of(m.parameter).detach().float().cpu()
+                           .clone()) for m in self.masks]
+
     def record(self) -> EditRecord:
-        return EditRecord(self.mask.parameter, self.mask.shape, self.mask.indices.clone(),
-                          self.values.detach().float().cpu().clone())
+        return self.records()[self._only("record")]
+
+    def base_layers(self) -> dict[str, nn.Module]:
+        """{edited parameter: the plain layer that holds it}."""
+        return {m.parameter: layer.base_layer for m, layer in zip(self.masks, self.layers, strict=True)}
 
     def base_weight(self) -> torch.Tensor:
-        return self.layer.base_layer.weight
+        return self.base_layer.weight
 
     @property
-    def base_layer(self) -> nn.Module:
-        return self.layer.base_layer
-
-
-def _attach_supertuning(model: nn.Module, module_name: str, mask: InstabilityMask):
-    """Wrap `module_name` in peft's Super-Tuning layer and load the mask's indices through peft's public state-dict
-    API (the tuner's own index choice is by weight magnitude; `save_precomputed_indices` keeps ours in the adapter)."""
-    from peft import SupertuningConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-    n, k = mask.numel, mask.k
-    # peft allocates int(n·(1 − sparsity)) values; this sparsity makes that exactly k.
-    sparsity = 0.0 if k == n else 1 - (k + 0.5) / n
-    config = SupertuningConfig(target_modules=[module_name], sparsity=sparsity, save_precomputed_indices=True)
-    peft_model = get_peft_model(model, config)
-    state = get_peft_model_state_dict(peft_model)
-    (indices_key,) = [key for key in state if key.endswith("supertuning_indices")]
-    (values_key,) = [key for key in state if key.endswith("supertuning_values")]
-    if state[values_key].numel() != k:
-        raise RuntimeError(f"peft allocated {state[values_key].numel()} values for {module_name}, expected k={k}")
-    device = state[indices_key].device
-    set_peft_model_state_dict(peft_model, {indices_key: mask.indices.to(device=device, dtype=torch.int32),
-                                           values_key: torch.zeros_like(state[values_key])})
-    return peft_model
+    def base_layer(self) -> Any:
+        return self.layers[self._only("base_layer")].base_layer
 
 
 def build_masked(ctx, source: str) -> SparseDelta:
     """The masked edit of a run: `mask_path`'s mask, or the top-k entries ranked by `source` ("feature": the SAE
-    feature(s)' gradient; "bias": the train gap's own gradient; "random": seeded random scores)."""
-    args = ctx.args
+    feature(s)' gradient; "bias": the train gap's own gradient; "random": seeded random scores); over the W_out of
+    every layer of `model.edit.layers`, ranked jointly (`debias.edits.joint`), when there are several."""
+    args, parameters = ctx.args, ctx.edited()
     if ctx.preset_mask is not None:
         mask = ctx.preset_mask
     elif args.mask_path:
-        mask = load_mask_for(args.mask_path, ctx.parameter, tuple(ctx.net.get_parameter(ctx.parameter).shape))
+        mask = load_masks_for(args.mask_path, {p: tuple(ctx.net.get_parameter(p).shape) for p in parameters})
     else:
-        grad = None
+        grads = None
         if source == "bias":
-            grad = gap_gradient(ctx.net, ctx.tokenizer, ctx.parameter, ctx.texts["gap_female_train"],
-                                ctx.texts["gap_male_train"], ctx.eval_batch_size)
+            grads = gap_gradients(ctx.net, ctx.tokenizer, parameters, ctx.gap_prompts(), None, ctx.eval_batch_size,
+                                  targets=ctx.bias)
         strategy = "random" if source == "random" else args.mask_strategy
-        mask = compute_mask(ctx.net, ctx.sae, ctx.site, ctx.parameter, ctx.mask_batches, ctx.features, ctx.k,
-                            strategy=strategy, seed=args.seed, bos_token_id=ctx.tokenizer.bos_token_id, grad=grad,
-                            extra={"method": args.method, "mask_from": source}, model_id=ctx.model_id,
-                            sae_id=ctx.sae_name)
+        common: dict[str, Any] = dict(strategy=strategy, seed=args.seed, bos_token_id=ctx.tokenizer.bos_token_id,
+                                      extra={"method": args.method, "mask_from": source}, model_id=ctx.model_id,
+                                      sae_id=ctx.sae_name)
+        if len(parameters) > 1:
+            mask = compute_joint_mask(ctx.net, ctx.sae, ctx.site, parameters, ctx.edited_layers(), ctx.mask_batches,
+                                      ctx.features, ctx.k, grads=grads, **common)
+        else:
+            mask = compute_mask(ctx.net, ctx.sae, ctx.site, parameters[0], ctx.mask_batches, ctx.features, ctx.k,
+                                grad=grads[0] if grads else None, **common)
     return SparseDelta(ctx.net, ctx.broadcast(mask))
 
 

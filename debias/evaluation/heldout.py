@@ -130,8 +130,10 @@ def behaviour_metrics(module, datamodule, edited: bool, cue_limit: int | None, s
     return out
 
 
-BASE_ROWS = ("feature_act", "feature_fire_rate", "lm_loss", "perplexity", "kl", "bias_gap", "cue_margin", "cue_followed")
-SENTENCE_ROWS = ("statement_gap", "statement_stereotyped", "factual_margin", "factual_kept_true")  # specs with statements
+BASE_ROWS = ("feature_act", "feature_fire_rate", "lm_loss", "perplexity", "kl", "bias_gap", "cue_margin",
+             "cue_followed")
+#: Rows of a spec with statements.
+SENTENCE_ROWS = ("statement_gap", "statement_stereotyped", "factual_margin", "factual_kept_true")
 ROWS = BASE_ROWS + SENTENCE_ROWS
 
 

@@ -7,6 +7,7 @@ import torch
 
 from debias.evaluation.stats import grouped_interval
 from debias.models.continuation import continuation_logprobs
+from debias.models.scoring import group_gap, own_group_margins
 from debias.statements import FactualItem, StatementItem
 
 
@@ -18,18 +19,6 @@ def statement_logprobs(model, tokenizer, items: list[StatementItem], batch_size:
     return continuation_logprobs(model, tokenizer, contexts, attributes, batch_size).view(len(items), n_groups)
 
 
-def own_group_margins(logprobs: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """[n] log-likelihood under item i's own group minus the mean over the other groups; logprobs [n, groups]."""
-    own = logprobs.gather(1, group[:, None])[:, 0]
-    others = (logprobs.sum(1) - own) / (logprobs.shape[1] - 1)
-    return own - others
-
-
-def sum_of_group_means(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Σ over the groups present of the mean of their items' values (with two groups: the usual gap)."""
-    return torch.stack([values[group == g].mean() for g in group.unique()]).sum()
-
-
 def _items_groups(items) -> torch.Tensor:
     return torch.tensor([item.group for item in items], dtype=torch.long)
 
@@ -38,10 +27,14 @@ def _items_groups(items) -> torch.Tensor:
 def statement_gap(model, tokenizer, items: list[StatementItem], batch_size: int = 16, n_boot: int = 1000) -> dict:
     """The statement gap (Σ over groups of the mean margin of that group's attributes: 0 = none, > 0 =
     stereotyped), its 95% interval, and the share of items whose own group's prefix makes the attribute likelier."""
-    group = _items_groups(items)
+    group, n_groups = _items_groups(items), len(items[0].prefixes)
     margins = own_group_margins(statement_logprobs(model, tokenizer, items, batch_size).cpu(), group)
-    return {"statement_gap": float(sum_of_group_means(margins, group)),
-            "statement_gap_ci": list(grouped_interval(margins, group, sum_of_group_means, n_boot)),
+
+    def gap(values, groups):
+        return group_gap(values, groups, n_groups)
+
+    return {"statement_gap": float(gap(margins, group)),
+            "statement_gap_ci": list(grouped_interval(margins, group, gap, n_boot)),
             "statement_stereotyped": float((margins > 0).float().mean())}
 
 

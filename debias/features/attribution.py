@@ -4,7 +4,12 @@ Effect = gradient × activation through the SAE spliced in *with its error term*
 a latent's attribution is the first-order change of the gap when it is zeroed (summed over every prompt position,
 aggregated as the gap itself: the sum over groups of the mean margin of that group's prompts, gender: mean female
 margin - mean male margin; the groups and their targets come with the `GapPrompts`). Latents + error sum to the
-gap's derivative along the hooked activation minus the decoder bias. Candidates are confirmed by ablation, singly and jointly.
+gap's derivative along the hooked activation minus the decoder bias. Candidates are confirmed by ablation, singly
+and jointly.
+
+`attribute_statements` / `ablated_statement_gap` do the same for the statement gap of a spec's sentence-level
+statements (`debias.statements`): Σ over groups of the mean own-group margin of log p(attribute | prefix), the
+latents taken at every attended token of each prefix and its attribute (BOS included, as an ablation zeroes it).
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+from debias.evaluation.sentence_metrics import statement_logprobs
 from debias.models import hooks
-from debias.models.scoring import gap_from_logprobs, group_margins, next_token_logprobs, target_ids
+from debias.models.continuation import continuation_batch, picked_logits, summed_logprobs
+from debias.models.scoring import (gap_from_logprobs, group_gap, group_margins, next_token_logprobs, own_group_margins,
+                                   target_ids)
 from debias.prompts import GapPrompts
 from debias.sae.ops import ablate
+from debias.statements import StatementItem
 
 
 @dataclass
@@ -54,8 +63,9 @@ def _attribute_sites(model, tokenizer, prompts: GapPrompts, splices: dict, batch
         yield float(part.detach()), [(s, g, v) for (s, _, v), g in zip(found, grads, strict=False)]
 
 
-def attribute(model, tokenizer, sae, site, gap_prompts: GapPrompts, batch_size: int = 16) -> Attribution:
-    """Gradient × activation of every latent (and of the error term) on the gap, SAE spliced in with its error."""
+def sae_splice(sae):
+    """fn(x, site, found) -> x: the SAE spliced in with its error term, exactly x forward; appends the latents' and
+    the error's leaves (site, leaf, value) to `found`, so gradients reach z (through the decoder) and the error."""
     dtype = sae.W_enc.dtype
 
     def splice(x, s, found):
@@ -63,9 +73,14 @@ def attribute(model, tokenizer, sae, site, gap_prompts: GapPrompts, batch_size: 
         recon = sae.decode(z)
         err = (x.detach().to(dtype) - recon.detach()).requires_grad_(True)
         found += [(s, z, z.detach()), (s, err, err.detach())]
-        # Exactly x forward; gradients reach z (through the decoder) and the error leaf.
         return x.detach() + ((recon - recon.detach()) + (err - err.detach())).to(x.dtype)
 
+    return splice
+
+
+def attribute(model, tokenizer, sae, site, gap_prompts: GapPrompts, batch_size: int = 16) -> Attribution:
+    """Gradient × activation of every latent (and of the error term) on the gap, SAE spliced in with its error."""
+    splice = sae_splice(sae)
     latents, error, gap = torch.zeros(sae.cfg.d_sae, dtype=torch.float64), 0.0, 0.0
     for part, pairs in _attribute_sites(model, tokenizer, gap_prompts, {site: splice}, batch_size):
         (_, gz, z), (_, ge, e) = pairs
@@ -124,3 +139,59 @@ def ablation_effect(model, tokenizer, sae, site, gap_prompts: GapPrompts, featur
     return (ablated_gap(model, tokenizer, sae, site, gap_prompts, features, batch_size) - base) / base
 
 
+def _statement_groups(items: list[StatementItem]) -> torch.Tensor:
+    """[n] the items' groups; raises unless every group has an item (as the gap's mean over each group needs)."""
+    if not items:
+        raise ValueError("the statement gap needs at least one statement item")
+    group = torch.tensor([item.group for item in items], dtype=torch.long)
+    counts = torch.bincount(group, minlength=len(items[0].prefixes))
+    if not counts.all():
+        raise ValueError(f"the statement gap needs statements of every group, got {counts.tolist()} per group")
+    return group
+
+
+def attribute_statements(model, tokenizer, sae, site, items: list[StatementItem],
+                         batch_size: int = 16) -> Attribution:
+    """Gradient × activation of every latent (and of the error term) on the statement gap
+    `group_gap(own_group_margins(statement_logprobs(...)))`, SAE spliced in with its error, summed over
+    every attended token of the prefixes and attributes. `batch_size` counts sequences (item x group prefix)."""
+    group = _statement_groups(items)
+    n_groups, splice = len(items[0].prefixes), sae_splice(sae)
+    weights = 1.0 / torch.bincount(group).double()[group]  # Σ_i w_i margin_i = Σ_g mean of group g's margins
+    step = max(1, batch_size // n_groups)
+    device = next(model.parameters()).device
+    latents, error, gap = torch.zeros(sae.cfg.d_sae, dtype=torch.float64), 0.0, 0.0
+    for start in range(0, len(items), step):
+        chunk = items[start:start + step]
+        batch = continuation_batch(tokenizer, [p for item in chunk for p in item.prefixes],
+                                   [item.attribute for item in chunk for _ in item.prefixes], device)
+        found: list = []
+        with torch.enable_grad(), hooks.replace(model, site, lambda x, found=found: splice(x, site, found)):
+            logits = model(**batch.model_inputs()).logits
+            logprobs = summed_logprobs(picked_logits(logits, batch), batch).view(len(chunk), n_groups)
+            margins = own_group_margins(logprobs, group[start:start + step].to(logprobs.device))
+            part = (weights[start:start + step].to(margins.device) * margins.double()).sum()
+            (_, z_leaf, z), (_, e_leaf, e) = found
+            gz, ge = torch.autograd.grad(part, [z_leaf, e_leaf])
+        real = batch.attention_mask[..., None].to(z.dtype)
+        latents += (gz * z * real).sum(dim=(0, 1)).double().cpu()
+        error += float((ge * e * real).sum())
+        gap += float(part.detach())
+    return Attribution(latents.float(), error, gap)
+
+
+@torch.no_grad()
+def statement_gap_value(model, tokenizer, items: list[StatementItem], site=None, fn=None,
+                        batch_size: int = 16) -> float:
+    """The statement gap (`debias.evaluation.sentence_metrics`), with the hooked tensor at `site` -> fn(tensor)."""
+    group = _statement_groups(items)
+    with hooks.replace(model, site, fn) if fn is not None else contextlib.nullcontext():
+        logprobs = statement_logprobs(model, tokenizer, items, batch_size).cpu()
+    return float(group_gap(own_group_margins(logprobs, group), group, logprobs.shape[1]))
+
+
+def ablated_statement_gap(model, tokenizer, sae, site, items: list[StatementItem], features: list[int],
+                          batch_size: int = 16) -> float:
+    """The statement gap with `features` ablated jointly through the SAE (error term kept) at every position."""
+    features = list(features)
+    return statement_gap_value(model, tokenizer, items, site, lambda x: ablate(sae, x, features), batch_size)

@@ -1,52 +1,142 @@
-"""The fit-time rule that picks the latents a run edits: attribution to the train gap, confirmed by joint ablation."""
+"""The fit-time rule that picks the latents a run edits: attribution to a train gap, confirmed by joint ablation.
+
+The target says which gap: `gap` (the next-token gap of the profession prompts), `statements` (the statement gap of
+the spec's sentence-level statements) or `both` (each latent's attribution to each, divided by that gap; a set is
+kept when ablating it lowers |gap| / |train gap| + |statement gap| / |train statement gap|).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
 from tqdm.auto import tqdm
 
-from debias.features.attribution import Attribution, ablated_gap, attribute
+from debias.bias_spec import load_bias_spec
+from debias.features.attribution import (Attribution, ablated_gap, ablated_statement_gap, attribute,
+                                         attribute_statements)
 from debias.features.rank import activation_stats
 from debias.prompts import load_gap_prompts
+from debias.statements import StatementItem, load_statements
+
+FeatureTarget = Literal["gap", "statements", "both"]
+_RULES = {"gap": "train-gap attribution", "statements": "train statement-gap attribution",
+          "both": "attribution to the train gap plus to the train statement gap, each over its |gap|"}
+
+
+@dataclass
+class _Measure:
+    """One gap the rule lowers: `key` names it in the record, `ablated(features)` measures it."""
+
+    key: str  # "gap" | "statement_gap"
+    att: Attribution
+    ablated: Callable[[list[int]], float]
+    texts: list[str]  # the texts its fire rate is counted on
+
+
+def _train_statements(bias, target: str) -> list[StatementItem]:
+    spec = load_bias_spec(bias)
+    items = load_statements("train", spec) if spec.subjects else []
+    if not items:
+        raise ValueError(f"model.sae.feature_target={target!r} needs train statements, but bias spec {spec.name!r} "
+                         f"({spec.path}) has none; use feature_target 'gap' or add `statements` to the spec")
+    return items
+
+
+def _measures(model, tokenizer, sae, site, target: str, split: str, prompt_dir, bias, batch_size: int,
+              precomputed: Attribution | None, precomputed_statements: Attribution | None) -> list[_Measure]:
+    measures = []
+    items = _train_statements(bias, target) if target != "gap" else []  # fails before any forward
+    if target in ("gap", "both"):
+        prompts = load_gap_prompts(split, prompt_dir, bias=bias)
+        att = precomputed or attribute(model, tokenizer, sae, site, prompts, batch_size)
+        measures.append(_Measure("gap", att, lambda fs: ablated_gap(model, tokenizer, sae, site, prompts, fs,
+                                                                    batch_size), prompts.prompts))
+    if target in ("statements", "both"):
+        satt = precomputed_statements or attribute_statements(model, tokenizer, sae, site, items, batch_size)
+        texts = list(dict.fromkeys(p + item.attribute for item in items for p in item.prefixes))
+        measures.append(_Measure("statement_gap", satt, lambda fs: ablated_statement_gap(
+            model, tokenizer, sae, site, items, fs, batch_size), texts))
+    if len(measures) > 1 and any(m.att.gap == 0 for m in measures):
+        raise ValueError(f"feature_target 'both' divides by each train gap, got {[m.att.gap for m in measures]}")
+    return measures
+
+
+def _score(measures: list[_Measure]) -> torch.Tensor:
+    """[d_sae] attribution toward the gap's sign (one gap), or the sum of attribution / gap (several)."""
+    if len(measures) == 1:
+        att = measures[0].att
+        return att.latents * (1.0 if att.gap >= 0 else -1.0)
+    return sum((m.att.latents / m.att.gap for m in measures), torch.zeros_like(measures[0].att.latents))
+
+
+def _objective(measures: list[_Measure], gaps: list[float]) -> float:
+    """|gap| (one gap), or the sum of |gap| / |train gap| (several): what a kept latent must lower."""
+    if len(measures) == 1:
+        return abs(gaps[0])
+    return sum(abs(g) / abs(m.att.gap) for m, g in zip(measures, gaps, strict=True))
 
 
 def select_features(model, tokenizer, sae, site, n: int = 9, split: str = "train", min_fire_rate: float = 0.01,
                     n_candidates: int | None = None, prompt_dir: str | None = None, batch_size: int = 16,
                     record: dict | None = None, precomputed: Attribution | None = None,
-                    bias: str = "gender") -> list[int]:
+                    bias: str = "gender", target: FeatureTarget = "gap",
+                    precomputed_statements: Attribution | None = None) -> list[int]:
     """The fit-time rule: latents in order of attribution toward the train gap's sign, among those firing on at least
     `min_fire_rate` of the train prompts' real tokens; each of the first `n_candidates` (default 3n) is kept if adding
     it to the kept set lowers |gap| under joint ablation, until `n` are kept. Deterministic; `record` gets the details;
     `precomputed`: `attribute(...)` on the same train prompts, to skip recomputing it; `bias`: the spec whose train
-    prompts and groups define the gap (`prompt_dir`: gender prompt files instead)."""
+    prompts and groups define the gap (`prompt_dir`: gender prompt files instead). `target`: which gap (module
+    docstring; `statements` and `both` need the spec's train statements, `precomputed_statements`:
+    `attribute_statements(...)` on them); the fire rate is counted on the texts of the gaps it uses."""
     if split != "train":
         raise ValueError(f"feature selection uses the train split only, got split={split!r}")
     if n < 1 or not 0 <= min_fire_rate <= 1:
         raise ValueError(f"need n >= 1 and 0 <= min_fire_rate <= 1, got n={n}, min_fire_rate={min_fire_rate}")
-    prompts = load_gap_prompts(split, prompt_dir, bias=bias)
-    att = precomputed or attribute(model, tokenizer, sae, site, prompts, batch_size)
-    fire = activation_stats(model, tokenizer, sae, site, prompts.prompts, batch_size=batch_size)["fire_rate"]
-    score = att.latents * (1.0 if att.gap >= 0 else -1.0)
+    if target not in get_args(FeatureTarget):
+        raise ValueError(f"target must be one of {list(get_args(FeatureTarget))}, got {target!r}")
+    measures = _measures(model, tokenizer, sae, site, target, split, prompt_dir, bias, batch_size, precomputed,
+                         precomputed_statements)
+    texts = [t for m in measures for t in m.texts]
+    fire = activation_stats(model, tokenizer, sae, site, texts, batch_size=batch_size)["fire_rate"]
+    score = _score(measures)
     order = sorted((i for i in range(len(score)) if score[i] > 0 and fire[i] >= min_fire_rate),
                    key=lambda i: (-float(score[i]), i))
     chosen: list[int] = []
-    current = att.gap
+    current = [m.att.gap for m in measures]
     tried: list[dict] = []
     candidates = order[: n_candidates or 3 * n]
     bar = tqdm(candidates, desc=f"features: confirming up to {len(candidates)} candidates by ablation", unit="latent")
     for f in bar:
-        g = ablated_gap(model, tokenizer, sae, site, prompts, chosen + [f], batch_size)
-        tried.append({"index": f, "attribution": float(att.latents[f]), "joint_gap": g, "kept": abs(g) < abs(current)})
-        if abs(g) < abs(current):
-            chosen, current = chosen + [f], g
+        gaps = [m.ablated(chosen + [f]) for m in measures]
+        kept = _objective(measures, gaps) < _objective(measures, current)
+        row: dict = {"index": f, "attribution": float(score[f] if len(measures) > 1 else measures[0].att.latents[f])}
+        if len(measures) > 1:
+            row.update({f"{m.key}_attribution": float(m.att.latents[f]) for m in measures})
+        row.update({f"joint_{m.key}": g for m, g in zip(measures, gaps, strict=True)})
+        if len(measures) > 1:
+            row["objective"] = _objective(measures, gaps)
+        tried.append({**row, "kept": kept})
+        if kept:
+            chosen, current = chosen + [f], gaps
             bar.set_postfix(kept=len(chosen))
         if len(chosen) == n:
             break
     bar.close()
     if not chosen:
-        raise RuntimeError(f"no latent among {len(order)} eligible (attribution toward the gap, fire rate >= "
-                           f"{min_fire_rate}) lowers the train gap {att.gap:.4g} when ablated")
+        trains = ", ".join(f"{m.key} {m.att.gap:.4g}" for m in measures)
+        raise RuntimeError(f"no latent among {len(order)} eligible ({_RULES[target]} toward the gap, fire rate >= "
+                           f"{min_fire_rate}) lowers the train {trains} when ablated")
     if record is not None:
-        record.update(rule=f"top-{n} by train-gap attribution, confirmed by joint ablation", features=chosen,
-                      min_fire_rate=min_fire_rate, train_gap=att.gap, ablated_gap=current,
-                      relative_change=(current - att.gap) / att.gap, candidates=tried)
+        record.update(rule=f"top-{n} by {_RULES[target]}, confirmed by joint ablation", target=target,
+                      features=chosen, min_fire_rate=min_fire_rate)
+        for m, g in zip(measures, current, strict=True):
+            prefix = "" if m.key == "gap" else "statement_"
+            record.update({f"train_{m.key}": m.att.gap, f"ablated_{m.key}": g,
+                           f"{prefix}relative_change": (g - m.att.gap) / m.att.gap})
+        if len(measures) > 1:
+            record["objective"] = _objective(measures, current)
+        record["candidates"] = tried
     return chosen

@@ -40,7 +40,9 @@ def continuation_batch(tokenizer, contexts: list[str], continuations: list[str],
     width = max(len(h) + len(t) for h, t in zip(heads, tails, strict=True))
     ids = torch.full((len(heads), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(heads), width), dtype=torch.long)
-    rows, positions, targets = [], [], []
+    rows: list[int] = []
+    positions: list[int] = []
+    targets: list[int] = []
     for row, (head, tail) in enumerate(zip(heads, tails, strict=True)):
         seq = head + tail
         ids[row, :len(seq)] = torch.tensor(seq)

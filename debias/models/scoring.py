@@ -149,6 +149,13 @@ def group_means(margins: torch.Tensor, group_index: torch.Tensor, n_groups: int)
     return [margins[m].mean() for m in members]
 
 
+def own_group_margins(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """[n] item i's score under its own group minus the mean over the other groups; scores [n, groups] (e.g. an
+    attribute's log-likelihood after each group's subject)."""
+    own = scores.gather(1, group[:, None])[:, 0]
+    return own - (scores.sum(1) - own) / (scores.shape[1] - 1)
+
+
 def group_gap(margins: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
     """Scalar: the sum over groups of the mean margin of that group's prompts (`group_margins`); 0 = no
     stereotype. Two groups: mean female (she - he) - mean male (she - he), exactly."""

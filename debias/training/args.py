@@ -56,9 +56,12 @@ class SAEArgs:
     (`debias.features.select`: top `n_features` by attribution to the train gap, confirmed by joint ablation)."""
     n_features: int = 9
     """How many latents the fit-time rule picks when `features` is None."""
+    feature_target: Literal["gap", "statements", "both"] = "gap"
+    """Which train gap the fit-time rule ranks and confirms latents by: `gap` (next-token gap of the bias prompts),
+    `statements` (statement gap of the spec's sentence-level statements) or `both` (each normalised by its gap)."""
 
     def __post_init__(self):
-        problems = []
+        problems = _choices("model.sae", self)
         if self.features is not None and (not self.features or any(f < 0 for f in self.features)):
             problems.append(f"model.sae.features must be a non-empty list of latent indices >= 0, got {self.features}")
         if self.n_features < 1:
@@ -71,12 +74,16 @@ class EditArgs:
     """What is edited, and how (`debias.edits.registry.METHODS`)."""
 
     method: MethodName = "instability"
-    """instability | random | bias_gradient (masked sparse deltas on the SAE layer's W_out), dense, lora (trained
-    weight edits), sae_clamp, steering_vector (inference-time hooks, nothing trained)."""
+    """instability | random | bias_gradient (masked sparse deltas on the SAE layer's W_out, or on the W_out of
+    `layers`), dense, lora (trained weight edits), sae_clamp, steering_vector (inference-time hooks, nothing
+    trained)."""
     fraction: float | None = 0.01
-    """Share of W_out's entries a masked method trains: k = max(1, floor(fraction × numel))."""
+    """Share of W_out's entries a masked method trains: k = max(1, floor(fraction × numel)), numel of all `layers`."""
     k: int | None = None
     """Number of entries a masked method trains; overrides `fraction`."""
+    layers: list[int] | None = None
+    """Masked methods only: the layers whose W_out one mask spans, e.g. [18, 21, 24, 27], ranked jointly (the top k of
+    all their entries; k and fraction count the entries of all of them). None: the SAE's layer alone."""
     mask_strategy: MaskStrategy = "gradient"
     """How instability and bias_gradient rank entries by their gradient g: |g| or |g · w|."""
     mask_path: str | None = None
@@ -105,6 +112,7 @@ class EditArgs:
             problems.append(f"model.edit.k must be >= 1, got {self.k}")
         if self.k is None and self.fraction is not None and not (_finite(self.fraction) and 0 < self.fraction <= 1):
             problems.append(f"model.edit.fraction must be in (0, 1], got {self.fraction}")
+        problems += _layer_problems(self.method, self.layers)
         if self.lora_rank < 1:
             problems.append(f"model.edit.lora_rank must be >= 1, got {self.lora_rank}")
         if self.mask_path is not None and not Path(self.mask_path).is_file():
@@ -117,6 +125,30 @@ class EditArgs:
     @property
     def masked(self) -> bool:
         return registry.get(self.method).kind == "mask"
+
+
+def _layer_problems(method: str, layers) -> list[str]:
+    """`model.edit.layers`: a non-empty list of distinct layer indices >= 0, for a masked method only (the upper bound,
+    the model's number of layers, is checked once it is loaded: `debias.edits.joint.edited_matrices`)."""
+    if layers is None:
+        return []
+    masked, problems = registry.names("mask"), []
+    if method in registry.METHODS and method not in masked:
+        problems.append(f"model.edit.layers={layers} was given, but method {method!r} edits the SAE layer's W_out "
+                        f"only (layers applies to {list(masked)})")
+    if not isinstance(layers, (list, tuple)) or not layers:
+        return problems + [f"model.edit.layers must be a non-empty list of layer indices, got {layers!r}"]
+    odd = [i for i in layers if not isinstance(i, int) or isinstance(i, bool)]
+    if odd:
+        return problems + [f"model.edit.layers must hold layer indices (integers), got {odd[0]!r} in {layers}"]
+    repeated = sorted({i for i in layers if layers.count(i) > 1})
+    if repeated:
+        problems.append(f"model.edit.layers={layers} repeats layer {repeated[0]}; expected each layer at most once")
+    negative = [i for i in layers if i < 0]
+    if negative:
+        problems.append(f"model.edit.layers={layers}: layer {negative[0]} is outside the model (expected "
+                        "0 <= i < the model's number of layers)")
+    return problems
 
 
 @dataclass

@@ -1,15 +1,16 @@
 """The training fast path: compute once what the delta cannot change.
 
-Only layer L's `W_out` is trained, so the residual stream entering decoder layer L (the input of the layer that
-holds `W_out`) is the same at every step for a given text batch, and so are the original model's outputs (the
+Only `W_out` of layers >= L is trained (L: the SAE's layer, or the lowest of `model.edit.layers` when a mask spans
+several), so the residual stream entering decoder layer L (the input of the lowest layer that holds a trained
+`W_out`) is the same at every step for a given text batch, and so are the original model's outputs (the
 reference log-probs of the KL terms, the feature-ablated logits of the `ablation` term). `FastPath` memoises both:
 
 - **upstream** (`active()`): while active, every forward of the network whose inputs (`input_ids`,
   `attention_mask`, `position_ids`, ...) were seen before skips decoder layers 0..L-1: they are swapped for a
   stand-in that returns the cached layer-L input, and the model's own forward does everything else (embedding
   scale, rotary positions, attention masks, per-layer attention types), so families need no special code. On a
-  miss the full forward runs once and layer L's input is recorded. The feature term then costs layer L alone
-  (the forward stops at the SAE's hook) and the KL terms cost layers L..N and the unembedding.
+  miss the full forward runs once and layer L's input is recorded. The feature term then costs layers L up to the
+  SAE's (the forward stops at its hook) and the KL terms cost layers L..N and the unembedding.
 - **reference** (`reference(key, compute)`): outputs of the original model (delta off, no grad) per text batch,
   e.g. neutral-text logits (vocab × 4 bytes per token).
 
@@ -122,11 +123,12 @@ class _Standin(nn.Module):
 
 
 class FastPath:
-    """Memoised upstream activations and original-model outputs for training `parameter` (layer L's W_out).
+    """Memoised upstream activations and original-model outputs for training weights of layers >= L.
 
     Args:
         net: the HF causal LM (the delta attached or not: only layers 0..L-1 and the stack's forward are touched).
-        parameter: name of the trained weight in `net.named_parameters()` (e.g. `model.layers.24.mlp.down_proj.weight`).
+        parameter: name of a weight of layer L in `net.named_parameters()`, the lowest trained one (e.g.
+            `model.layers.24.mlp.down_proj.weight`); trained weights of higher layers need nothing more.
         budget_mb: memory the cache may hold, upstream activations and reference outputs together.
         upstream: a store of upstream activations to share, e.g. between the cells of `debias compare`, whose
             models differ only at or above layer L (keys hash the inputs, so any text set can share it).

@@ -28,8 +28,9 @@ def _identity(batch):
 class DebiasDataModule(LightningDataModule):
     """Bias and neutral prompts for the mask, training (train splits) and held-out evaluation.
 
-    Training batches are `{"bias", "neutral", "gap_female", "gap_male", "cue"}` → list of texts, cycling the
-    shorter sets (`gap_*`: train profession prompts for the bias term; `cue`: train explicit-cue prompts), plus
+    Training batches are `{"bias", "neutral", "gap_<group>" per group of the bias, "cue"}` → list of texts,
+    cycling the shorter sets (`gap_female`, `gap_male` for gender: train profession prompts stereotyped toward
+    that group, for the bias term; `cue`: train explicit-cue prompts), plus
     `"statement"` and `"factual"` items (`debias.statements`) when the bias spec has statements. Validation
     (`val_dataloader`, what `ModelCheckpoint(monitor=...)` sees) and the held-out evaluation (`loaders("heldout")`)
     each have one loader per set of `VAL_SETS`: `bias` texts for the feature's activation and `neutral` text for
@@ -108,14 +109,16 @@ class DebiasDataModule(LightningDataModule):
         from debias.prompts import load_cue_prompts, load_gap_prompts
 
         gap = load_gap_prompts("train", hp.prompt_dir, bias=hp["bias"])
-        self.texts.update(gap_female_train=gap.female[:hp.max_texts], gap_male_train=gap.male[:hp.max_texts],
-                          cue_train=load_cue_prompts("train", hp.prompt_dir, bias=hp["bias"]).prompts[:hp.max_texts])
+        self.groups = gap.groups
+        for group, texts in zip(gap.groups, gap.texts, strict=True):
+            self.texts[f"gap_{group}_train"] = texts[:hp.max_texts]
+        self.texts["cue_train"] = load_cue_prompts("train", hp.prompt_dir, bias=hp["bias"]).prompts[:hp.max_texts]
         if hp.prompt_dir is None:
             self.texts["bias_validation"] = load_gap_prompts("validation", bias=hp["bias"]).prompts[:hp.max_texts]
         files = f"the prompt files in {hp['prompt_dir']}" if hp["prompt_dir"] else "the shipped prompt files"
-        sources = {**{name: repr(src) for name, src in sources.items()}, "gap_female_train": files,
-                   "gap_male_train": files, "cue_train": files, "bias_validation": f"bias spec {hp['bias']!r}",
-                   "neutral_validation": "neutral_train"}
+        sources = {**{name: repr(src) for name, src in sources.items()},
+                   **{f"gap_{g}_train": files for g in gap.groups}, "cue_train": files,
+                   "bias_validation": f"bias spec {hp['bias']!r}", "neutral_validation": "neutral_train"}
         self.items = self._spec_items() if hp.prompt_dir is None else {}
         for name, texts in self.texts.items():
             if not texts:  # an empty set makes every epoch empty: training would loop forever
@@ -146,8 +149,13 @@ class DebiasDataModule(LightningDataModule):
         return {"statement": load_statements("train", self.args["bias"])[:limit],
                 "factual": load_factual("train", self.args["bias"])[:limit]}
 
+    def gap_texts(self, split: str = "train") -> list[list[str]]:
+        """The train gap prompts, one list per group of the bias (the `bias` term's and the gap gradient's input)."""
+        return [self.texts[f"gap_{g}_{split}"] for g in self.groups]
+
     def train_dataloader(self):
-        sets = {name: self.texts[f"{name}_train"] for name in ("bias", "neutral", "gap_female", "gap_male", "cue")}
+        names = ("bias", "neutral", *(f"gap_{g}" for g in self.groups), "cue")
+        sets = {name: self.texts[f"{name}_train"] for name in names}
         sets.update(self.items)
         loaders = {name: self._loader(texts, self.args.batch_size, True) for name, texts in sets.items()}
         return CombinedLoader(loaders, mode="max_size_cycle")

@@ -17,10 +17,11 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from debias.edits import registry
 from debias.edits.base import EditContext
-from debias.edits.mask import InstabilityMask, resolve_k
+from debias.edits.joint import edited_matrices
+from debias.edits.mask import Mask, resolve_k
 from debias.edits.state_diff import StateDiffEdit
 from debias.models import hooks
-from debias.models.scoring import pronoun_ids, real_token_mask
+from debias.models.scoring import real_token_mask, target_ids
 from debias.training.args import EditArgs, SAEArgs, TrainArgs, check_dtype
 from debias.training.cache import FastPath, upstream_of
 from debias.training.objective import ObjectiveWeights, loss_terms, token_kl
@@ -33,7 +34,8 @@ def say(message: str) -> None:
 
 
 class DebiasModule(LightningModule):
-    """Train (or apply) one method's edit of the SAE layer's `W_out` (`debias.edits.registry`)."""
+    """Train (or apply) one method's edit of the SAE layer's `W_out` (`debias.edits.registry`); a masked method's may
+    span the `W_out` of several layers (`model.edit.layers`, `parameters_edited`)."""
 
     def __init__(self, base_model: str = "tiny-llama", dtype: str = "float32", sae: SAEArgs | None = None,
                  edit: EditArgs | None = None, objective: ObjectiveWeights | None = None,
@@ -67,10 +69,13 @@ class DebiasModule(LightningModule):
         self.site = hooks.resolve_hook(self.net, hook_name, self.tokenizer)
         self._check_sae()
         self.parameter = hooks.w_out_name(self.net, self.site.layer)
+        # every W_out the edit trains and their layers, ascending: [parameter] unless model.edit.layers names others
+        self.layers_edited, self.parameters_edited = edited_matrices(self.net, self.site.layer, self.edit_args.layers)
         self.original_keys = list(self.net.state_dict())  # the HF checkpoint's keys, before an edit wraps a layer
-        self.pronouns = pronoun_ids(self.tokenizer)
+        self.groups: tuple[str, ...] = ("female", "male")  # the bias's groups and their target ids: set by `prepare`
+        self.targets = target_ids(self.tokenizer, "gender")
         weight = self.net.get_parameter(self.parameter)
-        self.numel = weight.numel()
+        self.numel = sum(self.net.get_parameter(p).numel() for p in self.parameters_edited)
         method = registry.get(self.edit_args.method)
         if method.name == "lora":
             from debias.edits.lora import check_lora_rank
@@ -78,8 +83,8 @@ class DebiasModule(LightningModule):
             check_lora_rank(self.edit_args.lora_rank, tuple(weight.shape))
         k, fraction = self.edit_args.k, self.edit_args.fraction
         self.k = resolve_k(self.numel, None if k is not None else fraction, k) if method.kind == "mask" else None
-        self.mask: InstabilityMask | None = None  # the mask of a masked method, once prepared
-        self.preset_mask: InstabilityMask | None = None  # set before `prepare`: use it instead of computing one
+        self.mask: Mask | None = None  # the mask of a masked method, once prepared
+        self.preset_mask: Mask | None = None  # set before `prepare`: use it instead of computing one
         self.delta: Any = None  # the method's edit (an `Edit`), attached by `prepare`
         self.fastpath: FastPath | None = None
         self.shared_upstream: dict | None = None  # set before `prepare` to share cached activations across runs
@@ -143,16 +148,20 @@ class DebiasModule(LightningModule):
         if self.delta is not None:
             return
         self.ensure_sae()
+        datamodule.setup("fit")
+        self.groups, self.targets = tuple(datamodule.groups), target_ids(self.tokenizer, datamodule.hparams.bias)
         self.choose_features(datamodule)
         self.feature_baseline = self.feature_baseline[: len(self.features)].clone()
         batches = [self.tokenize(b) for b in datamodule.mask_batches()]
         strategy = self._trainer.strategy if self._trainer is not None else None
         context = EditContext(
             net=self.net, tokenizer=self.tokenizer, sae=self.sae, site=self.site, parameter=self.parameter,
+            parameters=self.parameters_edited, layers=self.layers_edited,
             features=self.features, k=self.k, args=self.edit_args, texts=datamodule.texts, mask_batches=batches,
             eval_batch_size=datamodule.hparams.eval_batch_size, max_length=self.train_args.max_length,
             model_id=self.model_id, sae_name=":".join(filter(None, [self.sae_args.spec, self.sae_args.sae_id])),
-            preset_mask=self.preset_mask, broadcast=strategy.broadcast if strategy is not None else (lambda obj: obj))
+            preset_mask=self.preset_mask, broadcast=strategy.broadcast if strategy is not None else (lambda obj: obj),
+            bias=datamodule.hparams.bias, gap_texts=datamodule.gap_texts())
         self.attach_edit(registry.get(self.edit_args.method).build(context))
         with self.fastpath.active() if self.fastpath is not None else contextlib.nullcontext():
             self.feature_baseline.copy_(self.mean_feature_acts(batches))
@@ -169,15 +178,16 @@ class DebiasModule(LightningModule):
 
             self.features = select_features(self.net, self.tokenizer, self.sae, self.site,
                                             n=self.sae_args.n_features, prompt_dir=datamodule.hparams.prompt_dir,
-                                            record=self.feature_selection)
+                                            record=self.feature_selection, bias=datamodule.hparams.bias,
+                                            target=self.sae_args.feature_target)
             say(f"selected features {self.features} ({self.feature_selection['rule']})")
         return self.features
 
     def attach_edit(self, edit) -> None:
         """Hold `edit` (debias.edits) on the network; training and evaluation go through it.
 
-        The fast path caches layer L's input: every method edits layer L's `W_out` only, and another model
-        (`StateDiffEdit`, `debias eval`) gets it when all the weights that differ sit in layers >= L.
+        The fast path caches the input of layer L, the lowest edited one: methods edit `W_out` of layers >= L only,
+        and another model (`StateDiffEdit`, `debias eval`) gets it when all the weights that differ sit there.
         """
         self.delta = edit
         self.mask = getattr(edit, "mask", None)
@@ -185,17 +195,18 @@ class DebiasModule(LightningModule):
             self.k = self.mask.k  # a loaded mask (`mask_path`) brings its own k
         upstream: list[str] = []  # weights below layer L that differ: methods leave them alone, another model may not
         if isinstance(edit, StateDiffEdit):
-            upstream = upstream_of(self.net, self.parameter, edit.changed_names())
+            upstream = upstream_of(self.net, self.parameters_edited[0], edit.changed_names())
             more = f" and {len(upstream) - 1} more" if len(upstream) > 1 else ""
             if upstream:
                 say(f"evaluation on the full path ({upstream[0]}{more} differs; the fast path needs every "
-                    f"difference in layers >= {self.site.layer})")
+                    f"difference in layers >= {self.layers_edited[0]})")
             elif not self.train_args.cache_activations:
                 say("evaluation on the full path (model.train.cache_activations is false)")
             else:
-                say(f"evaluation on the fast path (only weights of layers >= {self.site.layer} differ)")
+                say(f"evaluation on the fast path (only weights of layers >= {self.layers_edited[0]} differ)")
         if self.train_args.cache_activations and not upstream:
-            self.fastpath = FastPath(self.net, self.parameter, self.train_args.cache_budget_mb, self.shared_upstream)
+            self.fastpath = FastPath(self.net, self.parameters_edited[0], self.train_args.cache_budget_mb,
+                                     self.shared_upstream)
 
     @torch.no_grad()
     def mean_feature_acts(self, batches: list[dict]) -> torch.Tensor:
@@ -279,7 +290,7 @@ class DebiasModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {"feature_baseline": self.feature_baseline.detach().clone()}
         checkpoint["debias_edit"] = {"method": self.edit_args.method, "parameter": self.parameter,
-                                     "state": self.delta.trainable_state(),
+                                     "parameters": self.parameters_edited, "state": self.delta.trainable_state(),
                                      "mask": self.mask.to_record() if self.mask is not None else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -290,14 +301,15 @@ class DebiasModule(LightningModule):
         record = checkpoint.get("debias_edit")
         if not isinstance(record, dict) or "state" not in record:
             raise ValueError(f"{source} holds no trained debias edit (keys {sorted(checkpoint)[:8]})")
-        ours = {"method": self.edit_args.method, "parameter": self.parameter}
-        theirs = {key: record.get(key) for key in ours}
+        ours = {"method": self.edit_args.method, "parameter": self.parameter, "parameters": self.parameters_edited}
+        theirs: dict[str, Any] = {key: record.get(key) for key in ours}
+        theirs["parameters"] = theirs["parameters"] or [theirs["parameter"]]  # a checkpoint of before `layers`
         if theirs != ours:
-            raise ValueError(f"{source} holds a {theirs['method']} edit of {theirs['parameter']}; this run is "
-                             f"{ours['method']} on {ours['parameter']}")
+            raise ValueError(f"{source} holds a {theirs['method']} edit of {', '.join(map(str, theirs['parameters']))}"
+                             f"; this run is {ours['method']} on {', '.join(self.parameters_edited)}")
         self.delta.load_trainable_state(record["state"])
 
     def changed_entries(self) -> int:
         """Weights the edit changed (the non-zero delta values of a masked edit)."""
-        values = getattr(self.delta, "values", None)
-        return int((values != 0).sum()) if values is not None else self.delta.changed_parameters()
+        count = getattr(self.delta, "nonzero_values", None)
+        return count() if count is not None else self.delta.changed_parameters()

@@ -8,15 +8,18 @@ Every term is a scalar, differentiable with respect to the delta. Shapes: logits
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from debias.models import hooks
 from debias.models.continuation import continuation_batch, picked_logits, summed_logprobs
-from debias.models.scoring import gap_from_logprobs, next_token_logprobs
+from debias.models.scoring import gap_from_logprobs, group_gap, next_token_logprobs, own_group_margins
 from debias.sae.ops import ablate
 from debias.training.cache import original_output
+
+CounterfactualForm = Literal["loglik", "gap", "kl"]
 
 
 @dataclass
@@ -38,17 +41,30 @@ class ObjectiveWeights:
     """KL(original || edited) at the pronoun position of explicit-cue prompts (keeps real gender information)."""
     factual_kl: float = 0.0
     """KL(original || edited) at the group word of train factual statements ("My mother is a" → " woman")."""
+    counterfactual_form: CounterfactualForm = "loglik"
+    """What `counterfactual` makes indifferent to the group swap: "loglik", each statement's attribute
+    log-likelihood (mean over statements and pairs of groups of the squared difference); "gap", only the
+    stereotype's direction (the batch's statement gap, squared); "kl", the next-token distribution right after the
+    swapped subject (symmetrised KL between each pair of groups' prefixes, attribute ignored)."""
 
     def __post_init__(self):
-        bad = {k: v for k, v in asdict(self).items() if not (v >= 0 and v < float("inf"))}
+        if self.counterfactual_form not in get_args(CounterfactualForm):
+            raise ValueError(f"objective.counterfactual_form must be one of {list(get_args(CounterfactualForm))}, "
+                             f"got {self.counterfactual_form!r}")
+        bad = {k: v for k, v in self.weights().items() if not (v >= 0 and v < float("inf"))}
         if bad:
             raise ValueError(f"objective weights must be finite and >= 0, got {bad}")
         if self.feature == self.ablation == self.bias == self.counterfactual == 0:
             raise ValueError("at least one of objective.feature, objective.ablation, objective.bias, "
                              "objective.counterfactual must be > 0")
 
+    def weights(self) -> dict[str, float]:
+        """Every term's weight, by name."""
+        return {k: v for k, v in asdict(self).items() if k != "counterfactual_form"}
+
     def active(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if v > 0}
+        """The weights of the terms that are computed (> 0)."""
+        return {k: v for k, v in self.weights().items() if v > 0}
 
 
 def feature_term(latents: torch.Tensor, real: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
@@ -89,14 +105,14 @@ def loss_terms(module, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
     elif w.feature:
         terms["feature"] = feature_term(module.latents(bias), real, module.feature_baseline)
     if w.bias:
-        terms["bias"] = train_gap(module, texts["gap_female"], texts["gap_male"]) ** 2
+        terms["bias"] = train_gap(module, [texts[f"gap_{g}"] for g in module.groups]) ** 2
     if w.cue_kl:
         cue = texts["cue"]
         ref = original_output(module, "cue", cue, lambda: next_token_logprobs(net, module.tokenizer, cue, len(cue)))
         cur = next_token_logprobs(net, module.tokenizer, cue, len(cue))
         terms["cue_kl"] = (ref.exp() * (ref - cur)).sum(-1).mean()
     if w.counterfactual:
-        terms["counterfactual"] = counterfactual_term(module, texts["statement"])
+        terms["counterfactual"] = counterfactual_term(module, texts["statement"], w.counterfactual_form)
     if w.factual_kl:
         terms["factual_kl"] = factual_kl_term(module, texts["factual"])
     if w.kl:
@@ -106,21 +122,31 @@ def loss_terms(module, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
     return terms
 
 
-def train_gap(module, female: list[str], male: list[str]) -> torch.Tensor:
-    """Differentiable she-vs-he gap: mean margin on `female` prompts − mean on `male` prompts."""
-    logprobs = next_token_logprobs(module.net, module.tokenizer, female + male, len(female) + len(male))
-    is_female = torch.tensor([True] * len(female) + [False] * len(male), device=logprobs.device)
-    she_id, he_id = module.pronouns
-    return gap_from_logprobs(logprobs, she_id, he_id, is_female)
+def train_gap(module, texts_by_group: list[list[str]]) -> torch.Tensor:
+    """Differentiable gap: Σ over groups of the mean margin of that group's target on its stereotyped prompts
+    (gender: mean she−he margin on female prompts − mean on male prompts)."""
+    prompts = [t for texts in texts_by_group for t in texts]
+    logprobs = next_token_logprobs(module.net, module.tokenizer, prompts, len(prompts))
+    groups = torch.tensor([g for g, texts in enumerate(texts_by_group) for _ in texts], device=logprobs.device)
+    return gap_from_logprobs(logprobs, module.targets, groups)
 
 
-def counterfactual_term(module, items) -> torch.Tensor:
-    """Mean over statements and pairs of groups of the squared log-likelihood difference of the attribute."""
+def counterfactual_term(module, items, form: str = "loglik") -> torch.Tensor:
+    """The group-swap term of `ObjectiveWeights.counterfactual_form` on a batch of statements."""
     n_groups = len(items[0].prefixes)
+    pairs = [(g, h) for g in range(n_groups) for h in range(g + 1, n_groups)]
+    if form == "kl":
+        prefixes = [p for it in items for p in it.prefixes]
+        logprobs = next_token_logprobs(module.net, module.tokenizer, prefixes, len(prefixes))
+        logprobs = logprobs.view(len(items), n_groups, -1)
+        sym = [(logprobs[:, g].exp() - logprobs[:, h].exp()) * (logprobs[:, g] - logprobs[:, h]) for g, h in pairs]
+        return torch.stack([s.sum(-1) for s in sym]).mean()  # KL(g||h) + KL(h||g), averaged
     batch = continuation_batch(module.tokenizer, [p for it in items for p in it.prefixes],
                                [it.attribute for it in items for _ in it.prefixes], module.device)
     logprobs = summed_logprobs(picked_logits(module(batch.model_inputs()), batch), batch).view(len(items), n_groups)
-    pairs = [(g, h) for g in range(n_groups) for h in range(g + 1, n_groups)]
+    if form == "gap":
+        group = torch.tensor([it.group for it in items], device=logprobs.device)
+        return group_gap(own_group_margins(logprobs, group), group, n_groups) ** 2
     return torch.stack([(logprobs[:, g] - logprobs[:, h]) ** 2 for g, h in pairs]).mean()
 
 

@@ -132,9 +132,8 @@ def grid_masks(module, datamodule, cells: list[Cell], out: Path) -> dict[str, Pa
         grads["feature"] = feature_gradient(net, module.sae, module.site, module.parameter, batches, module.features,
                                             module.tokenizer.bos_token_id).cpu()
     if "bias" in source.values():
-        texts = datamodule.texts
-        grads["bias"] = gap_gradient(net, module.tokenizer, module.parameter, texts["gap_female_train"],
-                                     texts["gap_male_train"], datamodule.hparams.eval_batch_size).cpu()
+        grads["bias"] = gap_gradient(net, module.tokenizer, module.parameter, datamodule.gap_texts(), None,
+                                     datamodule.hparams.eval_batch_size, targets=datamodule.hparams.bias).cpu()
     paths = {}
     (out / "masks").mkdir(parents=True, exist_ok=True)
     for method, k, seed in sorted(needed, key=str):
