@@ -23,9 +23,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-GROUPS = {"sae": ("sae_id", "build", "features", "n_features"),
+GROUPS = {"sae": ("sae_id", "build", "features", "n_features", "feature_target"),
           "edit": ("method", "fraction", "k", "mask_strategy", "mask_path", "seed", "lora_rank", "clamp_value",
-                   "steering_alpha", "steering_kind"),
+                   "steering_alpha", "steering_kind", "layers"),
           "train": ("lr", "max_length", "cache_activations", "cache_budget_mb")}
 
 

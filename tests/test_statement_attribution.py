@@ -19,6 +19,7 @@ from debias.statements import load_statements
 from debias.training.args import SAEArgs
 
 BS = 64
+pytestmark = pytest.mark.usefixtures("one_thread")
 P, Q = 7, 11  # planted latents: P carries the statement gap, Q the next-token gap
 
 
@@ -156,7 +157,7 @@ def test_each_target_selects_the_latent_of_its_gap(planted, target, first):
         assert record["train_gap"] == pytest.approx(t, abs=1e-5) and abs(record["ablated_gap"]) < abs(t)
     if target != "gap":
         assert record["train_statement_gap"] == pytest.approx(s, abs=1e-5)
-        assert abs(record["ablated_statement_gap"]) < abs(s) and "statement-gap" in record["rule"]
+        assert abs(record["ablated_statement_gap"]) < abs(s) and "statement" in record["rule"]
     if target == "both":
         objective = abs(record["ablated_gap"] / t) + abs(record["ablated_statement_gap"] / s)
         assert record["objective"] == pytest.approx(objective) and objective < 2
@@ -184,7 +185,6 @@ def test_both_ranks_by_the_sum_of_normalised_attributions(planted):
 def _spec_without_statements(tmp_path) -> str:
     raw = yaml.safe_load((default_bias_dir() / "gender.yaml").read_text())
     raw.pop("statements")
-    raw["name"] = "nostatements"
     path = tmp_path / "nostatements.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)

@@ -6,17 +6,11 @@ from __future__ import annotations
 import torch
 
 from debias.evaluation.stats import grouped_interval
-from debias.models.continuation import continuation_logprobs
+from debias.models.continuation import continuation_logprobs, statement_logprobs
 from debias.models.scoring import group_gap, own_group_margins
 from debias.statements import FactualItem, StatementItem
 
-
-def statement_logprobs(model, tokenizer, items: list[StatementItem], batch_size: int = 16) -> torch.Tensor:
-    """[n, groups] log p(attribute | each group's prefix)."""
-    n_groups = len(items[0].prefixes)
-    contexts = [p for item in items for p in item.prefixes]
-    attributes = [item.attribute for item in items for _ in item.prefixes]
-    return continuation_logprobs(model, tokenizer, contexts, attributes, batch_size).view(len(items), n_groups)
+__all__ = ["factual_margin", "statement_gap", "statement_logprobs"]
 
 
 def _items_groups(items) -> torch.Tensor:

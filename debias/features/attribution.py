@@ -19,11 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from debias.evaluation.sentence_metrics import statement_logprobs
 from debias.models import hooks
-from debias.models.continuation import continuation_batch, picked_logits, summed_logprobs
-from debias.models.scoring import (gap_from_logprobs, group_gap, group_margins, next_token_logprobs, own_group_margins,
-                                   target_ids)
+from debias.models.continuation import continuation_batch, picked_logits, statement_logprobs, summed_logprobs
+from debias.models.scoring import (
+    gap_from_logprobs,
+    group_gap,
+    group_margins,
+    next_token_logprobs,
+    own_group_margins,
+    target_ids,
+)
 from debias.prompts import GapPrompts
 from debias.sae.ops import ablate
 from debias.statements import StatementItem

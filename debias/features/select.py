@@ -15,8 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from debias.bias_spec import load_bias_spec
-from debias.features.attribution import (Attribution, ablated_gap, ablated_statement_gap, attribute,
-                                         attribute_statements)
+from debias.features.attribution import Attribution, ablated_gap, ablated_statement_gap, attribute, attribute_statements
 from debias.features.rank import activation_stats
 from debias.prompts import load_gap_prompts
 from debias.statements import StatementItem, load_statements

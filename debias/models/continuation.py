@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from debias.statements import StatementItem
+
 
 @dataclass
 class ContinuationBatch:
@@ -76,3 +78,11 @@ def continuation_logprobs(model, tokenizer, contexts: list[str], continuations: 
                                    continuations[start:start + batch_size], device)
         out.append(summed_logprobs(picked_logits(model(**batch.model_inputs()).logits, batch), batch))
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def statement_logprobs(model, tokenizer, items: list[StatementItem], batch_size: int = 16) -> torch.Tensor:
+    """[n, groups] log p(attribute | each group's prefix)."""
+    n_groups = len(items[0].prefixes)
+    contexts = [p for item in items for p in item.prefixes]
+    attributes = [item.attribute for item in items for _ in item.prefixes]
+    return continuation_logprobs(model, tokenizer, contexts, attributes, batch_size).view(len(items), n_groups)
