@@ -62,7 +62,12 @@ class ValidationMetrics(Callback):
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
     def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
-        if datamodule_of(trainer).hparams.prompt_dir is None:
+        if datamodule_of(trainer).hparams.prompt_dir is not None:
+            monitored = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/score"]
+            if monitored:
+                raise ValueError("a ModelCheckpoint monitors val/score, which needs the bias spec's validation split; "
+                                 "data.prompt_dir has none: monitor val/kl, or drop the checkpoint's monitor")
+        else:
             from debias.training.module import say
 
             say("scoring the original model on the validation split (val/score compares against it)")

@@ -86,9 +86,15 @@ def _k_per_parameter(mask) -> dict[str, int] | None:
 
 def model_card(report: dict) -> str:
     before, after = report.get("before", {}), report.get("after", {})
-    rows = "\n".join(f"| {name} | {before[name]:.4f} | {after[name]:.4f} |" for name in
-                     ("feature_act", "feature_fire_rate", "lm_loss", "kl", "bias_gap", "cue_margin")
-                     if isinstance(before.get(name), float) and isinstance(after.get(name), float))
+    held_out = ("feature_act", "feature_fire_rate", "lm_loss", "kl", "bias_gap", "cue_margin", "statement_gap",
+                "factual_margin")
+    pairs = [(name, before.get(name), after.get(name)) for name in held_out]
+    for suite, names in (("stereoset", ("ss", "abs_ss_minus_50", "lms")),
+                         ("crows_pairs", ("stereo_pct", "abs_pct_minus_50"))):
+        pairs += [(f"{suite}.{name}", before.get(suite, {}).get(name), after.get(suite, {}).get(name))
+                  for name in names]
+    rows = "\n".join(f"| {name} | {b:.4f} | {a:.4f} |" for name, b, a in pairs
+                     if isinstance(b, float) and isinstance(a, float))
     return f"""---
 base_model: {report['base_model_spec']}
 tags: [debias, sparse-autoencoder, model-editing]

@@ -297,16 +297,16 @@ def _read_hf(source: str) -> list[str]:
     return [t for t in rows[field] if t and t.strip()]
 
 
-def heldout_completion_prompts(prompt_dir: str | Path | None = None, n: int = 4) -> list[str]:
+def heldout_completion_prompts(prompt_dir: str | Path | None = None, n: int = 4,
+                               bias: str | Path | BiasSpec = "gender") -> list[str]:
     """`n` held-out profession prompts: the first n//2 female-stereotyped professions, then the first n - n//2
     male-stereotyped ones, the i-th profession of a gender in held-out template i (cycling); deterministic."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    gap = load_gap_prompts("heldout", prompt_dir)
+    gap = load_gap_prompts("heldout", prompt_dir, bias=bias)
     n_t = len(gap.templates)
     picks = []
-    for texts, professions, count in ((gap.female, gap.female_professions, n // 2),
-                                      (gap.male, gap.male_professions, n - n // 2)):
+    for texts, professions, count in zip(gap.texts[:2], gap.contexts[:2], (n // 2, n - n // 2), strict=True):
         if count > len(professions):
             raise ValueError(f"asked for {count} professions of a gender, the held-out list has {len(professions)}")
         picks += [texts[i * n_t + i % n_t] for i in range(count)]  # texts are profession-major

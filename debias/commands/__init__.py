@@ -21,7 +21,7 @@ from argparse import ArgumentError
 #: name -> (module, function, one-line summary); "sae" has subcommands. `fit` and `validate` are LightningCLI's.
 COMMANDS: dict[str, tuple[str, str, str] | dict[str, tuple[str, str, str]]] = {
     "fit": ("debias.commands.fit", "fit", "train the edit of a config (LightningCLI), evaluate it and export it"),
-    "validate": ("debias.commands.fit", "validate", "evaluate a config's model on its held-out prompts (LightningCLI)"),
+    "validate": ("debias.commands.fit", "validate", "score a config's model on its validation split (LightningCLI)"),
     "mask": ("debias.commands.mask", "mask", "compute and save the instability mask of a config"),
     "export": ("debias.commands.export", "export", "export a trained checkpoint (merged model, adapter, delta)"),
     "eval": ("debias.commands.eval", "eval_command", "evaluate any model against its base (held-out and suites)"),

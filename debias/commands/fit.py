@@ -1,4 +1,4 @@
-"""`debias fit` and `debias validate`: LightningCLI over `DebiasModule` and `DebiasDataModule`, with the held-out
+"""`debias fit` and `debias validate`: LightningCLI over `DebiasModule` and `DebiasDataModule`, with the validation
 metrics and the report/export callback always on. Other commands build a configured module through `configured`.
 
 A bad key or value raises `ConfigError` (jsonargparse's message) instead of printing the usage and exiting:
@@ -69,7 +69,7 @@ def check_checkpoint_hparams(ckpt_path: str, current: dict) -> None:
 
 
 class DebiasCLI(LightningCLI):
-    """LightningCLI with the held-out metrics and the report/export callback always on; a `--ckpt_path` must match
+    """LightningCLI with the validation metrics and the report/export callback always on; a `--ckpt_path` must match
     the config's model arguments (LightningCLI would merge the checkpoint's over them, silently)."""
 
     def add_arguments_to_parser(self, parser) -> None:

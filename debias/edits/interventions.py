@@ -288,10 +288,9 @@ def build_clamp(ctx) -> InferenceEdit:
 
 def build_steering(ctx) -> InferenceEdit:
     """`steering_vector`: `steering_alpha` · v at the hook, v fitted on the train profession prompts (first vs
-    second group; the run's bias, `ctx.bias` where the context has one, must have two groups)."""
-    if getattr(ctx, "bias", None) is not None:
-        check_two_groups(ctx.bias)
-    vector = fit_steering_vector(ctx.net, ctx.tokenizer, ctx.site, ctx.texts["gap_female_train"],
-                                 ctx.texts["gap_male_train"], kind=ctx.args.steering_kind,
+    second group; the run's bias must have two groups)."""
+    check_two_groups(ctx.bias)
+    first, second = ctx.gap_prompts()[:2]
+    vector = fit_steering_vector(ctx.net, ctx.tokenizer, ctx.site, first, second, kind=ctx.args.steering_kind,
                                  batch_size=ctx.eval_batch_size, max_length=ctx.max_length)
     return InferenceEdit(ctx.net, SteeringVector(ctx.site, vector, ctx.args.steering_alpha))

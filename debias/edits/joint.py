@@ -38,6 +38,9 @@ def edited_matrices(net: nn.Module, sae_layer: int, layers: Sequence[int] | None
         raise ValueError(f"model.edit.layers={list(layers)}: layer {outside[0]} is outside the model (expected "
                          f"0 <= i < {total}, the model's number of layers)")
     chosen = sorted(layers)
+    if len(chosen) == 1 and chosen[0] != sae_layer:  # one matrix is recorded as the SAE layer's everywhere
+        raise ValueError(f"model.edit.layers={list(layers)} names one layer other than the SAE's ({sae_layer}); "
+                         f"expected null (the SAE's layer), or a list with {sae_layer} in it")
     return chosen, [hooks.w_out_name(net, i) for i in chosen]
 
 

@@ -53,7 +53,7 @@ def completions(module, datamodule, n: int = 4, max_new_tokens: int = 32) -> lis
     from debias.evaluation.generate import report_completions
     from debias.prompts import heldout_completion_prompts
 
-    prompts = heldout_completion_prompts(datamodule.hparams.prompt_dir, n)
+    prompts = heldout_completion_prompts(datamodule.hparams.prompt_dir, n, bias=datamodule.hparams.bias)
     print(f"debias: completing {len(prompts)} held-out prompts ({max_new_tokens} tokens, before and after)",
           file=sys.stderr, flush=True)
     return report_completions(module.net, module.tokenizer, prompts, lambda: edit_context(module, False),

@@ -159,8 +159,9 @@ def format_table(before: dict, after: dict) -> str:
         lines.append(f"bias gap reduction: {summary['bias_gap_reduction']:+.1%} "
                      "(1 - gap after / gap before: positive is better)")
     if "statement_gap_reduction" in summary:
-        lines.append(f"statement gap reduction: {summary['statement_gap_reduction']:+.1%}; cue margin kept "
-                     f"{summary['cue_kept']:.0%}; factual margin kept {summary['factual_kept']:.0%}")
+        kept = "; ".join(f"{name} kept {summary[key]:.0%}" for key, name in
+                         (("cue_kept", "cue margin"), ("factual_kept", "factual margin")) if key in summary)
+        lines.append(f"statement gap reduction: {summary['statement_gap_reduction']:+.1%}; {kept}")
     return "\n".join(lines)
 
 

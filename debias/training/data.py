@@ -104,8 +104,12 @@ class DebiasDataModule(LightningDataModule):
             self.texts["neutral_validation"] = read_texts(hp["neutral_validation"], hp.max_texts)
         else:
             neutral, every = self.texts["neutral_train"], self.VALIDATION_EVERY
-            self.texts["neutral_validation"] = neutral[every - 1::every] or neutral[-1:]
-            self.texts["neutral_train"] = [t for i, t in enumerate(neutral) if i % every != every - 1] or neutral
+            if len(neutral) < 2:
+                raise ValueError(f"data.neutral_train has {len(neutral)} text(s); expected 2 or more (every {every}th, "
+                                 "at least one, becomes the validation text), or give data.neutral_validation")
+            picked = set(range(every - 1, len(neutral), every)) or {len(neutral) - 1}
+            self.texts["neutral_validation"] = [t for i, t in enumerate(neutral) if i in picked]
+            self.texts["neutral_train"] = [t for i, t in enumerate(neutral) if i not in picked]
         from debias.prompts import load_cue_prompts, load_gap_prompts
 
         gap = load_gap_prompts("train", hp.prompt_dir, bias=hp["bias"])
@@ -118,7 +122,9 @@ class DebiasDataModule(LightningDataModule):
         files = f"the prompt files in {hp['prompt_dir']}" if hp["prompt_dir"] else "the shipped prompt files"
         sources = {**{name: repr(src) for name, src in sources.items()},
                    **{f"gap_{g}_train": files for g in gap.groups}, "cue_train": files,
-                   "bias_validation": f"bias spec {hp['bias']!r}", "neutral_validation": "neutral_train"}
+                   "bias_validation": f"bias spec {hp['bias']!r}",
+                   "neutral_validation": repr(hp["neutral_validation"]) if hp.get("neutral_validation")
+                   else "neutral_train"}
         self.items = self._spec_items() if hp.prompt_dir is None else {}
         for name, texts in self.texts.items():
             if not texts:  # an empty set makes every epoch empty: training would loop forever
@@ -153,6 +159,13 @@ class DebiasDataModule(LightningDataModule):
         """The train gap prompts, one list per group of the bias (the `bias` term's and the gap gradient's input)."""
         return [self.texts[f"gap_{g}_{split}"] for g in self.groups]
 
+    def require_items(self, terms: list[str]) -> None:
+        """Refuse objective `terms` (e.g. ["counterfactual"]) that need the spec's statements when there are none."""
+        if terms and not self.items:
+            source = "data.prompt_dir" if self.args["prompt_dir"] else f"bias spec {self.args['bias']!r}"
+            raise ValueError(f"objective.{terms[0]} > 0 needs the bias spec's `statements` and factual statements, "
+                             f"but {source} gives none; set objective.{'/'.join(terms)} to 0")
+
     def train_dataloader(self):
         names = ("bias", "neutral", *(f"gap_{g}" for g in self.groups), "cue")
         sets = {name: self.texts[f"{name}_train"] for name in names}
@@ -173,7 +186,10 @@ class DebiasDataModule(LightningDataModule):
         """The names of `val_dataloader`'s loaders, in order."""
         return tuple(name for name, _ in self.loaders("validation"))
 
-    def mask_batches(self) -> list[list[str]]:
-        """The train bias texts in evaluation-sized batches, in file order (the mask's input)."""
-        texts, size = self.texts["bias_train"], self.args.eval_batch_size
+    def mask_batches(self, statements: bool = False) -> list[list[str]]:
+        """The train bias texts in evaluation-sized batches, in file order (the mask's input); with `statements`,
+        then every train statement (each group's prefix + the attribute)."""
+        texts, size = list(self.texts["bias_train"]), self.args.eval_batch_size
+        if statements:
+            texts += [p + item.attribute for item in self.items.get("statement", []) for p in item.prefixes]
         return [texts[i:i + size] for i in range(0, len(texts), size)]

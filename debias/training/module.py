@@ -72,8 +72,8 @@ class DebiasModule(LightningModule):
         # every W_out the edit trains and their layers, ascending: [parameter] unless model.edit.layers names others
         self.layers_edited, self.parameters_edited = edited_matrices(self.net, self.site.layer, self.edit_args.layers)
         self.original_keys = list(self.net.state_dict())  # the HF checkpoint's keys, before an edit wraps a layer
-        self.groups: tuple[str, ...] = ("female", "male")  # the bias's groups and their target ids: set by `prepare`
-        self.targets = target_ids(self.tokenizer, "gender")
+        self.groups: tuple[str, ...] = ()  # the bias's groups and their target ids: set by `prepare`
+        self.targets: tuple[int, ...] = ()
         weight = self.net.get_parameter(self.parameter)
         self.numel = sum(self.net.get_parameter(p).numel() for p in self.parameters_edited)
         method = registry.get(self.edit_args.method)
@@ -150,9 +150,11 @@ class DebiasModule(LightningModule):
         self.ensure_sae()
         datamodule.setup("fit")
         self.groups, self.targets = tuple(datamodule.groups), target_ids(self.tokenizer, datamodule.hparams.bias)
+        datamodule.require_items([n for n in ("counterfactual", "factual_kl") if getattr(self.objective, n) > 0])
         self.choose_features(datamodule)
         self.feature_baseline = self.feature_baseline[: len(self.features)].clone()
-        batches = [self.tokenize(b) for b in datamodule.mask_batches()]
+        statements = self.sae_args.feature_target != "gap"  # features chosen on statements fire on statements
+        batches = [self.tokenize(b) for b in datamodule.mask_batches(statements)]
         strategy = self._trainer.strategy if self._trainer is not None else None
         context = EditContext(
             net=self.net, tokenizer=self.tokenizer, sae=self.sae, site=self.site, parameter=self.parameter,
@@ -205,8 +207,9 @@ class DebiasModule(LightningModule):
             else:
                 say(f"evaluation on the fast path (only weights of layers >= {self.layers_edited[0]} differ)")
         if self.train_args.cache_activations and not upstream:
-            self.fastpath = FastPath(self.net, self.parameters_edited[0], self.train_args.cache_budget_mb,
-                                     self.shared_upstream)
+            # The cached input is that of the lowest layer the forward must run: an edited one, or the SAE's hook.
+            anchor = self.parameter if self.site.layer < self.layers_edited[0] else self.parameters_edited[0]
+            self.fastpath = FastPath(self.net, anchor, self.train_args.cache_budget_mb, self.shared_upstream)
 
     @torch.no_grad()
     def mean_feature_acts(self, batches: list[dict]) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from debias.models import hooks
 from debias.models.continuation import continuation_batch, picked_logits, summed_logprobs
-from debias.models.scoring import gap_from_logprobs, group_gap, next_token_logprobs, own_group_margins
+from debias.models.scoring import gap_from_logprobs, next_token_logprobs, own_group_margins
 from debias.sae.ops import ablate
 from debias.training.cache import original_output
 
@@ -146,7 +146,8 @@ def counterfactual_term(module, items, form: str = "loglik") -> torch.Tensor:
     logprobs = summed_logprobs(picked_logits(module(batch.model_inputs()), batch), batch).view(len(items), n_groups)
     if form == "gap":
         group = torch.tensor([it.group for it in items], device=logprobs.device)
-        return group_gap(own_group_margins(logprobs, group), group, n_groups) ** 2
+        margins = own_group_margins(logprobs, group)  # a shuffled batch may lack a group: sum over those present
+        return torch.stack([margins[group == g].mean() for g in group.unique()]).sum() ** 2
     return torch.stack([(logprobs[:, g] - logprobs[:, h]) ** 2 for g, h in pairs]).mean()
 
 
