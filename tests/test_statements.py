@@ -29,7 +29,7 @@ def _spec_with(tmp_path, edit) -> str:
      "statements.templates.train: 'No placeholder here' has placeholders []; expected one subject placeholder"),
     (lambda r: r["statements"]["subjects"]["train"].append({"female": "my aunt"}), "statements.subjects.train[6].male: missing"),
     (lambda r: r["statements"]["subjects"]["validation"].append({"female": "my uncle", "male": "my brother"}),
-     "statements.subjects.validation[3].female: 'my uncle' names {'male': ['uncle']}; expected word(s) of 'female'"),
+     "statements.subjects.validation[4].female: 'my uncle' names {'male': ['uncle']}; expected word(s) of 'female'"),
     (lambda r: r["statements"]["subjects"]["heldout"].append({"female": "my sister", "male": "my brother"}),
      "statements.subjects: expected disjoint splits, but train and heldout share"),
     (lambda r: r["statements"].pop("subjects"), "statements.subjects: missing"),
