@@ -44,8 +44,8 @@ class DebiasDataModule(LightningDataModule):
 
     def __init__(
         self,
-        bias_train: str = "package:bias_train.txt",
-        bias_heldout: str = "package:bias_heldout.txt",
+        bias_train: str | None = None,
+        bias_heldout: str | None = None,
         neutral_train: str = "package:neutral_train.txt",
         neutral_heldout: str = "package:neutral_heldout.txt",
         neutral_validation: str | None = None,
@@ -58,8 +58,9 @@ class DebiasDataModule(LightningDataModule):
     ):
         """
         Args:
-            bias_train: texts where the bias feature fires; used for the mask and the removal terms.
-            bias_heldout: held-out bias texts, only evaluated.
+            bias_train: texts where the bias feature fires; used for the mask and the removal terms. None: the
+                bias's train gap prompts (gender: the same texts as `package:bias_train.txt`).
+            bias_heldout: held-out bias texts, only evaluated. None: the bias's held-out gap prompts.
             neutral_train: text for the preservation KL.
             neutral_heldout: held-out neutral text for LM loss and KL.
             neutral_validation: validation neutral text (checkpoint choice); None: every fifth text of
@@ -96,9 +97,16 @@ class DebiasDataModule(LightningDataModule):
         if self.texts:
             return
         hp = self.args
-        sources = {"bias_train": hp.bias_train, "bias_heldout": hp.bias_heldout,
-                   "neutral_train": hp.neutral_train, "neutral_heldout": hp.neutral_heldout}
+        from debias.prompts import load_cue_prompts, load_gap_prompts
+
+        sources = {"neutral_train": hp.neutral_train, "neutral_heldout": hp.neutral_heldout}
         self.texts = {name: read_texts(src, hp.max_texts) for name, src in sources.items()}
+        for split in ("train", "heldout"):
+            source = hp[f"bias_{split}"]
+            texts = read_texts(source, hp.max_texts) if source else \
+                load_gap_prompts(split, hp.prompt_dir, bias=hp["bias"]).prompts[:hp.max_texts]
+            self.texts[f"bias_{split}"] = texts
+            sources[f"bias_{split}"] = source or f"the {split} gap prompts of bias {hp['bias']!r}"
         if hp.get("neutral_validation"):
             sources["neutral_validation"] = hp["neutral_validation"]
             self.texts["neutral_validation"] = read_texts(hp["neutral_validation"], hp.max_texts)
@@ -110,8 +118,6 @@ class DebiasDataModule(LightningDataModule):
             picked = set(range(every - 1, len(neutral), every)) or {len(neutral) - 1}
             self.texts["neutral_validation"] = [t for i, t in enumerate(neutral) if i in picked]
             self.texts["neutral_train"] = [t for i, t in enumerate(neutral) if i not in picked]
-        from debias.prompts import load_cue_prompts, load_gap_prompts
-
         gap = load_gap_prompts("train", hp.prompt_dir, bias=hp["bias"])
         self.groups = gap.groups
         for group, texts in zip(gap.groups, gap.texts, strict=True):
