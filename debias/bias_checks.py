@@ -75,12 +75,26 @@ class _Checker:
         """A train / validation / heldout mapping of non-empty lists that share no item."""
         raw = self.mapping(value, key, SPLITS, SPLITS)
         out = {s: self.strings(raw[s], f"{key}.{s}") for s in SPLITS if s in raw}
+        self.disjoint(key, out)
+        return out
+
+    def disjoint(self, key: str, out: dict[str, list]) -> None:
+        """A problem for each pair of splits that share an item."""
         for i, a in enumerate(SPLITS):
             for b in SPLITS[i + 1:]:
-                shared = sorted(set(out.get(a, [])) & set(out.get(b, [])))
+                shared = [item for item in out.get(a, []) if item in out.get(b, [])]
                 if shared:
                     self.fail(key, f"expected disjoint splits, but {a} and {b} share {shared}")
-        return out
+
+    def split_rows(self, value: Any, key: str, what: str):
+        """(split, key of the row, row) for each row of a train / validation / heldout mapping of non-empty
+        lists; `what` describes a row for the error."""
+        for split, rows in self.mapping(value, key, SPLITS, SPLITS).items():
+            if not isinstance(rows, list) or not rows:
+                self.fail(f"{key}.{split}", f"expected a non-empty list of {what}, got {_kind(rows)}")
+                continue
+            for i, row in enumerate(rows):
+                yield split, f"{key}.{split}[{i}]", row
 
     def per_group(self, value: Any, key: str, groups: list[str]) -> dict[str, dict[str, list[str]]]:
         raw = self.mapping(value, key, tuple(groups), tuple(groups))
@@ -186,56 +200,42 @@ def _templates(c: _Checker, lists: dict[str, list[str]], key: str, kind: str) ->
 
 def _factual(c: _Checker, raw: Any, groups: list[str], words: dict[str, list[str]]) -> dict[str, list[tuple]]:
     out: dict[str, list[tuple]] = {}
-    for split, items in c.mapping(raw, "factual", SPLITS, SPLITS).items():
-        key = f"factual.{split}"
-        if not isinstance(items, list) or not items:
-            c.fail(key, f"expected a non-empty list of {{prompt, target, group}}, got {_kind(items)}")
-            continue
-        out[split] = []
-        for i, item in enumerate(items):
-            body = c.mapping(item, f"{key}[{i}]", ("prompt", "target", "group"), ("prompt", "target", "group"))
-            prompt, target, group = (c.text(body[k], f"{key}[{i}].{k}") if k in body else ""
-                                     for k in ("prompt", "target", "group"))
-            if group and group not in groups:
-                c.fail(f"{key}[{i}].group", f"unknown group {group!r}; expected one of {groups}")
-            elif prompt and target and group:
-                in_prompt, in_target = group_words_in(words, prompt), group_words_in(words, target)
-                wrong = {g: ws for g, ws in in_target.items() if g != group}
-                if wrong:
-                    c.fail(f"{key}[{i}]", f"target {target!r} names {wrong}, word(s) of another group in the swap "
-                           f"list, but the statement is for {group!r}; expected a target naming {group!r}")
-                elif group not in in_target:
-                    c.fail(f"{key}[{i}]", f"target {target!r} names no word of {group!r}; expected one (the "
-                           "statement is kept by a KL at that token)")
-                if group not in in_prompt:
-                    c.fail(f"{key}[{i}]", f"prompt {prompt!r} names no word of {group!r}; expected one")
-                out[split].append((prompt, target, group))
+    for split, key, item in c.split_rows(raw, "factual", "{prompt, target, group}"):
+        out.setdefault(split, [])
+        body = c.mapping(item, key, ("prompt", "target", "group"), ("prompt", "target", "group"))
+        prompt, target, group = (c.text(body[k], f"{key}.{k}") if k in body else ""
+                                 for k in ("prompt", "target", "group"))
+        if group and group not in groups:
+            c.fail(f"{key}.group", f"unknown group {group!r}; expected one of {groups}")
+        elif prompt and target and group:
+            in_prompt, in_target = group_words_in(words, prompt), group_words_in(words, target)
+            wrong = {g: ws for g, ws in in_target.items() if g != group}
+            if wrong:
+                c.fail(key, f"target {target!r} names {wrong}, word(s) of another group in the swap "
+                       f"list, but the statement is for {group!r}; expected a target naming {group!r}")
+            elif group not in in_target:
+                c.fail(key, f"target {target!r} names no word of {group!r}; expected one (the "
+                       "statement is kept by a KL at that token)")
+            if group not in in_prompt:
+                c.fail(key, f"prompt {prompt!r} names no word of {group!r}; expected one")
+            out[split].append((prompt, target, group))
     return out
 
 
 def _subject_rows(c: _Checker, raw: Any, groups: list[str], words: dict[str, list[str]]) -> dict[str, list[dict]]:
     """statements.subjects: per split, rows {group: subject naming that group only} (the counterfactual subjects)."""
     out: dict[str, list[dict]] = {}
-    for split, rows in c.mapping(raw, "statements.subjects", SPLITS, SPLITS).items():
-        key = f"statements.subjects.{split}"
-        if not isinstance(rows, list) or not rows:
-            c.fail(key, f"expected a non-empty list of rows {{group: subject, ...}}, got {_kind(rows)}")
-            continue
-        out[split] = []
-        for i, row in enumerate(rows):
-            body = c.mapping(row, f"{key}[{i}]", tuple(groups), tuple(groups))
-            subjects = {g: c.text(body[g], f"{key}[{i}].{g}") for g in groups if g in body}
-            for g, subject in subjects.items():
-                if subject and set(group_words_in(words, subject)) != {g}:
-                    c.fail(f"{key}[{i}].{g}", f"{subject!r} names {group_words_in(words, subject) or 'no group word'}; "
-                           f"expected word(s) of {g!r} only (the subject carries the group)")
-            if len(subjects) == len(groups) and all(subjects.values()):
-                out[split].append(subjects)
-    for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
-            shared = [r for r in out.get(a, []) if r in out.get(b, [])]
-            if shared:
-                c.fail("statements.subjects", f"expected disjoint splits, but {a} and {b} share {shared}")
+    for split, key, row in c.split_rows(raw, "statements.subjects", "rows {group: subject, ...}"):
+        out.setdefault(split, [])
+        body = c.mapping(row, key, tuple(groups), tuple(groups))
+        subjects = {g: c.text(body[g], f"{key}.{g}") for g in groups if g in body}
+        for g, subject in subjects.items():
+            if subject and set(group_words_in(words, subject)) != {g}:
+                c.fail(f"{key}.{g}", f"{subject!r} names {group_words_in(words, subject) or 'no group word'}; "
+                       f"expected word(s) of {g!r} only (the subject carries the group)")
+        if len(subjects) == len(groups) and all(subjects.values()):
+            out[split].append(subjects)
+    c.disjoint("statements.subjects", out)
     return out
 
 
