@@ -141,7 +141,7 @@ def cache_key(module, datamodule, suites: bool, cue_limit: int | None) -> dict |
     if files is None:
         return None
     datamodule.setup("fit")
-    hp = dict(datamodule.hparams)
+    hp = {k: v for k, v in datamodule.hparams.items() if k != "seed"}  # the training order: no held-out number
     prompt_dir = Path(hp["prompt_dir"]) if hp.get("prompt_dir") else default_prompt_dir()
     data = {"settings": hp, "texts": _digest({k: datamodule.texts[k] for k in sorted(datamodule.texts)}),
             "prompt_files": _dir_hashes(prompt_dir)}
