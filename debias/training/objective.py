@@ -31,7 +31,8 @@ class ObjectiveWeights:
     ablation: float = 0.0
     """KL(model with the feature(s) ablated through the SAE, error term kept || edited model) on bias prompts."""
     bias: float = 0.0
-    """(train bias gap)², the she-vs-he log-probability gap on train profession prompts."""
+    """(train bias gap)², the next-token gap of the bias's targets on train stereotyped-context prompts (gender:
+    she vs he after professions)."""
     counterfactual: float = 0.0
     """Sentence level: mean over train statements and pairs of groups of (log p(attribute | group g's subject) −
     log p(attribute | group h's subject))², "My sister" / "My brother" + " is bad at math." (`debias.statements`)."""
