@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+
 from debias.bias_checks import word_pattern
 from debias.bias_spec import BiasSpec, load_bias_spec, swap
 
@@ -32,6 +34,17 @@ class FactualItem(NamedTuple):
     context: str
     words: tuple[str, ...]  # one per group, leading space included
     group: int
+
+
+def statement_texts(items: list[StatementItem]) -> tuple[list[str], list[str]]:
+    """(contexts, continuations) that score `items`: each item's prefixes in group order, item-major, each with
+    the item's attribute."""
+    return [p for item in items for p in item.prefixes], [item.attribute for item in items for _ in item.prefixes]
+
+
+def item_groups(items: list[StatementItem] | list[FactualItem]) -> torch.Tensor:
+    """[n] long: the group index of each item."""
+    return torch.tensor([item.group for item in items], dtype=torch.long)
 
 
 def _fill(template: str, subject: str) -> str:

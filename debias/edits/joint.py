@@ -14,8 +14,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from debias.edits.gradients import STRATEGIES, feature_gradients
-from debias.edits.mask import InstabilityMask, JointMask, check_scores, top_k_flat
+from debias.edits.mask import InstabilityMask, JointMask, entry_scores, top_k_flat
 from debias.models import hooks
 
 
@@ -66,22 +65,9 @@ def compute_joint_mask(model, sae, site: hooks.HookSite, parameters: Sequence[st
     0 and are chosen only by ties, after every entry with a non-zero score, in layer then flat-index order.
     `random` scores are seeded uniform numbers over all the entries.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown mask strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
-    weights = [model.get_parameter(p).detach().cpu() for p in parameters]
-    if strategy == "random":
-        grads = [torch.zeros(w.shape) for w in weights]
-    elif grads is None:
-        grads = feature_gradients(model, sae, site, parameters, batches, features, bos_token_id, progress)
-        if not any(g.abs().sum() > 0 for g in grads):
-            raise ValueError(f"the gradient of feature(s) {features} with respect to {', '.join(parameters)} is zero "
-                             "on every bias prompt: the feature never fires there, so there is no instability mask")
-    flat = STRATEGIES[strategy](torch.cat([g.detach().cpu().flatten() for g in grads]),
-                                torch.cat([w.flatten() for w in weights]), seed)
-    if strategy != "random":
-        check_scores(flat, tuple(features))
-    sizes = [w.numel() for w in weights]
-    chosen = joint_top_k(list(torch.split(flat, sizes)), k)
+    flat = entry_scores(model, sae, site, parameters, batches, features, strategy, seed, bos_token_id, progress, grads)
+    weights = [model.get_parameter(p) for p in parameters]
+    chosen = joint_top_k(list(torch.split(flat, [w.numel() for w in weights])), k)
     parts = tuple(InstabilityMask(parameter=p, shape=tuple(w.shape), indices=idx, layer=layer,
                                   hook_name=site.hook_name, features=tuple(features), strategy=strategy, **meta)
                   for p, w, idx, layer in zip(parameters, weights, chosen, layers, strict=True))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from debias.edits.gradients import STRATEGIES, feature_gradient
+from debias.edits.gradients import STRATEGIES, feature_gradients
+from debias.edits.gradients import feature_gradient as feature_gradient  # re-exported: the one-matrix form
 from debias.edits.gradients import gap_gradient as gap_gradient  # re-exported: the one-matrix form
 from debias.models import hooks
 
@@ -213,31 +214,41 @@ def check_scores(scores: torch.Tensor, features) -> None:
         )
 
 
+def entry_scores(model, sae, site: hooks.HookSite, parameters: Sequence[str], batches: Iterable[dict],
+                 features: list[int], strategy: str = "gradient", seed: int = 0, bos_token_id: int | None = None,
+                 progress: bool = True, grads: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """The `strategy` score (see `STRATEGIES`) of every entry of `parameters`, flattened and concatenated in their
+    order; checked unless random. The gradients are the feature(s)' (`feature_gradients`) unless given as `grads`."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown mask strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
+    weights = [model.get_parameter(p).detach().cpu() for p in parameters]
+    if strategy == "random":
+        grads = [torch.zeros(w.shape) for w in weights]
+    elif grads is None:
+        grads = feature_gradients(model, sae, site, parameters, batches, features, bos_token_id, progress)
+        if not any(g.abs().sum() > 0 for g in grads):
+            raise ValueError(f"the gradient of feature(s) {features} with respect to {', '.join(parameters)} is zero "
+                             "on every bias prompt: the feature never fires there, so there is no instability mask "
+                             "to compute")
+    scores = STRATEGIES[strategy](torch.cat([g.detach().cpu().flatten() for g in grads]),
+                                  torch.cat([w.flatten() for w in weights]), seed)
+    if strategy != "random":
+        check_scores(scores, tuple(features))
+    return scores
+
+
 def compute_mask(model, sae, site: hooks.HookSite, parameter: str, batches: Iterable[dict], features: list[int], k: int,
                  strategy: str = "gradient", seed: int = 0, bos_token_id: int | None = None,
                  progress: bool = True, grad: torch.Tensor | None = None, **meta) -> InstabilityMask:
-    """Score `parameter`'s entries by `strategy` (see `STRATEGIES`) and keep the top k.
+    """Score `parameter`'s entries by `strategy` (`entry_scores`) and keep the top k.
 
     The gradient is the feature(s)' (`feature_gradient`) unless another one is passed as `grad`.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown mask strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
-    weight = model.get_parameter(parameter)
-    if strategy == "random":
-        grad = torch.zeros(weight.shape)
-    elif grad is None:
-        grad = feature_gradient(model, sae, site, parameter, batches, features, bos_token_id, progress)
-        if not grad.abs().sum() > 0:
-            raise ValueError(
-                f"the gradient of feature(s) {features} with respect to {parameter} is zero on every bias prompt: "
-                "the feature never fires there, so there is no instability mask to compute"
-            )
-    scores = STRATEGIES[strategy](grad, weight.detach().cpu(), seed)
-    info = dict(parameter=parameter, layer=site.layer, hook_name=site.hook_name, features=tuple(features),
-                strategy=strategy, **meta)
-    if strategy == "random":
-        return InstabilityMask(shape=tuple(scores.shape), indices=top_k_flat(scores, k), **info)
-    return mask_from_scores(scores.cpu(), k, **info)
+    scores = entry_scores(model, sae, site, [parameter], batches, features, strategy, seed, bos_token_id, progress,
+                          None if grad is None else [grad])
+    shape = tuple(model.get_parameter(parameter).shape)
+    return InstabilityMask(parameter=parameter, shape=shape, indices=top_k_flat(scores, k), layer=site.layer,
+                           hook_name=site.hook_name, features=tuple(features), strategy=strategy, **meta)
 
 
 def full_mask(model: nn.Module, parameter: str, **meta) -> InstabilityMask:

@@ -8,20 +8,16 @@ import torch
 from debias.evaluation.stats import grouped_interval
 from debias.models.continuation import continuation_logprobs, statement_logprobs
 from debias.models.scoring import group_gap, own_group_margins
-from debias.statements import FactualItem, StatementItem
+from debias.statements import FactualItem, StatementItem, item_groups
 
 __all__ = ["factual_margin", "statement_gap", "statement_logprobs"]
-
-
-def _items_groups(items) -> torch.Tensor:
-    return torch.tensor([item.group for item in items], dtype=torch.long)
 
 
 @torch.no_grad()
 def statement_gap(model, tokenizer, items: list[StatementItem], batch_size: int = 16, n_boot: int = 1000) -> dict:
     """The statement gap (Σ over groups of the mean margin of that group's attributes: 0 = none, > 0 =
     stereotyped), its 95% interval, and the share of items whose own group's prefix makes the attribute likelier."""
-    group, n_groups = _items_groups(items), len(items[0].prefixes)
+    group, n_groups = item_groups(items), len(items[0].prefixes)
     margins = own_group_margins(statement_logprobs(model, tokenizer, items, batch_size).cpu(), group)
 
     def gap(values, groups):
@@ -40,7 +36,7 @@ def factual_margin(model, tokenizer, items: list[FactualItem], batch_size: int =
     contexts = [item.context for item in items for _ in item.words]
     words = [w for item in items for w in item.words]
     logprobs = continuation_logprobs(model, tokenizer, contexts, words, batch_size).view(len(items), n_groups).cpu()
-    margins = own_group_margins(logprobs, _items_groups(items))
+    margins = own_group_margins(logprobs, item_groups(items))
     zeros = torch.zeros(len(items), dtype=torch.long)
     return {"factual_margin": float(margins.mean()),
             "factual_margin_ci": list(grouped_interval(margins, zeros, lambda v, _: v.mean(), n_boot)),

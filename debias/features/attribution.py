@@ -31,7 +31,7 @@ from debias.models.scoring import (
 )
 from debias.prompts import GapPrompts
 from debias.sae.ops import ablate
-from debias.statements import StatementItem
+from debias.statements import StatementItem, item_groups, statement_texts
 
 
 @dataclass
@@ -148,7 +148,7 @@ def _statement_groups(items: list[StatementItem]) -> torch.Tensor:
     """[n] the items' groups; raises unless every group has an item (as the gap's mean over each group needs)."""
     if not items:
         raise ValueError("the statement gap needs at least one statement item")
-    group = torch.tensor([item.group for item in items], dtype=torch.long)
+    group = item_groups(items)
     counts = torch.bincount(group, minlength=len(items[0].prefixes))
     if not counts.all():
         raise ValueError(f"the statement gap needs statements of every group, got {counts.tolist()} per group")
@@ -168,8 +168,7 @@ def attribute_statements(model, tokenizer, sae, site, items: list[StatementItem]
     latents, error, gap = torch.zeros(sae.cfg.d_sae, dtype=torch.float64), 0.0, 0.0
     for start in range(0, len(items), step):
         chunk = items[start:start + step]
-        batch = continuation_batch(tokenizer, [p for item in chunk for p in item.prefixes],
-                                   [item.attribute for item in chunk for _ in item.prefixes], device)
+        batch = continuation_batch(tokenizer, *statement_texts(chunk), device)
         found: list = []
         with torch.enable_grad(), hooks.replace(model, site, lambda x, found=found: splice(x, site, found)):
             logits = model(**batch.model_inputs()).logits

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from debias.statements import StatementItem
+from debias.statements import StatementItem, statement_texts
 
 
 @dataclass
@@ -82,7 +82,5 @@ def continuation_logprobs(model, tokenizer, contexts: list[str], continuations: 
 
 def statement_logprobs(model, tokenizer, items: list[StatementItem], batch_size: int = 16) -> torch.Tensor:
     """[n, groups] log p(attribute | each group's prefix)."""
-    n_groups = len(items[0].prefixes)
-    contexts = [p for item in items for p in item.prefixes]
-    attributes = [item.attribute for item in items for _ in item.prefixes]
-    return continuation_logprobs(model, tokenizer, contexts, attributes, batch_size).view(len(items), n_groups)
+    contexts, attributes = statement_texts(items)
+    return continuation_logprobs(model, tokenizer, contexts, attributes, batch_size).view(len(items), -1)

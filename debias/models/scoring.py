@@ -128,10 +128,7 @@ def group_margins(logprobs: torch.Tensor, target_ids: Sequence[int], group_index
                          f"{list(group_index.shape)}")
     _check_index(group_index, n_groups)
     targets = logprobs[:, torch.as_tensor(list(target_ids), dtype=torch.long, device=logprobs.device)]  # [n, G]
-    own = targets.gather(1, group_index[:, None]).squeeze(1)
-    is_own = torch.nn.functional.one_hot(group_index, n_groups).bool()
-    others = targets.masked_fill(is_own, 0.0).sum(1) / (n_groups - 1)  # two groups: the other target, exactly
-    return own - others
+    return own_group_margins(targets, group_index)
 
 
 def group_means(margins: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> list[torch.Tensor]:
@@ -152,8 +149,10 @@ def group_means(margins: torch.Tensor, group_index: torch.Tensor, n_groups: int)
 def own_group_margins(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """[n] item i's score under its own group minus the mean over the other groups; scores [n, groups] (e.g. an
     attribute's log-likelihood after each group's subject)."""
-    own = scores.gather(1, group[:, None])[:, 0]
-    return own - (scores.sum(1) - own) / (scores.shape[1] - 1)
+    own = scores.gather(1, group[:, None]).squeeze(1)
+    is_own = torch.nn.functional.one_hot(group, scores.shape[1]).bool()
+    others = scores.masked_fill(is_own, 0.0).sum(1) / (scores.shape[1] - 1)  # two groups: the other one, exactly
+    return own - others
 
 
 def group_gap(margins: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> torch.Tensor:

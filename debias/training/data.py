@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from debias.bias_spec import load_bias_spec
 from debias.prompts import read_texts
+from debias.statements import statement_texts
 
 
 def _identity(batch):
@@ -197,5 +198,5 @@ class DebiasDataModule(LightningDataModule):
         then every train statement (each group's prefix + the attribute)."""
         texts, size = list(self.texts["bias_train"]), self.args.eval_batch_size
         if statements:
-            texts += [p + item.attribute for item in self.items.get("statement", []) for p in item.prefixes]
+            texts += [c + a for c, a in zip(*statement_texts(self.items.get("statement", [])), strict=True)]
         return [texts[i:i + size] for i in range(0, len(texts), size)]

@@ -17,6 +17,7 @@ from debias.models import hooks
 from debias.models.continuation import continuation_batch, picked_logits, summed_logprobs
 from debias.models.scoring import gap_from_logprobs, next_token_logprobs, own_group_margins
 from debias.sae.ops import ablate
+from debias.statements import item_groups, statement_texts
 from debias.training.cache import original_output
 
 CounterfactualForm = Literal["loglik", "gap", "kl"]
@@ -137,16 +138,15 @@ def counterfactual_term(module, items, form: str = "loglik") -> torch.Tensor:
     n_groups = len(items[0].prefixes)
     pairs = [(g, h) for g in range(n_groups) for h in range(g + 1, n_groups)]
     if form == "kl":
-        prefixes = [p for it in items for p in it.prefixes]
+        prefixes = statement_texts(items)[0]
         logprobs = next_token_logprobs(module.net, module.tokenizer, prefixes, len(prefixes))
         logprobs = logprobs.view(len(items), n_groups, -1)
         sym = [(logprobs[:, g].exp() - logprobs[:, h].exp()) * (logprobs[:, g] - logprobs[:, h]) for g, h in pairs]
         return torch.stack([s.sum(-1) for s in sym]).mean()  # KL(g||h) + KL(h||g), averaged
-    batch = continuation_batch(module.tokenizer, [p for it in items for p in it.prefixes],
-                               [it.attribute for it in items for _ in it.prefixes], module.device)
+    batch = continuation_batch(module.tokenizer, *statement_texts(items), module.device)
     logprobs = summed_logprobs(picked_logits(module(batch.model_inputs()), batch), batch).view(len(items), n_groups)
     if form == "gap":
-        group = torch.tensor([it.group for it in items], device=logprobs.device)
+        group = item_groups(items).to(logprobs.device)
         margins = own_group_margins(logprobs, group)  # a shuffled batch may lack a group: sum over those present
         return torch.stack([margins[group == g].mean() for g in group.unique()]).sum() ** 2
     return torch.stack([(logprobs[:, g] - logprobs[:, h]) ** 2 for g, h in pairs]).mean()
