@@ -275,3 +275,9 @@ def test_methods_without_a_mask_refuse_layers(method):
                                          r"layer's W_out only \(layers applies to \['instability', 'random', "
                                          r"'bias_gradient'\]\)"):
         EditArgs(method=method, k=None, layers=[1, 2])
+
+
+def test_one_layer_other_than_the_saes_is_refused():
+    with pytest.raises(ValueError, match=r"^model.edit.layers=\[0\] names one layer other than the SAE's \(2\); "
+                                         r"expected null \(the SAE's layer\), or a list with 2 in it$"):
+        _module([0])

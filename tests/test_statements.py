@@ -157,3 +157,27 @@ def test_the_gap_and_kl_forms_by_hand():
         assert float(counterfactual_term(module, items, "kl")) == pytest.approx(float(sym), rel=1e-4)
     with pytest.raises(ValueError, match="objective.counterfactual_form must be one of"):
         ObjectiveWeights(counterfactual_form="squared")
+
+
+def test_sentence_terms_without_statements_are_refused_before_training():
+    from debias.prompts import default_prompt_dir
+
+    data = make_data(prompt_dir=str(default_prompt_dir()))
+    module = make_module(objective=ObjectiveWeights(feature=1.0, counterfactual=1.0, factual_kl=1.0))
+    with pytest.raises(ValueError, match=r"^objective.counterfactual > 0 needs the bias spec's `statements` and "
+                                         r"factual statements, but data.prompt_dir gives none; set "
+                                         r"objective.counterfactual/factual_kl to 0$"):
+        module.prepare(data)
+
+
+def test_val_score_checkpoint_without_a_validation_split_is_refused(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from debias.prompts import default_prompt_dir
+
+    data = make_data(prompt_dir=str(default_prompt_dir()))
+    trainer = make_trainer(tmp_path, callbacks=[ValidationMetrics(), ModelCheckpoint(monitor="val/score")],
+                           enable_checkpointing=True)
+    with pytest.raises(ValueError, match="a ModelCheckpoint monitors val/score, which needs the bias spec's "
+                                         "validation split; data.prompt_dir has none"):
+        trainer.fit(make_module(), datamodule=data)
