@@ -11,21 +11,35 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 PID_MARKER = ".debias-pid"
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    """Create `path` (it must not exist), write `data` and flush it to the disk."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write `data` to a temporary sibling of `path`, then rename it into place."""
+    """Write `data` to a temporary sibling of `path`, flush it to the disk, then rename it into place.
+
+    A reader sees the old file or the whole new one, also after a kill or a crash; on any error (a full or
+    read-only disk) `path` is untouched, the sibling removed, and the error raised.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # unique per writer
     try:
-        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        _write_synced(tmp, data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the error that matters is the write's
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

@@ -2,6 +2,7 @@
 
     python scripts/bench.py --model smollm2-135m          # the default setup (blocks.24.hook_mlp_out, mid layer 15)
     python scripts/bench.py --model tiny-llama --steps 3 --repeats 2   # CI smoke
+    python scripts/bench.py --memory none --eval-export heldout       # the floor ratio, and `debias eval` timed
 
 (a) mask: the feature gradient over the train bias prompts, naive (full forward of the whole model, logits
     included, then backward) vs debias (`mask.feature_gradient`: the forward stops at the SAE's hook), at the SAE's
@@ -12,18 +13,26 @@
     logits, sparse delta, Adam on k values); the DebiasModule's plain path (cache off) as a third row.
     Steps cycle over the first `--batches` training batches; debias is timed after one warm-up pass over them (the
     cache is then full: the state of every epoch after the first); the first, cache-filling pass is reported too.
+    The floor (`FloorStep`) is what any step training k entries of W_out[L] must do: layers L..N forward and
+    backward on cached layer-L inputs and cached reference logits, no weight gradient, the backward stopping at
+    W_out[L]'s output, Adam on k values; timed in the same loop, after its own cache-filling pass.
+    `train_step_vs_floor` = debias step / floor step (1.0: the debias step does nothing it could skip).
 (c) peak memory: each path runs again in its own subprocess, which reports its peak RSS (CPU torch has no
     resettable peak counter): `VmHWM` where /proc exists (Linux's `ru_maxrss` keeps the parent's peak across
     fork + exec), else `resource.getrusage(...).ru_maxrss`; `load` is a process that only loads the model and SAE.
+(d) with `--eval-export`: a whole `debias eval` (process start to exit) of the naively trained network, saved as
+    an HF directory, on the full path (`cache_activations=false`) and on the fast path, the evaluation cache off.
 Timings are medians, naive and debias interleaved so that both see the same machine load. The last line printed is
-a JSON object (`train_step_speedup`, `mask_speedup`, `state_bytes_ratio`, ...).
+a JSON object (`train_step_speedup`, `train_step_vs_floor`, `mask_speedup`, `state_bytes_ratio`, ...).
 The SAE is a random TopK SAE (`debias.tiny.tiny_sae`): the timings do not depend on its weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -39,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 MEASURES = ("load", "mask_naive", "mask_debias", "train_naive", "train_debias", "train_plain")
+EVAL_MODES = ("none", "heldout", "suites")
 
 
 def parse(argv=None):
@@ -59,6 +69,9 @@ def parse(argv=None):
                    help=f"comma-separated paths whose peak memory to measure, each in its own subprocess "
                         f"(of {', '.join(MEASURES)}), or 'none'")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--eval-export", choices=EVAL_MODES, default="none",
+                   help="also time a whole `debias eval` of an edited model on the fast path and on the full path, "
+                        "each in its own process: 'heldout' (--suites false) or 'suites' (minutes on smollm2)")
     p.add_argument("--measure", choices=MEASURES, help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--feature", type=int, help=argparse.SUPPRESS)
@@ -246,6 +259,81 @@ class DebiasTrainer:
         return sum(t.numel() * t.element_size() for t in state)
 
 
+class FloorStep:
+    """The floor of a masked training step (feature + KL): what any method training k entries of W_out[L] must do.
+
+    Layers 0..L-1 are skipped (a `FastPath` on the plain network caches layer L's input, and the reference logits),
+    every weight is frozen, and the backward stops at W_out[L]'s output: beyond activation gradients, only the k
+    values' gradient is computed (x[:, in] · g[:, out] per masked entry), then Adam on the k values.
+    """
+
+    def __init__(self, net, tokenizer, sae, site, mask, features, baseline, max_length, budget_mb, lr=1e-2):
+        from debias.training.cache import FastPath
+        from debias.training.objective import ObjectiveWeights
+
+        self.net, self.tok, self.sae, self.site = net, tokenizer, sae, site
+        self.features, self.baseline, self.max_length = features, baseline, max_length
+        self.fast = FastPath(net, mask.parameter, budget_mb)
+        self.w_out = net.get_submodule(mask.parameter.removesuffix(".weight"))
+        major, minor = torch.div(mask.indices, mask.shape[-1], rounding_mode="floor"), mask.indices % mask.shape[-1]
+        # nn.Linear's weight is [out, in]; GPT-2's Conv1D is [in, out]
+        self.out_idx, self.in_idx = (major, minor) if isinstance(self.w_out, torch.nn.Linear) else (minor, major)
+        self.values = torch.zeros(mask.k, requires_grad=True)
+        self.weights = ObjectiveWeights().active()
+        self.opt = torch.optim.Adam([self.values], lr=lr)
+        self.delta_on = True
+
+    def _add_delta(self, module, inputs, out):
+        if not self.delta_on:
+            return None
+        x = inputs[0].detach()  # nothing below W_out[L]'s output needs a gradient
+        return out.detach().index_add(-1, self.out_idx, x[..., self.in_idx] * self.values.to(x.dtype))
+
+    @contextlib.contextmanager
+    def _context(self):
+        mode = self.net.training
+        self.net.eval()
+        handle = self.w_out.register_forward_hook(self._add_delta)
+        try:
+            with self.fast.active():
+                yield
+        finally:
+            handle.remove()
+            self.net.train(mode)
+
+    def _reference(self, neutral):
+        self.delta_on = False
+        try:
+            with torch.no_grad():
+                return self.net(**neutral, use_cache=False).logits
+        finally:
+            self.delta_on = True
+
+    def loss(self, texts):
+        from debias.models import hooks
+        from debias.models.scoring import real_token_mask
+        from debias.sae.ops import encode_features
+        from debias.training.objective import feature_term, mean_kl
+
+        bias = tokenize(self.tok, texts["bias"], self.max_length)
+        neutral = tokenize(self.tok, texts["neutral"], self.max_length)
+        with self._context():
+            real = real_token_mask(bias["input_ids"], bias["attention_mask"], self.tok.bos_token_id)
+            latents = encode_features(self.sae, hooks.forward_until(self.net, self.site, **bias), self.features)
+            terms = {"feature": feature_term(latents, real, self.baseline)}
+            ref = self.fast.reference(("kl", tuple(texts["neutral"])), lambda: self._reference(neutral))
+            logits = self.net(**neutral, use_cache=False).logits
+            terms["kl"] = mean_kl(ref, logits, neutral["attention_mask"].bool())
+        return sum(self.weights[k] * v for k, v in terms.items())
+
+    def step(self, texts):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss(texts)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+
 def make_module(args, sae_path, feature, mask_path, cache):
     from debias.training.args import EditArgs, SAEArgs, TrainArgs
     from debias.training.module import DebiasModule
@@ -255,9 +343,9 @@ def make_module(args, sae_path, feature, mask_path, cache):
                         train=TrainArgs(max_length=args.max_length, cache_activations=cache))
 
 
-def timed(fn, *a):
+def timed(fn, *a, **kw):
     start = time.perf_counter()
-    out = fn(*a)
+    out = fn(*a, **kw)
     return time.perf_counter() - start, out
 
 
@@ -312,6 +400,10 @@ def _load_mask(meta):
     return InstabilityMask.load(meta["mask_path"])
 
 
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def peak(args, which: str) -> float | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", which, "--workdir", args.workdir,
            "--feature", str(args.feature), "--model", args.model, "--d-sae", str(args.d_sae),
@@ -319,12 +411,51 @@ def peak(args, which: str) -> float | None:
            str(args.eval_batch_size), "--max-length", str(args.max_length), "--batches", str(args.batches)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if done.returncode != 0:
         print(f"[{which}] failed:\n{done.stderr[-3000:]}", file=sys.stderr)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+# ----- (d) a whole `debias eval`, fast path vs full path -----
+def eval_config(args, workdir: Path, sae_path: str, feature: int) -> Path:
+    """A `debias fit` config naming the bench's model, SAE, feature and data settings (JSON is YAML)."""
+    config = {"model": {"base_model": args.model, "sae": {"spec": sae_path, "features": [feature]},
+                        "edit": {"fraction": args.fraction}, "train": {"max_length": args.max_length}},
+              "data": {"batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size},
+              "trainer": {"accelerator": "cpu", "devices": 1, "logger": False}}
+    path = workdir / "eval-config.yaml"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def time_eval(args, workdir: Path, edited: Path, config: Path) -> dict[str, tuple[float, dict] | None]:
+    """{"fast" | "full": (wall seconds of `debias eval edited`, its JSON result)}, None for a run that failed.
+
+    The evaluation cache is off, so both runs compute the base model's numbers too.
+    """
+    out: dict[str, tuple[float, dict] | None] = {}
+    for path in ("full", "fast"):
+        result = workdir / f"eval-{path}.json"
+        cmd = [sys.executable, "-m", "debias", "eval", str(edited), "--fit_config", str(config), "--suites",
+               str(args.eval_export == "suites").lower(), "--out", str(result)]
+        if path == "full":
+            cmd += ["--overrides", '["--model.train.cache_activations=false"]']
+        seconds, done = timed(subprocess.run, cmd, capture_output=True, text=True, cwd=workdir,
+                              env={**_env(), "DEBIAS_EVAL_CACHE": "0"})
+        if done.returncode != 0:
+            print(f"[debias eval, {path} path] failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+        out[path] = (seconds, json.loads(result.read_text())) if done.returncode == 0 else None
+    return out
+
+
+def same_eval(a: dict, b: dict) -> bool:
+    """Whether two `debias eval` results hold the same held-out numbers, before and after (float tolerance)."""
+    from debias.evaluation.heldout import BASE_ROWS
+
+    return all(math.isclose(a[side][row], b[side][row], rel_tol=1e-4, abs_tol=1e-6)
+               for side in ("before", "after") for row in BASE_ROWS)
 
 
 # ----- the timing process -----
@@ -390,25 +521,35 @@ def run(args) -> dict:
     naive = NaiveTrainer(net, tok, main_sae, main_site, main_parameter, mask, [args.feature],
                          module.feature_baseline.clone(), args.max_length)
     debias = DebiasTrainer(module)
+    floor = FloorStep(net, tok, main_sae, main_site, mask, [args.feature], module.feature_baseline.clone(),
+                      args.max_length, module.train_args.cache_budget_mb)
     plain_module = module  # the plain path is the same module with its cache bypassed, on its own optimizer
     loss0_naive = naive.loss(batches[0]).item()
     loss0_debias = sum(debias.weights[k] * v for k, v in module.loss_terms(batches[0]).items()).item()
+    loss0_floor = floor.loss(batches[0]).item()
     module.fastpath.clear()
     cold = [timed(debias.step, b)[0] for b in batches]  # fills the cache (first epoch)
+    for b in batches:  # the floor's cache too: it is timed in the state of every epoch after the first
+        floor.step(b)
     plain = DebiasTrainer(plain_module, plain=True)
-    times = {"naive": [], "debias": [], "plain": []}
+    times: dict[str, list[float]] = {"naive": [], "debias": [], "plain": [], "floor": []}
     for i in range(args.steps):
         texts = batches[i % len(batches)]
         times["naive"].append(timed(naive.step, texts)[0])
         times["debias"].append(timed(debias.step, texts)[0])
         times["plain"].append(timed(plain.step, texts)[0])
+        times["floor"].append(timed(floor.step, texts)[0])
     med = {k: median(v) for k, v in times.items()}
-    stats = dict(module.fastpath.stats)
+    stats, floor_stats = dict(module.fastpath.stats), dict(floor.fast.stats)
     cache_mb = module.fastpath.cached_bytes() / 2**20
     state = debias.state_bytes()
     state_full = debias.state_bytes(with_grad_and_indices=True)
     naive_state = naive.state_bytes()
-    del naive, debias, plain, module, plain_module, net
+    edited = workdir / "edited"  # the naively trained network: the base model with k entries of W_out[L] changed
+    if args.eval_export != "none":
+        net.save_pretrained(edited)
+        tok.save_pretrained(edited)
+    del naive, debias, plain, floor, module, plain_module, net
 
     # (c) peak memory, one subprocess per path
     wanted = [] if args.memory == "none" else args.memory.split(",")
@@ -416,13 +557,24 @@ def run(args) -> dict:
     if unknown:
         raise SystemExit(f"unknown --memory paths {sorted(unknown)}; expected some of {MEASURES}")
     peaks = {m: (peak(args, m) if m in wanted else None) for m in MEASURES}
+    evals = (time_eval(args, workdir, edited, eval_config(args, workdir, sae_path, args.feature))
+             if args.eval_export != "none" else {})
     load_end = os.getloadavg()
 
-    same_loss = abs(loss0_naive - loss0_debias) <= 1e-5 * abs(loss0_naive) + 1e-7
+    def same_loss(a, b):
+        return abs(a - b) <= 1e-5 * abs(a) + 1e-7
+
     rows = [*mask_rows,
-            ("train step (feature + KL)", med["naive"], med["debias"], same_loss),
+            ("train step (feature + KL)", med["naive"], med["debias"], same_loss(loss0_naive, loss0_debias)),
+            ("train step floor (layers L..N cached, no W grads)", med["naive"], med["floor"],
+             same_loss(loss0_naive, loss0_floor)),
             ("train step, debias plain path (no cache)", med["naive"], med["plain"], None),
             ("train step, debias first pass (cache filling)", med["naive"], median(cold), None)]
+    full_eval, fast_eval = evals.get("full"), evals.get("fast")
+    eval_same = same_eval(full_eval[1], fast_eval[1]) if full_eval and fast_eval else None
+    if full_eval and fast_eval:
+        rows.append((f"debias eval, whole command ({args.eval_export}): full/fast", full_eval[0], fast_eval[0],
+                     eval_same))
     print(f"\nmodel {args.model}: {n_layers} layers, SAE {hook} (random TopK, d_sae {args.d_sae}), feature "
           f"{args.feature}, k = {k} of {mask.numel} ({args.fraction:.2%}), batch {args.batch_size} texts/set, "
           f"max_length {args.max_length}; torch threads {torch.get_num_threads()}, load average "
@@ -434,12 +586,14 @@ def run(args) -> dict:
           f"k x 12 = {12 * k}; with grad and indices {state_full}")
     print(f"{'peak RSS, MB (own subprocess, VmHWM)':<52}" + "  ".join(
         f"{m}={peaks[m]:.0f}" if peaks[m] is not None else f"{m}=n/a" for m in MEASURES))
-    print(f"fast path cache: {cache_mb:.1f} MB, {stats}")
+    print(f"debias train step / floor: {med['debias'] / med['floor']:.2f}x (1.00x: nothing left to gain)")
+    print(f"fast path cache: {cache_mb:.1f} MB, {stats}; floor's: {floor_stats}")
     return {
         "model": args.model, "hook": hook, "mid_layer": mid, "n_layers": n_layers, "k": k, "feature": args.feature,
         "train_step_speedup": med["naive"] / med["debias"],
         "train_step_speedup_vs_plain_path": med["plain"] / med["debias"],
         "train_step_speedup_first_pass": med["naive"] / median(cold),
+        "train_step_vs_floor": med["debias"] / med["floor"], "floor_cache_stats": floor_stats,
         "mask_speedup": mask_times["sae layer"][0] / mask_times["sae layer"][1],
         "mask_speedup_mid_layer": mask_times["mid layer"][0] / mask_times["mid layer"][1],
         "state_bytes": state, "state_bytes_ratio": state / (12 * k),
@@ -448,6 +602,9 @@ def run(args) -> dict:
         "mask_s": {label: {"naive": a, "debias": b} for label, (a, b) in mask_times.items()},
         "peak_rss_mb": peaks, "cache_mb": cache_mb,
         "same_result": all(same is not False for *_, same in rows),
+        "eval_s": {p: e[0] if e else None for p, e in evals.items()} or None,
+        "eval_fast_path_speedup": full_eval[0] / fast_eval[0] if full_eval and fast_eval else None,
+        "eval_same_result": eval_same,
         "loadavg_start": load_start[0], "loadavg_end": load_end[0], "torch_threads": torch.get_num_threads(),
     }
 

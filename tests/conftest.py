@@ -25,7 +25,7 @@ def one_thread():
 
 GROUPS = {"sae": ("sae_id", "build", "features", "n_features", "feature_target"),
           "edit": ("method", "fraction", "k", "mask_strategy", "mask_path", "seed", "lora_rank", "clamp_value",
-                   "steering_alpha", "steering_kind", "layers"),
+                   "steering_alpha", "steering_kind", "layers", "projection_alpha"),
           "train": ("lr", "max_length", "cache_activations", "cache_budget_mb")}
 
 
@@ -35,7 +35,8 @@ def module_args(**overrides) -> dict:
 
     flat = dict(sae="tiny:blocks.1.hook_mlp_out", features=[3], k=40, lr=0.05, max_length=32)
     flat.update(overrides)
-    if flat.get("method") not in (None, "instability", "random", "bias_gradient") and "k" not in overrides:
+    masked = (None, "instability", "random", "bias_gradient", "feature_effect", "random_features")
+    if flat.get("method") not in masked and "k" not in overrides:
         flat["k"] = None
     grouped = {name: {key: flat.pop(key) for key in keys if key in flat} for name, keys in GROUPS.items()}
     grouped["sae"]["spec"] = flat.pop("sae")

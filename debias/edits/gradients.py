@@ -2,7 +2,8 @@
 with respect to one weight matrix or several at once (`model.edit.layers`), summed over batches, in float32; and the
 `STRATEGIES` that turn a gradient into scores.
 
-`debias.edits.mask` re-exports the one-matrix gradients (`feature_gradient`, `gap_gradient`).
+`debias.edits.mask` re-exports the one-matrix gradients (`feature_gradient`, `gap_gradient`);
+`debias.edits.feature_effect` has the gap's gradient taken through the features only (`feature_effect`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _random(grad: torch.Tensor, weight: torch.Tensor, seed: int) -> torch.Tensor
 
 
 @contextlib.contextmanager
-def _tracking(model: nn.Module, parameters: Sequence[str]) -> Iterator[tuple[list[nn.Parameter], list[torch.Tensor]]]:
+def tracking(model: nn.Module, parameters: Sequence[str]) -> Iterator[tuple[list[nn.Parameter], list[torch.Tensor]]]:
     """The weights of `parameters` with gradients on, and one float32 zero tensor per weight to sum them into;
     afterwards each weight's gradient is cleared and its `requires_grad` restored."""
     weights = [model.get_parameter(p) for p in parameters]
@@ -69,7 +70,7 @@ def _tracking(model: nn.Module, parameters: Sequence[str]) -> Iterator[tuple[lis
             w.requires_grad_(flag)
 
 
-def _backward(loss: torch.Tensor, weights: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+def accumulate(loss: torch.Tensor, weights: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
     """Add d loss / d weight to each grad; a weight the loss does not depend on (e.g. a layer above the SAE's hook,
     which never runs) adds nothing."""
     for w in weights:
@@ -99,10 +100,10 @@ def feature_gradients(model, sae, site: hooks.HookSite, parameters: Sequence[str
     if (totals <= 0).any():
         silent = [f for f, t in zip(features, totals.tolist(), strict=False) if t <= 0]
         raise ValueError(f"feature(s) {silent} never fire on the bias prompts: no gradient to rank W_out by")
-    with _tracking(model, parameters) as (weights, grads):
+    with tracking(model, parameters) as (weights, grads):
         for batch in tqdm(batches, desc="mask: feature gradient", disable=not progress):
             summed = _summed(model, sae, site, batch, features, bos_token_id)
-            _backward((summed / totals.to(summed.device)).sum(), weights, grads)
+            accumulate((summed / totals.to(summed.device)).sum(), weights, grads)
     return grads
 
 
@@ -129,7 +130,30 @@ def gap_gradients(model, tokenizer, parameters: Sequence[str], texts: GapPrompts
     group's prompts with the second's in `male` (gender: mean she - he margin on `female` − mean on `male`).
     The SAE plays no part: this is the behaviour's own gradient (`mask_from: bias`), float32, summed over batches.
     """
-    from debias.models.scoring import group_margins, next_token_logprobs, target_ids
+    with tracking(model, parameters) as (weights, grads):
+        for part in gap_parts(model, tokenizer, texts, male, batch_size, progress, targets):
+            accumulate(part, weights, grads)
+    return grads
+
+
+def gap_parts(model, tokenizer, texts: GapPrompts | Sequence[list[str]] | list[str], male: list[str] | None = None,
+              batch_size: int = 16, progress: bool = True,
+              targets: BiasSpec | str | Sequence[str] = "gender") -> Iterator[torch.Tensor]:
+    """Each batch's share of the gap (a differentiable scalar, one forward each, group by group); their sum is the
+    gap. `texts`, `male` and `targets` as `gap_gradients`."""
+    from debias.models.scoring import group_margins, next_token_logprobs
+
+    by_group, ids = _gap_groups(tokenizer, texts, male, targets)
+    for group, group_texts in enumerate(by_group):
+        for i in tqdm(range(0, len(group_texts), batch_size), desc="mask: gap gradient", disable=not progress):
+            logprobs = next_token_logprobs(model, tokenizer, group_texts[i:i + batch_size], batch_size)
+            index = torch.full((len(logprobs),), group, dtype=torch.long)
+            yield group_margins(logprobs, ids, index).sum() / len(group_texts)
+
+
+def _gap_groups(tokenizer, texts, male, targets) -> tuple[list[list[str]], tuple[int, ...]]:
+    """The prompts of each group and the groups' target ids, checked (`gap_gradients`' forms of `texts`)."""
+    from debias.models.scoring import target_ids
     from debias.prompts import GapPrompts
 
     if isinstance(texts, GapPrompts):
@@ -143,13 +167,7 @@ def gap_gradients(model, tokenizer, parameters: Sequence[str], texts: GapPrompts
     if len(by_group) != len(ids) or not all(by_group):
         raise ValueError(f"gap_gradient needs a non-empty list of prompts for each of the {len(ids)} groups, got "
                          f"{len(by_group)} list(s) of {[len(g) for g in by_group]} prompts")
-    with _tracking(model, parameters) as (weights, grads):
-        for group, group_texts in enumerate(by_group):
-            for i in tqdm(range(0, len(group_texts), batch_size), desc="mask: gap gradient", disable=not progress):
-                logprobs = next_token_logprobs(model, tokenizer, group_texts[i:i + batch_size], batch_size)
-                index = torch.full((len(logprobs),), group, dtype=torch.long)
-                _backward(group_margins(logprobs, ids, index).sum() / len(group_texts), weights, grads)
-    return grads
+    return by_group, ids
 
 
 def gap_gradient(model, tokenizer, parameter: str, texts: GapPrompts | Sequence[list[str]] | list[str],

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
-from debias.edits import interventions, lora, sparse
+from debias.edits import interventions, lora, projection, sparse
 from debias.edits.base import Edit, EditContext
 
 Kind = Literal["mask", "weight", "inference"]
@@ -19,15 +19,17 @@ Kind = Literal["mask", "weight", "inference"]
 
 @dataclass(frozen=True)
 class Method:
-    """A method: `mask` (a sparse delta on k chosen entries), `weight` (another trained weight edit) or
-    `inference` (a forward hook, nothing trained, no checkpoint)."""
+    """A method: `mask` (a sparse delta on k chosen entries), `weight` (another weight edit: trained, or computed
+    with no parameters to train, as `feature_projection`) or `inference` (a forward hook, nothing trained, no
+    checkpoint)."""
 
     name: str
     kind: Kind
     build: Callable[[EditContext], Edit]
     summary: str
     colour: str = "black"
-    mask_from: Literal["feature", "bias", "random", "all"] | None = None  # what ranks a mask's entries
+    # what ranks a mask's entries
+    mask_from: Literal["feature", "bias", "random", "feature_effect", "random_features", "all"] | None = None
     export_files: str = ""  # the model card's list of the edit's own files
 
 
@@ -44,6 +46,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("bias_gradient", "mask", partial(sparse.build_masked, source="bias"),
            "top-k entries by the train bias gap's own gradient, no SAE",
            "tab:blue", "bias", _SPARSE_FILES),
+    Method("feature_effect", "mask", partial(sparse.build_masked, source="feature_effect"),
+           "top-k entries by the train gap's gradient taken only through the SAE feature(s), error term fixed",
+           "tab:pink", "feature_effect", _SPARSE_FILES),
+    Method("random_features", "mask", partial(sparse.build_masked, source="random_features"),
+           "instability with the features replaced by as many live latents drawn at random (seeded): a control",
+           "salmon", "random_features", _SPARSE_FILES),
     Method("dense", "weight", sparse.build_dense, "every entry of W_out", "tab:purple", "all"),
     Method("lora", "weight", lora.build, "a peft LoRA adapter (rank `lora_rank`)", "tab:green",
            export_files="`adapter/` (PEFT LoRA); "),
@@ -51,9 +59,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "the features clamped to `clamp_value` at the hook, error term kept", "tab:brown"),
     Method("steering_vector", "inference", interventions.build_steering,
            "`steering_alpha` · v added at the hook (v fitted on train prompts)", "tab:cyan"),
+    Method("feature_projection", "weight", projection.build,
+           "the features' decoder directions projected out of W_out's output: W_out ← (I − α·P) W_out, "
+           "α = `projection_alpha`, no training", "tab:olive",
+           export_files="`adapter/` (PEFT LoRA, rank = number of features); "),
 )}
 
-MethodName = Literal["instability", "random", "bias_gradient", "dense", "lora", "sae_clamp", "steering_vector"]
+MethodName = Literal["instability", "random", "bias_gradient", "feature_effect", "random_features", "dense", "lora",
+                     "sae_clamp", "steering_vector", "feature_projection"]
 """The `model.edit.method` choices: the keys of `METHODS` (a test keeps the two equal)."""
 
 

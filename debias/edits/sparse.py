@@ -20,9 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from debias.edits.gradients import gap_gradients
 from debias.edits.joint import compute_joint_mask
 from debias.edits.mask import InstabilityMask, JointMask, Mask, compute_mask, full_mask, load_masks_for
+from debias.edits.sources import source_gradients, use_random_features
 from debias.edits.sparse_layers import ADAPTER, SparseConv1D, attach_supertuning
 
 
@@ -254,22 +254,23 @@ class SparseDelta:
 
 def build_masked(ctx, source: str) -> SparseDelta:
     """The masked edit of a run: `mask_path`'s mask, or the top-k entries ranked by `source` ("feature": the SAE
-    feature(s)' gradient; "bias": the train gap's own gradient; "random": seeded random scores); over the W_out of
-    every layer of `model.edit.layers`, ranked jointly (`debias.edits.joint`), when there are several."""
+    feature(s)' gradient; "bias": the train gap's own gradient; "feature_effect": the train gap's gradient through
+    the feature(s) only, `debias.edits.feature_effect`; "random_features": "feature" with the features replaced by as
+    many live latents drawn at random, `debias.edits.sources`; "random": seeded random scores); over the W_out of every
+    layer of `model.edit.layers`, ranked jointly (`debias.edits.joint`), when there are several."""
     args, parameters = ctx.args, ctx.edited()
-    if ctx.preset_mask is not None:
-        mask = ctx.preset_mask
-    elif args.mask_path:
-        mask = load_masks_for(args.mask_path, {p: tuple(ctx.net.get_parameter(p).shape) for p in parameters})
+    given = ctx.preset_mask
+    if given is None and args.mask_path:
+        given = load_masks_for(args.mask_path, {p: tuple(ctx.net.get_parameter(p).shape) for p in parameters})
+    drawn = use_random_features(ctx, given) if source == "random_features" else {}
+    if given is not None:
+        mask = given
     else:
-        grads = None
-        if source == "bias":
-            grads = gap_gradients(ctx.net, ctx.tokenizer, parameters, ctx.gap_prompts(), None, ctx.eval_batch_size,
-                                  targets=ctx.bias)
+        grads = source_gradients(ctx, source, parameters)
         strategy = "random" if source == "random" else args.mask_strategy
         common: dict[str, Any] = dict(strategy=strategy, seed=args.seed, bos_token_id=ctx.tokenizer.bos_token_id,
-                                      extra={"method": args.method, "mask_from": source}, model_id=ctx.model_id,
-                                      sae_id=ctx.sae_name)
+                                      extra={"method": args.method, "mask_from": source, **drawn},
+                                      model_id=ctx.model_id, sae_id=ctx.sae_name)
         if len(parameters) > 1:
             mask = compute_joint_mask(ctx.net, ctx.sae, ctx.site, parameters, ctx.edited_layers(), ctx.mask_batches,
                                       ctx.features, ctx.k, grads=grads, **common)

@@ -12,8 +12,12 @@ An entry is keyed by everything the numbers depend on:
 - the code: the package version, torch / transformers / sae-lens versions and a hash of the sources that compute
   the numbers (`CODE_FILES`).
 Only the original model (`edited=False`) is ever cached; the key names the model by its files, so a network changed
-in memory after loading must use `evaluate_model` directly. `DEBIAS_EVAL_CACHE=0` turns the cache off. A corrupt
-entry is recomputed, and a cache that cannot be written (read-only, disk full) only costs the reuse.
+in memory after loading must use `evaluate_model` directly. `DEBIAS_EVAL_CACHE=0` turns the cache off.
+
+No wrong number is ever used: entries are written atomically (`debias.io.atomic_write`: flushed, then renamed), and
+an entry that cannot be read, is not JSON (a torn write, garbage), lacks a field, holds a non-number where a number
+belongs or was written for another key is recomputed with a warning naming its path. A cache that cannot be written
+(read-only, disk full) warns, naming the path, and only costs the reuse: the run continues with the computed numbers.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ FORMAT = 1
 PACKAGE = Path(__file__).resolve().parents[1]
 #: Sources whose code computes the before-numbers (relative to the package); a change to any of them is a new key.
 CODE_FILES = ("evaluation/*.py", "prompts.py", "bias_spec.py", "bias_checks.py", "statements.py", "models/scoring.py",
-              "models/continuation.py", "models/hooks.py", "sae/ops.py", "training/module.py", "training/objective.py",
-              "training/cache.py", "training/data.py")
+              "models/continuation.py", "models/hooks.py", "models/load.py", "sae/ops.py", "edits/*.py",
+              "training/module.py", "training/objective.py", "training/cache.py", "training/data.py")
 #: Fields every entry must hold (with `suites`, also the suite scores).
 REQUIRED = (*BASE_ROWS, "bias_gap_ci", "cue_margin_ci", "gap_per_profession")
 SUITES = ("crows_pairs", "stereoset")
@@ -50,7 +54,15 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def warn(message: str) -> None:
+_warned: set[str] = set()
+
+
+def warn(message: str, once: str | None = None) -> None:
+    """`debias: warning: message` on stderr; with `once`, only the first time for that key in this process."""
+    if once is not None:
+        if once in _warned:
+            return
+        _warned.add(once)
     print(f"debias: warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -75,8 +87,8 @@ def _memo_path() -> Path:
 def file_hashes(paths: list[Path]) -> dict[str, str]:
     """{path: sha256} of regular files; a file whose size and mtime are those of its memo entry is not re-read."""
     memo_path = _memo_path()
-    try:
-        memo = json.loads(memo_path.read_text())
+    try:  # anything unreadable, torn or foreign is no memo: the files are hashed again, nothing worse
+        memo = json.loads(memo_path.read_bytes())
         memo = memo if isinstance(memo, dict) else {}
     except (OSError, ValueError):
         memo = {}
@@ -84,22 +96,25 @@ def file_hashes(paths: list[Path]) -> dict[str, str]:
     for path in paths:
         resolved = str(path.resolve())
         stat = path.stat()
+        # ctime and inode too: a copy that keeps size and mtime (cp -p, rsync -a) is another file
+        seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "ino": stat.st_ino}
         entry = memo.get(resolved)
-        if not (isinstance(entry, dict) and entry.get("size") == stat.st_size
-                and entry.get("mtime_ns") == stat.st_mtime_ns and isinstance(entry.get("sha256"), str)):
+        if not (isinstance(entry, dict) and all(entry.get(k) == v for k, v in seen.items())
+                and isinstance(entry.get("sha256"), str)):
             h = hashlib.sha256()
             with path.open("rb") as f:
                 for block in iter(lambda: f.read(1 << 24), b""):
                     h.update(block)
-            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": h.hexdigest()}
+            entry = {**seen, "sha256": h.hexdigest()}
             memo[resolved], changed = entry, True
         out[str(path)] = entry["sha256"]
     if changed:
-        try:  # best effort: without the memo the files are hashed again next time, nothing worse
+        try:
             memo_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(memo_path, memo)
-        except OSError:
-            pass
+        except OSError as err:
+            warn(f"cannot write the file-hash memo {memo_path} ({err}); files are hashed again next run",
+                 once=str(memo_path))
     return out
 
 
@@ -174,15 +189,15 @@ def entry_path(key: dict) -> Path:
 def _read(path: Path, key: dict, suites: bool) -> dict | None:
     """The entry's metrics; None (with a warning for a damaged entry) when there is no usable one."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
-    except OSError as err:
+    except OSError as err:  # an unreadable file or directory
         warn(f"cannot read the evaluation cache entry {path} ({err}); recomputing")
         return None
     try:
-        entry = json.loads(text)
-    except ValueError as err:
+        entry = json.loads(raw)
+    except ValueError as err:  # torn or garbage: bad UTF-8 is a ValueError too
         warn(f"the evaluation cache entry {path} is not valid JSON ({err}); recomputing")
         return None
     metrics = entry.get("metrics") if isinstance(entry, dict) else None
@@ -195,6 +210,11 @@ def _read(path: Path, key: dict, suites: bool) -> dict | None:
     missing = [name for name in (*REQUIRED, *(SUITES if suites else ())) if name not in metrics]
     if missing:
         warn(f"the evaluation cache entry {path} lacks {missing}; recomputing")
+        return None
+    not_numbers = [name for name in BASE_ROWS if isinstance(metrics[name], bool)
+                   or not isinstance(metrics[name], (int, float))]
+    if not_numbers:
+        warn(f"the evaluation cache entry {path} holds non-numbers for {not_numbers}; recomputing")
         return None
     return metrics
 
@@ -226,5 +246,5 @@ def evaluate_original(module, datamodule, suites: bool = False, cue_limit: int |
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(entry, indent=1, default=str))
     except OSError as err:
-        warn(f"cannot write the evaluation cache in {path.parent} ({err}); continuing without caching")
+        warn(f"cannot write the evaluation cache entry {path} ({err}); continuing without caching")
     return metrics, False

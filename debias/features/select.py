@@ -1,4 +1,5 @@
-"""The fit-time rule that picks the latents a run edits: attribution to a train gap, confirmed by joint ablation.
+"""The fit-time rule that picks the latents a run edits: attribution to a train gap, confirmed by joint ablation; and
+the `random_features` control's draw of as many live latents at random.
 
 The target says which gap: `gap` (the next-token gap of the profession prompts), `statements` (the statement gap of
 the spec's sentence-level statements) or `both` (each latent's attribution to each, divided by that gap; a set is
@@ -7,7 +8,7 @@ kept when ablating it lowers |gap| / |train gap| + |statement gap| / |train stat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -17,6 +18,8 @@ from tqdm.auto import tqdm
 from debias.bias_spec import load_bias_spec
 from debias.features.attribution import Attribution, ablated_gap, ablated_statement_gap, attribute, attribute_statements
 from debias.features.rank import activation_stats
+from debias.models import hooks
+from debias.models.scoring import real_token_mask
 from debias.prompts import load_gap_prompts
 from debias.statements import StatementItem, load_statements
 
@@ -139,3 +142,35 @@ def select_features(model, tokenizer, sae, site, n: int = 9, split: str = "train
             record["objective"] = _objective(measures, current)
         record["candidates"] = tried
     return chosen
+
+
+def live_latents(model, sae, site, batches: Iterable[dict], bos_token_id: int | None) -> torch.Tensor:
+    """[d_sae] bool: the latents that fire (> 0) on at least one real token (attended, not BOS) of `batches`
+    (tokenised `input_ids` / `attention_mask` [batch, seq]: a run's mask batches, the train bias prompts)."""
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    with torch.no_grad():
+        for batch in batches:
+            ids, attention = batch["input_ids"], batch["attention_mask"]
+            acts = hooks.forward_until(model, site, input_ids=ids, attention_mask=attention)
+            real = real_token_mask(ids, attention, bos_token_id)
+            fired |= (sae.encode(acts.to(sae.W_enc.dtype))[real] > 0).any(0).cpu()
+    return fired
+
+
+def random_live_features(model, sae, site, batches: Iterable[dict], n: int, seed: int, bos_token_id: int | None,
+                         exclude: Sequence[int] = (), record: dict | None = None) -> list[int]:
+    """`n` latents drawn uniformly at random (seeded by `seed`) among the live ones (`live_latents` of `batches`)
+    other than `exclude`, ascending: the `random_features` control's stand-ins for a rule's `n` features. `record`
+    gets the draw's details (what was drawn, what it replaced, how many latents were live)."""
+    live = live_latents(model, sae, site, batches, bos_token_id)
+    excluded = set(exclude)
+    pool = [i for i in live.nonzero().flatten().tolist() if i not in excluded]
+    if n < 1 or len(pool) < n:
+        raise ValueError(f"random_features needs {n} live latents other than features {list(exclude)}, but "
+                         f"{len(pool)} of the SAE's {sae.cfg.d_sae} fire on the train mask prompts")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    drawn = sorted(pool[i] for i in order[:n].tolist())
+    if record is not None:
+        record.update(feature_source="random", drawn_features=drawn, replaced_features=list(exclude), seed=seed,
+                      n_live=int(live.sum()), live="fires (> 0) on a real token of the train mask prompts")
+    return drawn

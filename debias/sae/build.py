@@ -12,6 +12,8 @@ import json
 import math
 import platform
 import re
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,12 +182,49 @@ def train_sae(model, tokenizer, settings: SAETrainSettings, out_dir: str | Path,
     return metrics
 
 
+def _warn(message: str) -> None:
+    print(f"debias: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _complete(path: Path, settings: SAETrainSettings) -> bool:
+    """Whether `path` holds a finished build of `settings` (its `metrics.json` is written last); warns when the record
+    exists but cannot be read or is not this build's."""
+    record = path / "metrics.json"
+    if not record.is_file():
+        return False
+    try:
+        key = json.loads(record.read_bytes()).get("settings_key")
+    except (OSError, ValueError, AttributeError) as err:
+        _warn(f"the SAE build record {record} cannot be read ({err}); building the SAE again")
+        return False
+    if key is not None and key != settings.key():  # builds older than the record's key have none
+        _warn(f"the SAE build record {record} is for settings {key!r}, not {settings.key()!r}; building it again")
+        return False
+    return True
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError as err:
+        _warn(f"cannot write the SAE cache in {directory} ({err}); this run builds the SAE into a temporary "
+              "directory, and the next run builds it again")
+        return False
+
+
 def ensure_sae(model, tokenizer, model_id: str, settings: SAETrainSettings | None = None,
                force: bool = False) -> Path:
-    """The cached SAE directory for (model_id, settings), built first when missing (or when `force`)."""
+    """The cached SAE directory for (model_id, settings), built first when missing or unreadable (or when `force`).
+
+    Where the cache cannot be written, the SAE is built into a temporary directory (returned) for this run only.
+    """
     settings = settings or SAETrainSettings()
     path = sae_cache_path(model_id, settings)
-    if force or not (path / "metrics.json").is_file():
+    if force or not _complete(path, settings):
+        if not _writable(path.parent):
+            path = Path(tempfile.mkdtemp(prefix="debias-sae-")) / path.name
         train_sae(model, tokenizer, settings, path, model_id=model_id)
     return path
 

@@ -74,9 +74,10 @@ class EditArgs:
     """What is edited, and how (`debias.edits.registry.METHODS`)."""
 
     method: MethodName = "instability"
-    """instability | random | bias_gradient (masked sparse deltas on the SAE layer's W_out, or on the W_out of
-    `layers`), dense, lora (trained weight edits), sae_clamp, steering_vector (inference-time hooks, nothing
-    trained)."""
+    """instability | random | bias_gradient | feature_effect | random_features (masked sparse deltas on the SAE
+    layer's W_out, or on the W_out of `layers`), dense, lora (trained weight edits), sae_clamp, steering_vector
+    (inference-time hooks, nothing trained), feature_projection (the features' decoder directions projected out of
+    W_out: computed, not trained)."""
     fraction: float | None = 0.01
     """Share of W_out's entries a masked method trains: k = max(1, floor(fraction × numel)), numel of all `layers`."""
     k: int | None = None
@@ -85,11 +86,12 @@ class EditArgs:
     """Masked methods only: the layers whose W_out one mask spans, e.g. [18, 21, 24, 27], ranked jointly (the top k of
     all their entries; k and fraction count the entries of all of them). None: the SAE's layer alone."""
     mask_strategy: MaskStrategy = "gradient"
-    """How instability and bias_gradient rank entries by their gradient g: |g| or |g · w|."""
+    """How instability, bias_gradient, feature_effect and random_features rank entries by their gradient g: |g| or
+    |g · w|."""
     mask_path: str | None = None
     """Use this saved mask (`debias mask`) instead of computing one; it brings its own k."""
     seed: int = 0
-    """Seed of the random mask."""
+    """Seed of the random mask, and of the latents random_features draws."""
     lora_rank: int = 8
     """Rank of the lora adapter."""
     clamp_value: float = 0.0
@@ -98,6 +100,8 @@ class EditArgs:
     """Coefficient of the unit steering vector v (v points from male- to female-stereotyped contexts)."""
     steering_kind: SteeringKind = "mean_diff"
     """How v is fitted on the train profession prompts: mean_diff or probe (LinearSVC)."""
+    projection_alpha: float = 1.0
+    """Strength of feature_projection, W_out ← (I − α·P) W_out: 1 removes the decoder directions, 0 is the identity."""
 
     def __post_init__(self):
         problems = [p + (" (a random mask is method: random)" if "mask_strategy" in p else "")
@@ -117,7 +121,7 @@ class EditArgs:
             problems.append(f"model.edit.lora_rank must be >= 1, got {self.lora_rank}")
         if self.mask_path is not None and not Path(self.mask_path).is_file():
             problems.append(f"model.edit.mask_path={self.mask_path!r}: no such file")
-        for name in ("clamp_value", "steering_alpha"):
+        for name in ("clamp_value", "steering_alpha", "projection_alpha"):
             if not _finite(getattr(self, name)):
                 problems.append(f"model.edit.{name} must be finite, got {getattr(self, name)}")
         _raise("model.edit", problems)

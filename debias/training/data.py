@@ -32,7 +32,8 @@ class DebiasDataModule(LightningDataModule):
     Training batches are `{"bias", "neutral", "gap_<group>" per group of the bias, "cue"}` → list of texts,
     cycling the shorter sets (`gap_female`, `gap_male` for gender: train profession prompts stereotyped toward
     that group, for the bias term; `cue`: train explicit-cue prompts), plus
-    `"statement"` and `"factual"` items (`debias.statements`) when the bias spec has statements. Validation
+    `"statement"` and `"factual"` items (`debias.statements`) when the bias spec has statements, and `"cda"` pairs
+    (`debias.cda`) when the objective asks for them. Validation
     (`val_dataloader`, what `ModelCheckpoint(monitor=...)` sees) and the held-out evaluation (`loaders("heldout")`)
     each have one loader per set of `VAL_SETS`: `bias` texts for the feature's activation and `neutral` text for
     LM loss and KL. The validation `bias` texts are the spec's validation gap prompts (none with `prompt_dir`), its
@@ -56,6 +57,7 @@ class DebiasDataModule(LightningDataModule):
         eval_batch_size: int = 16,
         max_texts: int | None = None,
         seed: int = 0,
+        cda_pairs: int = 512,
     ):
         """
         Args:
@@ -74,10 +76,14 @@ class DebiasDataModule(LightningDataModule):
             eval_batch_size: texts per batch in evaluation and the mask pass.
             max_texts: keep only the first N texts of each set (quick runs).
             seed: shuffling seed.
+            cda_pairs: how many counterfactual pairs the `cda` term mines from the SAE's corpus (`debias.cda`; only
+                when objective.cda > 0).
         """
         super().__init__()
         problems = [f"data.{name} must be >= 1, got {value}"
                     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)) if value < 1]
+        if cda_pairs < 1:
+            problems.append(f"data.cda_pairs must be >= 1, got {cda_pairs}")
         if max_texts is not None and max_texts < 1:
             problems.append(f"data.max_texts must be >= 1 or null, got {max_texts}")
         if prompt_dir is not None and bias != "gender":
@@ -167,11 +173,17 @@ class DebiasDataModule(LightningDataModule):
         return [self.texts[f"gap_{g}_{split}"] for g in self.groups]
 
     def require_items(self, terms: list[str]) -> None:
-        """Refuse objective `terms` (e.g. ["counterfactual"]) that need the spec's statements when there are none."""
-        if terms and not self.items:
+        """Refuse objective `terms` (e.g. ["counterfactual"]) that need the spec's statements when there are none;
+        mine the `cda` term's pairs when it is among them."""
+        if "cda" in terms and "cda" not in self.items:
+            from debias.cda import load_pairs
+
+            self.items["cda"] = load_pairs("train", self.args["cda_pairs"], self.args["bias"])
+        named = [t for t in terms if t != "cda"]
+        if named and "statement" not in self.items:
             source = "data.prompt_dir" if self.args["prompt_dir"] else f"bias spec {self.args['bias']!r}"
-            raise ValueError(f"objective.{terms[0]} > 0 needs the bias spec's `statements` and factual statements, "
-                             f"but {source} gives none; set objective.{'/'.join(terms)} to 0")
+            raise ValueError(f"objective.{named[0]} > 0 needs the bias spec's `statements` and factual statements, "
+                             f"but {source} gives none; set objective.{'/'.join(named)} to 0")
 
     def train_dataloader(self):
         names = ("bias", "neutral", *(f"gap_{g}" for g in self.groups), "cue")

@@ -81,6 +81,10 @@ class DebiasModule(LightningModule):
             from debias.edits.lora import check_lora_rank
 
             check_lora_rank(self.edit_args.lora_rank, tuple(weight.shape))
+        if method.name == "feature_projection":  # refuse a hook off W_out's output before any SAE build or mask
+            from debias.edits.projection import check_site
+
+            check_site(self.net, self.site, self.parameter)
         k, fraction = self.edit_args.k, self.edit_args.fraction
         self.k = resolve_k(self.numel, None if k is not None else fraction, k) if method.kind == "mask" else None
         self.mask: Mask | None = None  # the mask of a masked method, once prepared
@@ -150,7 +154,7 @@ class DebiasModule(LightningModule):
         self.ensure_sae()
         datamodule.setup("fit")
         self.groups, self.targets = tuple(datamodule.groups), target_ids(self.tokenizer, datamodule.hparams.bias)
-        datamodule.require_items([n for n in ("counterfactual", "factual_kl") if getattr(self.objective, n) > 0])
+        datamodule.require_items([n for n in ("counterfactual", "factual_kl", "cda") if getattr(self.objective, n) > 0])
         self.choose_features(datamodule)
         self.feature_baseline = self.feature_baseline[: len(self.features)].clone()
         statements = self.sae_args.feature_target != "gap"  # features chosen on statements fire on statements
@@ -261,8 +265,19 @@ class DebiasModule(LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["bias"]))
         return loss
 
+    def on_train_batch_start(self, batch, batch_idx: int):
+        """A computed weight edit (no parameters, e.g. `feature_projection`) has nothing to train: stop before the
+        first step; `fit` still evaluates and exports it."""
+        if not self.delta.parameters():
+            self.trainer.should_stop = True
+            return -1
+        return None
+
     def configure_optimizers(self):
         params = self.delta.parameters()
+        if not params and registry.get(self.edit_args.method).kind != "inference":
+            say(f"method {self.edit_args.method!r} is computed, not trained: fit evaluates and exports it as built")
+            return None
         if not params:
             raise ValueError(f"method {self.edit_args.method!r} is an inference-time intervention with nothing to "
                              "train; evaluate it with `debias compare` (or DebiasModule.prepare + debias.evaluation)")

@@ -1,4 +1,4 @@
-"""Objective terms: what the edit removes (feature, ablation, bias, counterfactual) and what it keeps (KL to the
+"""Objective terms: what the edit removes (feature, ablation, bias, counterfactual, cda) and what it keeps (KL to the
 original on neutral text, after explicit cues and at the group word of factual statements).
 
 Every term is a scalar, differentiable with respect to the delta. Shapes: logits `[batch, seq, vocab]`,
@@ -37,6 +37,10 @@ class ObjectiveWeights:
     counterfactual: float = 0.0
     """Sentence level: mean over train statements and pairs of groups of (log p(attribute | group g's subject) −
     log p(attribute | group h's subject))², "My sister" / "My brother" + " is bad at math." (`debias.statements`)."""
+    cda: float = 0.0
+    """Sentence level, real text: the `counterfactual_form` term on counterfactual pairs mined from the SAE's
+    offline corpus and swapped by the spec's list ("Later that year she" / "... he" + " moved to Paris.",
+    `debias.cda`); `data.cda_pairs` of them."""
     kl: float = 1.0
     """KL(original || edited) next-token distributions on neutral text (token-averaged)."""
     cue_kl: float = 0.0
@@ -56,9 +60,9 @@ class ObjectiveWeights:
         bad = {k: v for k, v in self.weights().items() if not (v >= 0 and v < float("inf"))}
         if bad:
             raise ValueError(f"objective weights must be finite and >= 0, got {bad}")
-        if self.feature == self.ablation == self.bias == self.counterfactual == 0:
+        if self.feature == self.ablation == self.bias == self.counterfactual == self.cda == 0:
             raise ValueError("at least one of objective.feature, objective.ablation, objective.bias, "
-                             "objective.counterfactual must be > 0")
+                             "objective.counterfactual, objective.cda must be > 0")
 
     def weights(self) -> dict[str, float]:
         """Every term's weight, by name."""
@@ -115,6 +119,8 @@ def loss_terms(module, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
         terms["cue_kl"] = (ref.exp() * (ref - cur)).sum(-1).mean()
     if w.counterfactual:
         terms["counterfactual"] = counterfactual_term(module, texts["statement"], w.counterfactual_form)
+    if w.cda:
+        terms["cda"] = counterfactual_term(module, texts["cda"], w.counterfactual_form)
     if w.factual_kl:
         terms["factual_kl"] = factual_kl_term(module, texts["factual"])
     if w.kl:
@@ -134,7 +140,7 @@ def train_gap(module, texts_by_group: list[list[str]]) -> torch.Tensor:
 
 
 def counterfactual_term(module, items, form: str = "loglik") -> torch.Tensor:
-    """The group-swap term of `ObjectiveWeights.counterfactual_form` on a batch of statements."""
+    """The group-swap term of `ObjectiveWeights.counterfactual_form` on a batch of statements or mined pairs."""
     n_groups = len(items[0].prefixes)
     pairs = [(g, h) for g in range(n_groups) for h in range(g + 1, n_groups)]
     if form == "kl":
