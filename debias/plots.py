@@ -1,4 +1,5 @@
-"""`report.png`: training curves, the held-out feature's activation histogram and the gap per profession."""
+"""`report.png`: training curves, the held-out feature's activation histogram and the gap per profession; and
+`debias compare`'s `pareto.png`: every method's curves, their frontier and the matched-KL points."""
 
 from __future__ import annotations
 
@@ -81,11 +82,22 @@ def report_figure(out: str | Path, curves: dict, acts_before: torch.Tensor, acts
     return Path(out)
 
 
-def pareto_figure(rows: list[dict], title: str = "") -> bytes:
-    """PNG bytes: held-out bias-gap reduction against KL, one point per (pooled) cell of the default objective;
-    random masks carry their seeds' spread as error bars, marker size grows with k."""
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The Pareto frontier of (KL, gap reduction) points: those no point of lower or equal KL beats, by KL."""
+    best, out = float("-inf"), []
+    for kl, gain in sorted(points, key=lambda p: (p[0], -p[1])):
+        if gain > best:
+            out.append((kl, gain))
+            best = gain
+    return out
+
+
+def pareto_figure(rows: list[dict], matched: list[dict], title: str = "") -> bytes:
+    """PNG bytes: held-out bias-gap reduction against held-out KL. Each cell's curves (one per snapshot, over α,
+    later steps darker) in its method's colour (`registry.colour`), the frontier of every point of every method,
+    and each method's matched-KL points (`rows.pool_matched`) with their 95% intervals (over seeds, or the held-out
+    bootstrap with one seed). `rows`: the `results.csv` rows (`point` = curve for the curves)."""
     import io
-    import math
 
     import matplotlib
 
@@ -94,27 +106,47 @@ def pareto_figure(rows: list[dict], title: str = "") -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    seen = set()
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    curves: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["objective"] != "default":
+        if r["point"] == "curve" and r["objective"] == "default" and r.get("gap_reduction") is not None:
+            curves.setdefault((r["cell"], r["step"]), []).append(r)
+    last = {cell: max(step for c, step in curves if c == cell) for cell, _ in curves}
+    seen = set()
+    for (cell, step), points in curves.items():
+        points = sorted(points, key=lambda p: p["alpha"])
+        method = points[0]["method"]
+        shade = 1.0 if step == last[cell] else 0.35 + 0.5 * step / max(last[cell], 1)
+        ax.plot([max(p["kl"], 1e-6) for p in points], [100 * p["gap_reduction"] for p in points], marker=".",
+                color=registry.colour(method), alpha=shade, linewidth=1,
+                label=method if method not in seen else None)
+        seen.add(method)
+    edge = frontier([(max(r["kl"], 1e-6), 100 * r["gap_reduction"]) for pts in curves.values() for r in pts])
+    if edge:
+        ax.step(*zip(*edge, strict=True), where="post", color="black", linestyle="--", linewidth=1,
+                label="frontier (all methods)")
+    markers: dict[float, str] = {}
+    for e in matched:
+        if not e["reached"] or e["objective"] != "default" or e["gap_reduction"] is None:
             continue
-        colour = registry.colour(r["method"])
-        size = 30 + 25 * math.log10(r["k"]) if r.get("k") else 60
-        kl = max(r["kl"], 1e-6)
-        ax.errorbar(kl, 100 * r["gap_reduction"], xerr=r.get("kl_sd"),
-                    yerr=100 * r["gap_reduction_sd"] if r.get("gap_reduction_sd") is not None else None,
-                    fmt="none", ecolor=colour, alpha=0.6)
-        ax.scatter(kl, 100 * r["gap_reduction"], s=size, color=colour, edgecolor="black", linewidth=0.5,
-                   label=r["method"] if r["method"] not in seen else None, zorder=3)
-        seen.add(r["method"])
-        ax.annotate(r["cell"].replace(" (3 seeds)", ""), (kl, 100 * r["gap_reduction"]), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
+        gap, kl = e["gap_reduction"], e["kl"]["mean"]
+        marker = markers.setdefault(e["level"], "os^Dv"[len(markers) % 5])
+        yerr = None
+        if gap.get("lo") is not None:
+            yerr = [[100 * (gap["mean"] - gap["lo"])], [100 * (gap["hi"] - gap["mean"])]]
+        ax.errorbar(max(kl, 1e-6), 100 * gap["mean"], yerr=yerr, fmt=marker, color=registry.colour(e["method"]),
+                    markeredgecolor="black", markersize=7, capsize=2, zorder=3)
+        ax.annotate(e["group"], (max(kl, 1e-6), 100 * gap["mean"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    for level, marker in markers.items():
+        ax.axvline(level, color="grey", linewidth=0.5, linestyle=":")
+        ax.plot([], [], marker, color="grey",
+                label=f"matched validation KL {level:g} (95%: t over seeds, 1 seed: held-out bootstrap)")
     ax.set_xscale("log")
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set(xlabel="KL(original ‖ edited) on held-out neutral text, nats/token (log)",
            ylabel="held-out bias-gap reduction, %", title=title)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -1,4 +1,5 @@
-"""`debias compare`: the grid's cells, its argument checks, and a tiny grid that is interrupted and resumed."""
+"""`debias compare`: the grid's cells, its argument checks, and a tiny grid that is interrupted and resumed.
+The cells' curves (snapshots × α, matched KL) are tested in tests/test_frontier.py."""
 
 import csv
 import json
@@ -25,6 +26,18 @@ def test_cells_are_named_by_entry_count_seed_rank_and_objective():
     assert len(names) == len(set(names))
 
 
+def test_a_cell_gets_the_grid_s_mask_or_its_own_k_and_a_seed_orders_its_data():
+    from debias.commands.compare.grid import GRID_METHODS, Cell, cell_overrides, kind, shares_mask
+
+    shared = cell_overrides(Cell("random-k20-seed1", "random", 20, 1), [3], Path("masks/random-k20-seed1.safetensors"))
+    assert "--model.edit.mask_path=masks/random-k20-seed1.safetensors" in shared
+    assert {"--model.edit.seed=1", "--data.seed=1"} <= set(shared) and not any("edit.k=" in a for a in shared)
+    own = [m for m in GRID_METHODS if kind(m) == "mask" and not shares_mask(m)]  # ranked by what the grid lacks
+    for method in own:
+        args = cell_overrides(Cell(f"{method}-k20", method, 20), [3], None)
+        assert "--model.edit.k=20" in args and not any("mask_path" in a for a in args)
+
+
 def test_fractions_become_entry_counts():
     assert entry_counts([1e-4, 1e-3, 1e-2], 884_736) == [88, 884, 8847]
     assert entry_counts([20, 0.5], 100) == [20, 50]
@@ -32,7 +45,7 @@ def test_fractions_become_entry_counts():
         entry_counts([500], 100)
 
 
-def test_bad_requests_name_the_value():
+def test_bad_requests_name_the_value(tmp_path):
     with pytest.raises(ValueError) as err:
         check_request(["instability", "magic"], [1.5], [0], [8])
     assert "unknown method 'magic'" in str(err.value) and "got 1.5" in str(err.value)
@@ -41,7 +54,30 @@ def test_bad_requests_name_the_value():
     with pytest.raises(ValueError, match="ranks >= 1"):
         check_request(["lora"], None, [0], [0])
     with pytest.raises(ValueError, match=r"LoRA rank must be in \[1, 32\].*got 64"):
-        compare_command(TINY, methods=["lora"], lora_ranks=[64], out="unused")
+        compare_command(TINY, methods=["lora"], lora_ranks=[64], out=str(tmp_path / "compare"))
+    assert not (tmp_path / "compare").exists()  # refused before anything is written
+    with pytest.raises(ValueError, match=r"--seeded names 'lora', which is not among the grid's methods"):
+        check_request(["random"], None, [0], [8], seeded=["lora"])
+
+
+def test_a_repeated_layer_is_refused_before_any_model_loads(monkeypatch, tmp_path):
+    def no_model(*args, **kw):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("debias.models.load.load_model", no_model)
+    with pytest.raises(ValueError, match=r"model.edit.layers=\[1, 1\] repeats layer 1; expected each layer at most"):
+        compare_command(TINY, methods=["instability"], overrides=["--model.edit.layers=[1,1]"],
+                        out=str(tmp_path / "compare"))
+
+
+@pytest.mark.parametrize("layers, message", [
+    ("[1,7]", r"layer 7 is outside the model \(expected 0 <= i < 3, the model's number of layers\)"),
+    ("[0,1]", r"model.edit.layers=\[0, 1\]: debias compare builds one-matrix masks")])
+def test_a_layer_list_the_grid_cannot_run_is_refused_before_any_mask(layers, message, tmp_path):
+    out = tmp_path / "compare"
+    with pytest.raises(ValueError, match=message):
+        compare_command(TINY, methods=["instability"], overrides=[f"--model.edit.layers={layers}"], out=str(out))
+    assert not out.exists()
 
 
 def _rows(out: Path) -> list[dict]:
@@ -51,8 +87,10 @@ def _rows(out: Path) -> list[dict]:
 
 def test_tiny_grid_is_atomic_resumable_and_exports_each_weight_edit(tmp_path, monkeypatch):
     out = tmp_path / "compare"
-    args = dict(methods=["instability", "random", "lora", "sae_clamp"], k=[20], seeds=[0, 1], lora_ranks=[1],
-                objectives=False, steps=2, out=str(out))
+    low, clamp_level = 1e-7, 5e-4  # every tiny cell reaches the first; sae_clamp the second (its KL is ~1e-3)
+    args = dict(methods=["instability", "random", "lora", "sae_clamp"], k=[20], seeds=[0], lora_ranks=[1],
+                objectives=False, steps=2, alphas=[1.0], kl_levels=[low, clamp_level], suite_levels=[clamp_level],
+                out=str(out))
     real_run_cell, calls = debias.commands.compare.run.run_cell, []
 
     def interrupted(cell, *a, **kw):
@@ -64,25 +102,31 @@ def test_tiny_grid_is_atomic_resumable_and_exports_each_weight_edit(tmp_path, mo
     monkeypatch.setattr(debias.commands.compare.run, "run_cell", interrupted)
     with pytest.raises(KeyboardInterrupt):
         compare_command(TINY, **args)
-    assert calls == ["instability-k20", "random-k20-seed0", "random-k20-seed1"]
-    assert (out / "results.md").read_text().startswith("UNFINISHED: 3 of 5 cells")
-    assert (out / "results.csv").read_text().startswith("# UNFINISHED") and len(_rows(out)) == 3
+    assert calls == ["instability-k20", "random-k20-seed0"]
+    assert (out / "results.md").read_text().startswith("UNFINISHED: 2 of 4 cells")
+    assert (out / "results.csv").read_text().startswith("# UNFINISHED")
+    assert [r["point"] for r in _rows(out)] == ["curve", "matched", "matched"] * 2  # 1 snapshot × 1 α, 2 levels
 
     calls.clear()
     monkeypatch.setattr(debias.commands.compare.run, "run_cell", lambda cell, *a, **kw: calls.append(cell.name) or real_run_cell(cell, *a, **kw))
     real_evaluate, originals = debias.evaluation.evaluate.evaluate_model, []
-    monkeypatch.setattr(debias.evaluation.evaluate, "evaluate_model",
-                        lambda *a, edited=True, **kw: originals.append(edited) or real_evaluate(*a, edited=edited, **kw))
+    monkeypatch.setattr(debias.evaluation.evaluate, "evaluate_model", lambda *a, edited=True, suites=False, **kw:
+                        originals.append((edited, suites)) or real_evaluate(*a, edited=edited, suites=suites, **kw))
     compare_command(TINY, **args)
     assert calls == ["lora-r1", "sae_clamp"]  # finished cells are not redone
-    assert False not in originals  # the original model's numbers of the first invocation, from the cache
-    rows = {r["cell"]: r for r in _rows(out)}
-    assert set(rows) == {"instability-k20", "random-k20-seed0", "random-k20-seed1", "lora-r1", "sae_clamp"}
+    # the original model's held-out numbers come from the first invocation; it is scored once more, with the suites,
+    # when the first matched point that needs them (sae_clamp's) is evaluated
+    assert [s for s in originals if not s[0]] == [(False, True)]
+    rows = {r["cell"]: r for r in _rows(out) if r["point"] == "matched" and float(r["level"]) == low}
+    assert set(rows) == {"instability-k20", "random-k20-seed0", "lora-r1", "sae_clamp"}
+    assert all(r["reached"] == "True" and not r["crows_n"] for r in rows.values())  # no suites at this level
     assert int(rows["instability-k20"]["changed_parameters"]) == 20 and int(rows["sae_clamp"]["changed_parameters"]) == 0
-    assert float(rows["instability-k20"]["crows_n"]) == 127 and float(rows["lora-r1"]["stereoset_n"]) == 497
+    (clamp_row,) = [r for r in _rows(out) if r["cell"] == "sae_clamp" and r["level"] and float(r["level"]) == clamp_level]
+    assert float(clamp_row["crows_n"]) == 127 and float(clamp_row["stereoset_n"]) == 497  # suites at the matched point
+    assert all(not r["crows_n"] for r in _rows(out) if r["point"] == "curve")  # ... and never along a curve
+    assert json.loads((out / "before.json").read_text())["stereoset"]["n"] == 497
     assert "UNFINISHED" not in (out / "results.md").read_text() and (out / "pareto.png").stat().st_size > 1000
-    assert "random-k20 (2 seeds)" in (out / "results.md").read_text()
-    for name in ("instability-k20", "random-k20-seed1"):
+    for name in ("instability-k20", "random-k20-seed0"):
         assert (out / name / "export" / "debias" / "mask.safetensors").is_file()
         assert (out / name / "export" / "model.safetensors").is_file()
     assert (out / "lora-r1" / "export" / "adapter" / "adapter_config.json").is_file()

@@ -42,6 +42,7 @@ class Intervention:
 
     method = "intervention"
     site: HookSite
+    strength = 1.0  # `set_strength`: 1 is the intervention as built, 0 leaves the activations alone
 
     def fn(self, acts: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -86,8 +87,14 @@ class SAEClamp(Intervention):
         check_sae_fits(self.sae, model, self.site)
 
     def fn(self, acts: torch.Tensor) -> torch.Tensor:
-        """acts [batch, seq, d_model] -> acts + decode(z') - decode(z), z = encode(acts), z'[..., features] = value."""
-        return clamp(self.sae, acts, self.features, self.value)
+        """acts [batch, seq, d_model] -> acts + decode(z') - decode(z), z = encode(acts), z'[..., features] = value;
+        at strength s != 1 the mix acts + s · (that - acts)."""
+        clamped = clamp(self.sae, acts, self.features, self.value)
+        return clamped if self.strength == 1.0 else acts + self.strength * (clamped - acts)
+
+    def set_strength(self, strength: float) -> None:
+        """Move the activations `strength` of the way toward the clamped ones (1: the clamp, 0: no change)."""
+        self.strength = _finite("clamp strength", strength)
 
     def describe(self) -> dict:
         return {**super().describe(), "features": list(self.features), "value": self.value,
@@ -111,6 +118,11 @@ class SteeringVector(Intervention):
             raise ValueError("steering vector has non-finite entries")
         self.site, self.vector, self.info = site, vector, dict(info or {})
         self._shift = self.alpha * vector.float()
+
+    def set_strength(self, strength: float) -> None:
+        """Add `strength` · alpha · v from now on (1: as built, 0: no change)."""
+        self.strength = _finite("steering strength", strength)
+        self._shift = (self.strength * self.alpha) * self.vector.float()
 
     def _check_dim(self, dim: int) -> None:
         if dim != self.vector.shape[0]:

@@ -3,12 +3,15 @@ evaluated through the same path (`debias.evaluation`), in one grid.
 
     debias compare configs/smollm2.yaml                   # the full grid, runs/compare/
     debias compare configs/tiny.yaml --methods [instability,random] --k [20,100] --objectives false
+    debias compare configs/smollm2.yaml --alphas [0.25,0.5,1,1.5] --snapshot_every 20 --kl_levels [0.003,0.01]
 
 Each cell runs `debias fit`'s own path (the config, with the method's overrides) and leaves its export at
-`OUT/<method>-k<count>[-seed<n>][-obj-<term>]/export`; inference-time methods leave only `report.json`. A finished
-cell is recorded in `OUT/cells/<name>.json`; rerunning the same command skips finished cells, so an interrupted grid
-resumes where it stopped. `results.csv`, `results.md` and `pareto.png` are rewritten atomically after every cell,
-and say "unfinished" until the last one is done.
+`OUT/<method>-k<count>[-seed<n>][-obj-<term>]/export`; inference-time methods leave only `report.json`. Each cell is
+then a curve: its snapshots along training, each at every scale α (`frontier`, `points`), and its points at matched
+validation KLs (`matched`). A finished cell is recorded in `OUT/cells/<name>.json`; rerunning the same command skips
+finished cells, and a cell interrupted half-way keeps its training and its finished points (`cell`), so an
+interrupted grid resumes where it stopped. `results.csv`, `results.md`, `results.json` and `pareto.png` are
+rewritten atomically after every cell, and say "unfinished" until the last one is done.
 """
 
 from __future__ import annotations
@@ -54,18 +57,30 @@ class Cell:
     overrides: list[str] = field(default_factory=list)
 
 
-def check_request(methods: list[str], k: list[float] | None, seeds: list[int], lora_ranks: list[int]) -> None:
+#: Methods run once per seed by default: those whose edit a seed draws (the seed also orders their training data).
+SEEDED = tuple(m for m in ("random", "random_features") if m in GRID_METHODS)
+#: Where a grid computes a mask itself, from one shared gradient; a method ranked by anything else computes its own.
+SHARED_MASK_SOURCES = ("feature", "bias", "random")
+
+
+def check_request(methods: list[str], k: list[float] | None, seeds: list[int], lora_ranks: list[int],
+                  seeded: list[str] | None = None, frontier_problems: list[str] | None = None) -> None:
     """Every problem of the grid's arguments at once, before a model is loaded."""
     problems = [f"unknown method {m!r}; expected some of {list(GRID_METHODS)}"
                 for m in methods if m not in GRID_METHODS]
+    problems += [f"--seeded names {m!r}, which is not among the grid's methods {methods}"
+                 for m in (seeded or []) if m not in methods]
+    problems += list(frontier_problems or [])
     masked = [m for m in GRID_METHODS if kind(m) == "mask"]
     if k and not any(m in masked for m in methods):
         problems.append(f"--k {k} was given, but none of the methods {methods} has a mask (k applies to {masked})")
     for value in k or []:
         if not (0 < value < 1 or value >= 1 and float(value).is_integer()):
             problems.append(f"k must be a fraction in (0, 1) or a whole entry count >= 1, got {value}")
-    if "random" in methods and not seeds:
-        problems.append("--seeds must name at least one seed for the random mask")
+    if any(m in methods for m in (*(seeded or []), *SEEDED)) and not seeds:
+        problems.append("--seeds must name at least one seed for the seeded methods (the random mask's)")
+    if len(set(seeds)) != len(seeds):
+        problems.append(f"--seeds {seeds} repeats a seed; expected each seed once")
     if "lora" in methods and (not lora_ranks or any(r < 1 for r in lora_ranks)):
         problems.append(f"--lora_ranks must be ranks >= 1, got {lora_ranks}")
     if problems:
@@ -80,22 +95,25 @@ def entry_counts(k: list[float], numel: int) -> list[int]:
 
 
 def plan(methods: list[str], counts: list[int], default_k: int, seeds: list[int], lora_ranks: list[int],
-         objectives: bool) -> list[Cell]:
-    """The cells of the grid, weight edits first (the inference-time methods need no training)."""
+         objectives: bool, seeded: list[str] | None = None) -> list[Cell]:
+    """The cells of the grid, weight edits first (the inference-time methods need no training). A `seeded` method
+    (default `SEEDED`) has a cell per seed; the others run once."""
+    seeded = list(SEEDED if seeded is None else seeded)
     cells = []
     for method in methods:
+        runs = seeds if method in seeded and kind(method) != "inference" else [None]
         if kind(method) == "mask":
             for k in counts:
-                for seed in (seeds if method == "random" else [None]):
+                for seed in runs:
                     cells.append(Cell(cell_name(method, k, seed), method, k, seed))
         elif method == "lora":
-            cells += [Cell(cell_name(method, rank=r), method, rank=r) for r in lora_ranks]
+            cells += [Cell(cell_name(method, seed=s, rank=r), method, seed=s, rank=r) for r in lora_ranks for s in runs]
         elif kind(method) != "inference":
-            cells.append(Cell(method, method))
+            cells += [Cell(cell_name(method, seed=s), method, seed=s) for s in runs]
     if objectives:
         for method in (m for m in ABLATED if m in methods):
             for term in OBJECTIVES:
-                seed = seeds[0] if method == "random" else None
+                seed = seeds[0] if method in seeded else None
                 cells.append(Cell(cell_name(method, default_k, seed, objective=term), method, default_k, seed,
                                   objective=term))
     cells += [Cell(m, m) for m in methods if kind(m) == "inference"]
@@ -109,10 +127,12 @@ def cell_overrides(cell: Cell, features: list[int], mask_path: Path | None) -> l
     args += [f"--model.edit.{key}={value}" for key, value in fixed.items()]
     if mask_path is not None:
         args.append(f"--model.edit.mask_path={mask_path}")
+    elif kind(cell.method) == "mask" and cell.k is not None:  # a method that computes its own mask (`shares_mask`)
+        args.append(f"--model.edit.k={cell.k}")
     if cell.rank is not None:
         args.append(f"--model.edit.lora_rank={cell.rank}")
-    if cell.seed is not None:
-        args.append(f"--model.edit.seed={cell.seed}")
+    if cell.seed is not None:  # the random mask's draw, and the order of every method's training data
+        args += [f"--model.edit.seed={cell.seed}", f"--data.seed={cell.seed}"]
     for term, weight in OBJECTIVES.get(cell.objective, {}).items():
         args.append(f"--model.objective.{term}={weight}")
     return args
@@ -122,7 +142,7 @@ def grid_masks(module, datamodule, cells: list[Cell], out: Path) -> dict[str, Pa
     """Every mask the grid needs, from one feature gradient and one gap gradient (the expensive passes)."""
     from debias.edits.mask import STRATEGIES, compute_mask, feature_gradient, gap_gradient, mask_from_scores
 
-    needed = {(c.method, c.k, c.seed) for c in cells if kind(c.method) == "mask"}
+    needed = {(c.method, c.k, c.seed) for c in cells if shares_mask(c.method)}
     batches = [module.tokenize(b) for b in datamodule.mask_batches()]
     net, weight = module.net, module.net.get_parameter(module.parameter).detach().cpu()
     meta = dict(parameter=module.parameter, layer=module.site.layer, hook_name=module.site.hook_name,
@@ -156,6 +176,11 @@ def grid_masks(module, datamodule, cells: list[Cell], out: Path) -> dict[str, Pa
         paths[name] = out / "masks" / f"{name}.safetensors"
         mask.save(paths[name])
     return paths
+
+
+def shares_mask(method: str) -> bool:
+    """Whether the grid computes this row's mask (`grid_masks`); otherwise its cell computes its own."""
+    return kind(method) == "mask" and registry.grid_entry(method)[0].mask_from in SHARED_MASK_SOURCES
 
 
 def mask_name(cell: Cell) -> str:

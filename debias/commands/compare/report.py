@@ -1,70 +1,16 @@
-"""The comparison grid's results: one row per cell (`results.csv`), a Markdown table with the random seeds pooled
-(`results.md`), and held-out bias-gap reduction against KL (`pareto.png`). Written atomically; an unfinished grid
-says so in all three."""
+"""The comparison grid's results: every point of every cell's curve (`results.csv`), the matched-KL summary per
+method with the seeds pooled (`results.md`, `results.json`) and the curves with their frontier (`pareto.png`).
+Written atomically; an unfinished grid says so in all of them."""
 
 from __future__ import annotations
 
 import csv
 import io
-import statistics
+import json
 from pathlib import Path
 
-from debias.evaluation.heldout import gap_reduction
+from debias.commands.compare.rows import COLUMNS, as_trained_row, cell_rows, pool_matched, pool_trained
 from debias.io import atomic_write
-
-COLUMNS = ("cell", "method", "k", "seed", "rank", "objective", "changed_parameters", "gap_before", "gap_after",
-           "gap_after_lo", "gap_after_hi", "gap_reduction", "cue_margin_before", "cue_margin_after", "cue_kept",
-           "cue_followed", "kl", "lm_loss_change", "feature_act_change", "crows_stereo_pct", "crows_lo", "crows_hi",
-           "crows_margin", "crows_n", "ss", "ss_lo", "ss_hi", "lms", "lms_lo", "lms_hi", "icat", "icat_lo", "icat_hi",
-           "stereoset_n", "seconds", "export")
-
-
-def row(name: str, saved: dict) -> dict:
-    """The flat result row of one finished cell."""
-    cell, rep = saved["cell"], saved["report"]
-    b, a = rep["before"], rep["after"]
-    crows, ss = a.get("crows_pairs", {}), a.get("stereoset", {})
-    return {
-        "cell": name, "method": cell["method"], "k": cell["k"], "seed": cell["seed"], "rank": cell["rank"],
-        "objective": cell["objective"], "changed_parameters": rep["changed_parameters"],
-        "gap_before": b["bias_gap"], "gap_after": a["bias_gap"], "gap_after_lo": a["bias_gap_ci"][0],
-        "gap_after_hi": a["bias_gap_ci"][1], "gap_reduction": gap_reduction(b["bias_gap"], a["bias_gap"]),
-        "cue_margin_before": b["cue_margin"], "cue_margin_after": a["cue_margin"],
-        "cue_kept": a["cue_margin"] / b["cue_margin"], "cue_followed": a.get("cue_followed"), "kl": a["kl"],
-        "lm_loss_change": a["lm_loss"] / b["lm_loss"] - 1,
-        "feature_act_change": a["feature_act"] / b["feature_act"] - 1,
-        "crows_stereo_pct": crows.get("stereo_pct"), "crows_lo": _ci(crows, "stereo_pct_ci", 0),
-        "crows_hi": _ci(crows, "stereo_pct_ci", 1), "crows_margin": crows.get("margin"), "crows_n": crows.get("n"),
-        **{f"{m}{suffix}": (ss.get(m) if not suffix else _ci(ss, f"{m}_ci", int(suffix == "_hi")))
-           for m in ("ss", "lms", "icat") for suffix in ("", "_lo", "_hi")},
-        "stereoset_n": ss.get("n"), "seconds": rep["seconds"], "export": rep.get("export"),
-    }
-
-
-def _ci(d: dict, key: str, i: int):
-    return d[key][i] if key in d else None
-
-
-def _pool(rows: list[dict]) -> list[dict]:
-    """Random-mask rows of the same k and objective pooled into one: mean, with the seeds' spread in `*_sd`."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        key = (r["method"], r["k"], r["objective"], r["rank"]) if r["method"] == "random" else (r["cell"],)
-        groups.setdefault(key, []).append(r)
-    pooled = []
-    for members in groups.values():
-        if len(members) == 1:
-            pooled.append(dict(members[0], n_seeds=1))
-            continue
-        merged = dict(members[0], cell=members[0]["cell"].rsplit("-seed", 1)[0] + f" ({len(members)} seeds)",
-                      seed=None, n_seeds=len(members))
-        for col in COLUMNS:
-            values = [m[col] for m in members]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                merged[col] = statistics.fmean(values)
-                merged[f"{col}_sd"] = statistics.stdev(values)
-        pooled.append(merged)
-    return pooled
 
 
 def _pct(value, sd=None, signed=True) -> str:
@@ -74,50 +20,80 @@ def _pct(value, sd=None, signed=True) -> str:
     return text + (f" ± {sd:.0%}" if sd is not None else "")
 
 
-def _interval(r: dict, col: str, lo: str, hi: str, digits: int = 1) -> str:
-    if r.get(col) is None:
+def _stat(stat: dict | None, fmt: str = "pct", signed: bool = True) -> str:
+    """`mean ± sd` of a `seed_stats` entry (the mean alone for one seed)."""
+    if stat is None:
         return "—"
-    if r.get(f"{col}_sd") is not None:
-        return f"{r[col]:.{digits}f} ± {r[f'{col}_sd']:.{digits}f}"
-    return f"{r[col]:.{digits}f} ({r[lo]:.{digits}f}–{r[hi]:.{digits}f})"
+    if fmt == "pct":
+        return _pct(stat["mean"], stat["sd"], signed)
+    sd = f" ± {stat['sd']:{fmt.lstrip('+')}}" if stat["sd"] is not None else ""
+    return f"{stat['mean']:{fmt}}{sd}"
 
 
-def markdown(rows: list[dict], before: dict | None, header: str) -> str:
-    """The main table (default objective) and the objective-ablation table."""
-    pooled = _pool(rows)
-    lines = [header, ""]
-    if before:
-        crows, ss = before.get("crows_pairs", {}), before.get("stereoset", {})
-        lines += [f"Before (the base model): bias gap {before['bias_gap']:.3f} "
-                  f"({before['bias_gap_ci'][0]:.2f}–{before['bias_gap_ci'][1]:.2f}), cue margin "
-                  f"{before['cue_margin']:.3f} (cue followed {before.get('cue_followed', float('nan')):.0%}), "
-                  f"CrowS {crows.get('stereo_pct', float('nan')):.1f} (n={crows.get('n')}), StereoSet ss "
-                  f"{ss.get('ss', float('nan')):.1f} / lms {ss.get('lms', float('nan')):.1f} / icat "
-                  f"{ss.get('icat', float('nan')):.1f} (n={ss.get('n')}).", ""]
-    lines += ["| cell | changed params | gap reduction | gap after (95% CI) | cue margin kept | cue followed | KL | "
-              "LM loss | CrowS % (95% CI) | StereoSet ss | lms | icat | wall s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def _interval(stat: dict | None) -> str:
+    if stat is None or stat.get("lo") is None:
+        return "—"
+    return f"{stat['lo']:+.0%} to {stat['hi']:+.0%} ({stat['interval']})"
+
+
+def _choices(entry: dict) -> str:
+    return "; ".join(f"{c['step']} @ α {c['alpha']:.2f}" for c in entry["choices"]) or "—"
+
+
+def matched_markdown(pooled: list[dict], levels: list[float], suite_levels: list[float]) -> list[str]:
+    """One table per KL level: gap reduction (mean ± sd over seeds, 95% interval), cue kept, LM-loss change,
+    held-out KL and the chosen (step, α); StereoSet and CrowS at the suite levels."""
+    lines = []
+    for level in levels:
+        entries = [e for e in pooled if e["level"] == level and e["objective"] == "default"]
+        if not entries:
+            continue
+        suites = level in suite_levels
+        lines += ["", f"### Matched validation KL {level:g}", "",
+                  "| method | seeds reaching | gap reduction | 95% interval | cue margin kept | LM loss | "
+                  "held-out KL | step @ α (validation choice) |"
+                  + (" StereoSet \\|ss − 50\\| | lms | CrowS % |" if suites else ""),
+                  "|---" * (8 + 3 * suites) + "|"]
+        for e in entries:
+            cells = [e["group"], f"{e['reached']} of {e['n']}"]
+            if not e["reached"]:
+                cells += ["does not reach"] + [""] * (5 + 3 * suites)
+            else:
+                cells += [_stat(e["gap_reduction"]), _interval(e["gap_reduction"]),
+                          _stat(e["cue_kept"], signed=False), _stat(e["lm_loss_change"], "+.2%"),
+                          _stat(e["kl"], ".4f"), _choices(e)]
+                if suites:
+                    cells += [_stat(e["abs_ss_minus_50"], ".1f"), _stat(e["lms"], ".1f"),
+                              _stat(e["crows_stereo_pct"], ".1f")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def trained_markdown(rows: list[dict]) -> list[str]:
+    """The cells as trained (last step, α = 1), and the objective ablation."""
+    pooled = pool_trained(rows)
+    lines = ["", "### As trained (last step, α = 1; held-out)", "",
+             "| cell | changed params | gap reduction | gap after (95% CI) | cue margin kept | cue followed | KL | "
+             "LM loss | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in pooled if r["objective"] == "default"):
-        lines.append(
-            f"| {r['cell']} | {r['changed_parameters']:,.0f} | {_pct(r['gap_reduction'], r.get('gap_reduction_sd'))} | "
-            f"{_interval(r, 'gap_after', 'gap_after_lo', 'gap_after_hi', 2)} | "
-            f"{_pct(r['cue_kept'], r.get('cue_kept_sd'), False)} | {_pct(r['cue_followed'], None, False)} | "
-            f"{r['kl']:.4f} | {r['lm_loss_change']:+.2%} | "
-            f"{_interval(r, 'crows_stereo_pct', 'crows_lo', 'crows_hi')} | "
-            f"{_interval(r, 'ss', 'ss_lo', 'ss_hi')} | {_interval(r, 'lms', 'lms_lo', 'lms_hi')} | "
-            f"{_interval(r, 'icat', 'icat_lo', 'icat_hi')} | {r['seconds']:.0f} |")
+        gap = (f"{r['gap_after']:.2f} ± {r['gap_after_sd']:.2f}" if r.get("gap_after_sd") is not None
+               else f"{r['gap_after']:.2f} ({r['gap_after_lo']:.2f}–{r['gap_after_hi']:.2f})")
+        lines.append(f"| {r['cell']} | {r['changed_parameters']:,.0f} | "
+                     f"{_pct(r['gap_reduction'], r.get('gap_reduction_sd'))} | {gap} | "
+                     f"{_pct(r['cue_kept'], r.get('cue_kept_sd'), False)} | {_pct(r['cue_followed'], None, False)} | "
+                     f"{r['kl']:.4f} | {r['lm_loss_change']:+.2%} | {r['seconds']:.0f} |")
     ablation = [r for r in pooled if r["objective"] != "default" or any(
         o["objective"] != "default" and o["method"] == r["method"] and o["k"] == r["k"] for o in pooled)]
     if any(r["objective"] != "default" for r in ablation):
-        lines += ["", "Objective ablation (each removal term with the neutral KL; `default` = the config's objective):",
-                  "", "| cell | objective | gap reduction | cue margin kept | KL | LM loss | feature act |",
+        lines += ["", "Objective ablation (each removal term with the neutral KL; `default` = the config's "
+                  "objective; as trained):", "",
+                  "| cell | objective | gap reduction | cue margin kept | KL | LM loss | feature act |",
                   "|---|---|---|---|---|---|---|"]
         for r in sorted(ablation, key=lambda r: (r["method"], r["objective"])):
             lines.append(f"| {r['cell'].replace('-obj-' + r['objective'], '')} | {r['objective']} | "
-                         f"{_pct(r['gap_reduction'])} | "
-                         f"{_pct(r['cue_kept'], None, False)} | {r['kl']:.4f} | {r['lm_loss_change']:+.2%} | "
-                         f"{_pct(r['feature_act_change'])} |")
-    return "\n".join(lines) + "\n"
+                         f"{_pct(r['gap_reduction'])} | {_pct(r['cue_kept'], None, False)} | {r['kl']:.4f} | "
+                         f"{r['lm_loss_change']:+.2%} | {_pct(r['feature_act_change'])} |")
+    return lines
 
 
 def completions_markdown(cells: list, results: dict) -> str:
@@ -128,7 +104,7 @@ def completions_markdown(cells: list, results: dict) -> str:
     if not shown:
         return ""
     prompts = [row["prompt"] for row in shown[0][1]]
-    lines = ["", "Greedy completions of four held-out prompts (32 tokens, raw text):", "",
+    lines = ["", "Greedy completions of four held-out prompts (32 tokens, raw text; as trained):", "",
              "| model | " + " | ".join(f"*{p}*" for p in prompts) + " |", "|---" * (len(prompts) + 1) + "|",
              "| base model | " + " | ".join(_cell_text(row["before"]) for row in shown[0][1]) + " |"]
     for name, rows in shown:
@@ -140,27 +116,72 @@ def _cell_text(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def write_results(out: Path, cells: list, results: dict, config: str, prepare_seconds: float = 0.0) -> dict[str, Path]:
-    """results.csv, results.md and pareto.png for the finished cells, each marked unfinished until all are done."""
-    from debias.plots import pareto_figure
+def _before_line(before: dict | None) -> list[str]:
+    if not before:
+        return []
+    line = (f"Before (the base model, held-out): bias gap {before['bias_gap']:.3f} "
+            f"({before['bias_gap_ci'][0]:.2f}–{before['bias_gap_ci'][1]:.2f}), cue margin {before['cue_margin']:.3f}")
+    if "stereoset" in before:
+        ss, crows = before["stereoset"], before.get("crows_pairs", {})
+        line += (f", StereoSet ss {ss['ss']:.1f} (|ss − 50| {abs(ss['ss'] - 50):.1f}) / lms {ss['lms']:.1f} "
+                 f"(n={ss.get('n')}), CrowS {crows.get('stereo_pct', float('nan')):.1f} (n={crows.get('n')})")
+    return ["", line + "."]
 
-    rows = [row(c.name, results[c.name]) for c in cells if c.name in results]
-    done = len(rows) == len(cells)
-    status = "" if done else f"UNFINISHED: {len(rows)} of {len(cells)} cells done; rerun the same command to resume. "
+
+def _header(status: str, config: str, settings, seconds: tuple[float, float], n_cells: int, evaluations: int) -> str:
+    cells, prepare = seconds
+    return (f"{status}`debias compare {config}`: each cell a curve (snapshots every {settings.snapshot_every} steps × "
+            f"α {list(settings.alphas)}, validation and held-out), and its point at each matched validation KL "
+            f"{list(settings.kl_levels)}, chosen on the validation split only and evaluated on the held-out split "
+            f"there (suites at {list(settings.suite_levels)}). Wall time {(cells + prepare) / 60:.1f} min: "
+            f"{cells / 60:.1f} min in {n_cells} cells, {prepare / 60:.1f} min loading, choosing features and computing "
+            f"masks. Evaluations per trained cell: {evaluations}. Intervals: Student's t over the seeds (2 or more), "
+            "else the held-out bootstrap interval of the gap at the matched point (the gap before taken as exact).")
+
+
+def _csv(rows: list[dict], status: str) -> str:
     buf = io.StringIO()
-    if not done:
+    if status:
         buf.write(f"# {status}\n")
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    paths = {"csv": out / "results.csv", "md": out / "results.md", "png": out / "pareto.png"}
-    atomic_write(paths["csv"], buf.getvalue())
-    before = next(iter(results.values()))["report"]["before"] if results else None
-    cell_seconds = sum(r["seconds"] for r in rows)
-    header = (f"{status}`debias compare {config}`: held-out metrics, one run per cell. Wall time "
-              f"{(cell_seconds + prepare_seconds) / 60:.1f} min: {cell_seconds / 60:.1f} min in {len(rows)} cells, "
-              f"{prepare_seconds / 60:.1f} min loading, choosing features and computing masks.")
-    atomic_write(paths["md"], markdown(rows, before, header) + completions_markdown(cells, results))
+    return buf.getvalue()
+
+
+def write_results(out: Path, cells: list, results: dict, config: str, prepare_seconds: float = 0.0,
+                  shared=None, settings=None) -> dict[str, Path]:
+    """results.csv, results.md, results.json and pareto.png for the finished cells, each marked unfinished until
+    all are done."""
+    from debias.commands.compare.frontier import FrontierSettings
+    from debias.plots import pareto_figure
+
+    settings = settings or FrontierSettings()
+    finished = [c for c in cells if c.name in results]
+    validation_before = getattr(shared, "validation", None)
+    rows = [r for c in finished for r in cell_rows(c.name, results[c.name], validation_before)]
+    trained = [as_trained_row(c.name, results[c.name]) for c in finished]
+    pooled = pool_matched(rows)
+    done = len(finished) == len(cells)
+    status = "" if done else (f"UNFINISHED: {len(finished)} of {len(cells)} cells done; rerun the same command to "
+                              "resume.")
+    paths = {"csv": out / "results.csv", "md": out / "results.md", "json": out / "results.json",
+             "png": out / "pareto.png"}
+    atomic_write(paths["csv"], _csv(rows, status))
+    before = getattr(shared, "before", None) or (next(iter(results.values()))["report"]["before"] if results else None)
+    cell_seconds = sum(r["seconds"] for r in trained)
+    max_steps = max((p["step"] for c in finished for p in results[c.name]["points"]), default=0)
+    evaluations = settings.evaluations(max_steps)
+    lines = [_header(status + " " if status else "", config, settings, (cell_seconds, prepare_seconds),
+                     len(finished), evaluations), *_before_line(before),
+             *matched_markdown(pooled, list(settings.kl_levels), list(settings.suite_levels)),
+             *trained_markdown(trained)]
+    atomic_write(paths["md"], "\n".join(lines) + "\n" + completions_markdown(cells, results))
+    summary = {"unfinished": not done, "config": config, "frontier": settings.to_dict(),
+               "wall_seconds": cell_seconds + prepare_seconds, "cell_seconds": cell_seconds,
+               "prepare_seconds": prepare_seconds, "evaluations_per_trained_cell": evaluations, "before": before,
+               "validation_before": validation_before, "matched": pooled, "as_trained": pool_trained(trained)}
+    atomic_write(paths["json"], json.dumps(summary, indent=2, default=float))
     if rows:
-        atomic_write(paths["png"], pareto_figure(_pool(rows), title=("UNFINISHED — " if not done else "") + config))
+        atomic_write(paths["png"], pareto_figure(rows, pooled, title=("UNFINISHED — " if not done else "") + config))
     return paths

@@ -1,11 +1,12 @@
-"""`debias compare CONFIG`: plan the grid, compute its masks once, run each cell through `debias fit`'s own path
-and write the results after every cell (an interrupted grid resumes).
+"""`debias compare CONFIG`: plan the grid, compute its masks once, run each cell (`cell.run_cell`: train, snapshots,
+curve, matched-KL points) and write the results after every cell (an interrupted grid resumes).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -13,9 +14,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from debias.commands.compare.cell import Shared, run_cell
+from debias.commands.compare.frontier import (
+    DEFAULT_ALPHAS,
+    DEFAULT_KL_LEVELS,
+    DEFAULT_SNAPSHOT_EVERY,
+    FrontierSettings,
+)
 from debias.commands.compare.grid import (
     GRID_METHODS,
-    Cell,
     cell_overrides,
     check_request,
     entry_counts,
@@ -23,74 +30,26 @@ from debias.commands.compare.grid import (
     kind,
     mask_name,
     plan,
+    shares_mask,
 )
 from debias.edits.lora import check_lora_rank
 from debias.io import atomic_write_json
 
 
-def _callback(trainer):
-    from debias.callbacks import ReportAndExport
-
-    return next(cb for cb in trainer.callbacks if isinstance(cb, ReportAndExport))
-
-
-def _has_suites(before: dict | None) -> bool:
-    return before is not None and "crows_pairs" in before
-
-
-def run_cell(cell: Cell, config: str, base_args: list[str], out: Path, before: dict | None,
-             upstream: dict | None = None) -> dict:
-    """Train (weight methods) or attach (inference methods) one cell and evaluate it; returns its report.
-
-    `upstream` is the activation cache the cells share: every method leaves the layers below the edit alone.
-    CrowS-Pairs and StereoSet are scored for the default objective's cells (the objective ablation reports the
-    held-out metrics only).
-    """
-    from debias.commands.fit import build_cli
-    from debias.evaluation.base_cache import evaluate_original
-    from debias.evaluation.evaluate import completions, evaluate_model
-
-    start = time.time()
-    export_dir = out / cell.name / "export"
-    args = ["--config", config, *base_args, *cell.overrides, f"--export.export_dir={export_dir}",
-            "--export.overwrite=true", f"--export.suites={str(cell.objective == 'default').lower()}",
-            f"--export.completions={4 if cell.objective == 'default' else 0}", "--export.plots=false",
-            "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
-            "--trainer.limit_val_batches=0", "--trainer.enable_model_summary=false",
-            f"--trainer.default_root_dir={out / cell.name}"]  # the cell's resolved config.yaml goes there
-    cli = build_cli(args, run=False)
-    module, data = cli.model, cli.datamodule
-    module.shared_upstream = upstream
-    if kind(cell.method) == "inference":
-        module.prepare(data)
-        before = before if _has_suites(before) else evaluate_original(module, data, suites=True)[0]
-        report = {"before": before, "after": evaluate_model(module, data, edited=True, suites=True),
-                  "completions": completions(module, data), "steps": 0,
-                  "intervention": module.delta.intervention.describe(),
-                  "checkpoint": "none: an inference-time intervention (a forward hook) cannot become a plain "
-                                "checkpoint; evaluated in-process"}
-        from debias.export import build_report
-
-        (out / cell.name).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / cell.name / "report.json", build_report(module, report))
-        report["export"] = None
-    else:
-        callback = _callback(cli.trainer)
-        callback.before = before if _has_suites(before) or not callback.suites else None  # else: the cache's
-        cli.trainer.fit(module, datamodule=data)
-        report = dict(callback.report, export=str(export_dir))
-    report.update(changed_parameters=module.delta.changed_parameters(), features=module.features,
-                  seconds=time.time() - start, k=module.k)
-    return report
-
-
-def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seeds, lora_ranks, objectives):
+def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seeds, lora_ranks, objectives, seeded,
+                  settings: FrontierSettings):
     """Features (the config's, or the rule's choice, kept across resumes), cells and their masks."""
     from debias.commands.fit import build_cli
     from debias.edits.mask import resolve_k
 
     cli = build_cli(["--config", config, *base_args], run=False)
     module, data = cli.model, cli.datamodule
+    if len(module.parameters_edited) > 1:
+        raise ValueError(f"model.edit.layers={module.layers_edited}: debias compare builds one-matrix masks (the "
+                         f"SAE layer's W_out, layer {module.site.layer}); drop model.edit.layers")
+    if settings.kl_levels and data.hparams.prompt_dir is not None:
+        raise ValueError("data.prompt_dir has no validation split, and debias compare chooses each cell's matched-KL "
+                         "point on it; use the bias spec's prompts (data.prompt_dir: null), or --kl_levels []")
     shape = tuple(module.net.get_parameter(module.parameter).shape)
     numel, edit = math.prod(shape), module.edit_args
     if "lora" in methods:
@@ -103,71 +62,108 @@ def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seed
     if state.get("config") == config and state.get("base_args") == base_args and state.get("features"):
         module.features = state["features"]
     features = module.choose_features(data)
-    cells = plan(methods, counts, default_k, seeds, lora_ranks, objectives)
+    cells = plan(methods, counts, default_k, seeds, lora_ranks, objectives, seeded)
     finished = {c.name for c in cells if (out / "cells" / f"{c.name}.json").is_file()}
     masks = grid_masks(module, data, [c for c in cells if c.name not in finished], out)
     for cell in cells:
         mask = masks.get(mask_name(cell), out / "masks" / f"{mask_name(cell)}.safetensors")  # finished: on disk
-        cell.overrides = cell_overrides(cell, features, mask if kind(cell.method) == "mask" else None)
-    selection = module.feature_selection
+        cell.overrides = cell_overrides(cell, features, mask if shares_mask(cell.method) else None)
+    selection, max_steps = module.feature_selection, int(cli.trainer.max_steps)
     del module, cli
-    return cells, features, selection
+    return cells, features, selection, max_steps
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _say(message: str) -> None:
+    print(f"debias: {message}", file=sys.stderr, flush=True)
 
 
 def compare_command(fit_config: str, methods: list[str] | None = None,
-                    k: list[float] | None = None, seeds: Sequence[int] = (0, 1, 2), lora_ranks: Sequence[int] = (1, 8),
-                    objectives: bool = True, out: str = "runs/compare", steps: int | None = None,
+                    k: list[float] | None = None, seeds: Sequence[int] = (0, 1, 2), seeded: list[str] | None = None,
+                    lora_ranks: Sequence[int] = (1, 8), objectives: bool = True, out: str = "runs/compare",
+                    steps: int | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
+                    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY, kl_levels: Sequence[float] = DEFAULT_KL_LEVELS,
+                    suite_levels: Sequence[float] | None = None,
                     overrides: list[str] | None = None) -> Path:
-    """Run the comparison grid: methods × k on one config, each cell evaluated the same way; resumable.
+    """Run the comparison grid: methods × k on one config, each cell a curve evaluated the same way; resumable.
+
+    Each trained cell keeps its edit every `snapshot_every` steps and at the last step; each snapshot is evaluated
+    at every scale α of `alphas` (α·Δ; the strength of an intervention) on the validation and held-out splits. At
+    each KL of `kl_levels` the cell's (step, α) is chosen on the validation split and the held-out split is
+    evaluated exactly there (with CrowS-Pairs and StereoSet at `suite_levels`).
 
     Args:
         fit_config: a `debias fit` YAML config (model, SAE, features, objective, steps, data).
-        methods: some of instability, instability_gxw (|grad × weight| mask), random, bias_gradient, dense, lora,
-            sae_clamp, steering_vector (default: all).
+        methods: rows of the grid: the methods of `debias.edits.registry` and its grid variants (default: all).
         k: mask sizes for the masked methods, as fractions of W_out (< 1) or entry counts (default: 0.01%, 0.1%, 1%).
-        seeds: seeds of the random mask (reported as mean and spread).
+        seeds: the seeds of the `seeded` methods: the random mask's draw and the order of the training data.
+        seeded: methods run once per seed (default: random, and random_features where registered); the report
+            gives mean ± sd over seeds.
         lora_ranks: ranks of the `lora` cells.
         objectives: also run the objective ablation (each removal term alone + KL) for instability, random and
             bias_gradient at the config's k.
-        out: output directory (results.csv, results.md, pareto.png, one directory per cell).
+        out: output directory (results.csv, results.md, results.json, pareto.png, one directory per cell).
         steps: training steps per cell (default: the config's trainer.max_steps).
+        alphas: scales of each snapshot's edit evaluated (all > 0; α = 0, the original model, is every curve's
+            anchor).
+        snapshot_every: a snapshot every this many steps (and one at the last step).
+        kl_levels: validation KLs (nats/token) at which each cell's (step, α) is chosen.
+        suite_levels: the levels of `kl_levels` whose matched point also gets the suites (default: the largest,
+            0.01 with the default levels; [] for none).
         overrides: extra `debias fit` arguments applied to every cell, e.g. ["--model.train.lr=0.005"].
     """
     from debias.commands.compare.report import write_results
 
     methods = list(methods or GRID_METHODS)
     seeds, lora_ranks = list(seeds), list(lora_ranks)
-    check_request(methods, k, seeds, lora_ranks)
+    if suite_levels is None:
+        suite_levels = [max(kl_levels)] if kl_levels and all(isinstance(v, (int, float)) for v in kl_levels) else []
+    settings = FrontierSettings(tuple(alphas), snapshot_every, tuple(kl_levels), tuple(suite_levels))
+    check_request(methods, k, seeds, lora_ranks, seeded, settings.problems())
     out_dir = Path(out)
-    (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     base_args = list(overrides or []) + ([f"--trainer.max_steps={steps}"] if steps else [])
     started = time.time()
-    previous = json.loads((out_dir / "grid.json").read_text()) if (out_dir / "grid.json").is_file() else {}
-    cells, features, selection = _prepare_grid(fit_config, base_args, out_dir, methods, k, seeds, lora_ranks,
-                                               objectives)
+    previous = _read(out_dir / "grid.json") or {}
+    cells, features, selection, max_steps = _prepare_grid(fit_config, base_args, out_dir, methods, k, seeds,
+                                                          lora_ranks, objectives, seeded, settings)
+    if max_steps < 1:
+        raise ValueError(f"trainer.max_steps={max_steps}: expected a run of >= 1 steps (--steps)")
+    (out_dir / "cells").mkdir(parents=True, exist_ok=True)  # only now: a refused grid leaves no directory
     prepare_seconds = time.time() - started + previous.get("prepare_seconds", 0.0)  # summed over invocations
+    same_grid = previous.get("config") == fit_config and previous.get("base_args") == base_args
     atomic_write_json(out_dir / "grid.json", {"config": fit_config, "base_args": base_args, "features": features,
                                               "feature_selection": selection, "cells": [c.name for c in cells],
+                                              "frontier": settings.to_dict(), "max_steps": max_steps,
                                               "prepare_seconds": prepare_seconds})
-    before = None  # the first cell's, shared with the rest; across invocations `debias.evaluation.base_cache`
+    trained = sum(kind(c.method) != "inference" for c in cells)
+    _say(f"compare: {len(cells)} cells ({trained} trained); {settings.evaluations(max_steps)} evaluations per trained "
+         f"cell ({len(settings.steps(max_steps))} snapshots × {len(settings.alphas)} α × validation + held-out, "
+         f"{len(settings.kl_levels)} matched), suites at KL {list(settings.suite_levels)}")
+    shared = Shared(before=_read(out_dir / "before.json") if same_grid else None,
+                    validation=_read(out_dir / "validation_before.json") if same_grid else None)
     results: dict[str, dict] = {}
-    upstream: dict = {}  # the activation cache the cells share (see `run_cell`)
     bar = tqdm(cells, desc="compare", unit="cell")
     for cell in bar:
         bar.set_postfix_str(cell.name)
         done = out_dir / "cells" / f"{cell.name}.json"
-        if done.is_file():
-            saved = json.loads(done.read_text())
-            if saved["cell"]["overrides"] == cell.overrides and saved.get("base_args") == base_args:
-                results[cell.name] = saved
-                continue
-        report = run_cell(cell, fit_config, base_args, out_dir, before, upstream)
-        if before is None or _has_suites(report["before"]) and not _has_suites(before):
-            before = report["before"]
-            atomic_write_json(out_dir / "before.json", before)
-        results[cell.name] = {"cell": asdict(cell), "base_args": base_args, "report": report}
+        saved = _read(done)
+        if saved and saved["cell"]["overrides"] == cell.overrides and saved.get("base_args") == base_args \
+                and saved.get("frontier") == settings.to_dict():
+            results[cell.name] = saved
+            continue
+        record = run_cell(cell, fit_config, base_args, out_dir, shared, settings)
+        results[cell.name] = {"cell": asdict(cell), "base_args": base_args, "frontier": settings.to_dict(), **record}
         atomic_write_json(done, results[cell.name])
-        write_results(out_dir, cells, results, fit_config, prepare_seconds)
-    paths = write_results(out_dir, cells, results, fit_config, prepare_seconds)
+        for name, value in (("before", shared.before), ("validation_before", shared.validation)):
+            atomic_write_json(out_dir / f"{name}.json", value)
+        write_results(out_dir, cells, results, fit_config, prepare_seconds, shared, settings)
+    paths = write_results(out_dir, cells, results, fit_config, prepare_seconds, shared, settings)
     print(paths["md"].read_text())
     return out_dir
