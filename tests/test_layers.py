@@ -13,7 +13,7 @@ LAYERS = [
     ("debias.config", "debias.io"),
     ("debias.prompts", "debias.bias_spec", "debias.bias_checks", "debias.statements"),
     ("debias.models",),
-    ("debias.sae",),
+    ("debias.sae", "debias.cda"),
     ("debias.features",),
     ("debias.edits",),
     ("debias.training",),

@@ -85,6 +85,15 @@ GRID_VARIANTS: dict[str, Variant] = {v.name: v for v in (
 )}
 
 
+def check_network(name: str, net, site, parameter: str, args) -> None:
+    """Refuse, before any SAE build or mask, what method `name` cannot do on this network: a LoRA rank that does not
+    fit W_out, a `feature_projection` hook that is not W_out's output."""
+    if name == "lora":
+        lora.check_lora_rank(args.lora_rank, tuple(net.get_parameter(parameter).shape))
+    if name == "feature_projection":
+        projection.check_site(net, site, parameter)
+
+
 def get(name: str) -> Method:
     """The method called `name`; the error lists the known ones."""
     if name not in METHODS:

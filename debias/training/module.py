@@ -59,7 +59,7 @@ class DebiasModule(LightningModule):
                                    "train": asdict(self.train_args)})
         self.features = list(self.sae_args.features or [])
         self.feature_selection: dict = {"rule": "given in the config"} if self.features else {}
-        from debias.models.load import load_model
+        from debias.models.load import load_model  # looked up at call time: tests stand in for the loader
 
         loaded = load_model(base_model, dtype=dtype)
         self.net, self.tokenizer, self.model_id = loaded.model, loaded.tokenizer, loaded.model_id
@@ -74,17 +74,9 @@ class DebiasModule(LightningModule):
         self.original_keys = list(self.net.state_dict())  # the HF checkpoint's keys, before an edit wraps a layer
         self.groups: tuple[str, ...] = ()  # the bias's groups and their target ids: set by `prepare`
         self.targets: tuple[int, ...] = ()
-        weight = self.net.get_parameter(self.parameter)
         self.numel = sum(self.net.get_parameter(p).numel() for p in self.parameters_edited)
         method = registry.get(self.edit_args.method)
-        if method.name == "lora":
-            from debias.edits.lora import check_lora_rank
-
-            check_lora_rank(self.edit_args.lora_rank, tuple(weight.shape))
-        if method.name == "feature_projection":  # refuse a hook off W_out's output before any SAE build or mask
-            from debias.edits.projection import check_site
-
-            check_site(self.net, self.site, self.parameter)
+        registry.check_network(method.name, self.net, self.site, self.parameter, self.edit_args)
         k, fraction = self.edit_args.k, self.edit_args.fraction
         self.k = resolve_k(self.numel, None if k is not None else fraction, k) if method.kind == "mask" else None
         self.mask: Mask | None = None  # the mask of a masked method, once prepared
@@ -119,8 +111,7 @@ class DebiasModule(LightningModule):
 
         if self.sae is None:
             return
-        for p in self.sae.parameters():
-            p.requires_grad_(False)
+        self.sae.requires_grad_(False)
         if self.sae.cfg.metadata.hook_name != self.site.hook_name:
             raise ValueError(f"the SAE reads {self.sae.cfg.metadata.hook_name!r}, expected {self.site.hook_name!r}")
         check_sae_fits(self.sae, self.net, self.site)
@@ -236,8 +227,7 @@ class DebiasModule(LightningModule):
 
     # ----- training -----
     def train(self, mode: bool = True):
-        """Lightning puts modules in train mode; the frozen network keeps dropout off (GPT-2 has 0.1), so that
-        the original model is deterministic and the fast path applies."""
+        """The frozen network stays in eval mode (no dropout): the original model is deterministic."""
         super().train(mode)
         self.net.eval()
         if self.sae is not None:
@@ -266,22 +256,20 @@ class DebiasModule(LightningModule):
         return loss
 
     def on_train_batch_start(self, batch, batch_idx: int):
-        """A computed weight edit (no parameters, e.g. `feature_projection`) has nothing to train: stop before the
-        first step; `fit` still evaluates and exports it."""
+        """A computed edit (`feature_projection`: no parameters) trains nothing; fit still evaluates and exports it."""
         if not self.delta.parameters():
             self.trainer.should_stop = True
             return -1
-        return None
 
     def configure_optimizers(self):
         params = self.delta.parameters()
-        if not params and registry.get(self.edit_args.method).kind != "inference":
-            say(f"method {self.edit_args.method!r} is computed, not trained: fit evaluates and exports it as built")
-            return None
-        if not params:
+        if params:
+            return torch.optim.Adam(params, lr=self.train_args.lr)
+        if registry.get(self.edit_args.method).kind == "inference":
             raise ValueError(f"method {self.edit_args.method!r} is an inference-time intervention with nothing to "
                              "train; evaluate it with `debias compare` (or DebiasModule.prepare + debias.evaluation)")
-        return torch.optim.Adam(params, lr=self.train_args.lr)
+        say(f"method {self.edit_args.method!r} is computed, not trained: fit evaluates and exports it as built")
+        return None
 
     # ----- held-out evaluation (debias.evaluation aggregates what this returns) -----
     @torch.no_grad()
@@ -329,5 +317,4 @@ class DebiasModule(LightningModule):
 
     def changed_entries(self) -> int:
         """Weights the edit changed (the non-zero delta values of a masked edit)."""
-        count = getattr(self.delta, "nonzero_values", None)
-        return count() if count is not None else self.delta.changed_parameters()
+        return (getattr(self.delta, "nonzero_values", None) or self.delta.changed_parameters)()
