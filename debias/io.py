@@ -47,6 +47,15 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=float))
 
 
+def read_json_object(path: str | Path) -> dict | None:
+    """The JSON object in `path`; None when it is missing, unreadable, torn or not an object (state to recompute)."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

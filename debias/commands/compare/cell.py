@@ -8,7 +8,6 @@ not trained again; a point already in `points.json` is not evaluated again.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from debias.commands.compare.points import (
     validation_summary,
 )
 from debias.edits.scaling import scaled
-from debias.io import atomic_write_json
+from debias.io import atomic_write_json, read_json_object
 
 
 @dataclass
@@ -51,14 +50,6 @@ def fit_args(cell: Cell, config: str, base_args: list[str], out: Path) -> list[s
 
 def _callback(trainer, cls):
     return next(cb for cb in trainer.callbacks if isinstance(cb, cls))
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _train(cli, cell: Cell, out: Path, key: dict, shared: Shared) -> tuple[dict, dict]:
@@ -110,7 +101,7 @@ def run_cell(cell: Cell, config: str, base_args: list[str], out: Path, shared: S
     inference = kind(cell.method) == "inference"
     steps = [0] if inference else settings.steps(int(cli.trainer.max_steps))
     key = {"overrides": cell.overrides, "base_args": base_args, "steps": steps}
-    trained = None if inference else _read(out / cell.name / "trained.json")
+    trained = None if inference else read_json_object(out / cell.name / "trained.json")
     states: dict | None = load_snapshots(out / cell.name / "snapshots.safetensors") if trained else None
     if inference:
         report, states = _attach(module, data, cell, out, shared), {0: None}

@@ -14,7 +14,7 @@ import torch
 
 from debias.edits.scaling import scaled
 from debias.evaluation.heldout import HeldOutAggregate, behaviour_metrics, edit_context, gap_reduction
-from debias.io import atomic_write_json
+from debias.io import atomic_write_json, read_json_object
 
 
 def validation_metrics(module, datamodule, callback, edited: bool = True, original: dict | None = None) -> dict:
@@ -124,11 +124,8 @@ class PointStore:
 
     def __init__(self, path: Path, key: dict):
         self.path, self.key = Path(path), key
-        saved: dict = {}
-        if self.path.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                saved = json.loads(self.path.read_text())
-        fits = isinstance(saved, dict) and saved.get("key") == json.loads(json.dumps(key, default=float))
+        saved = read_json_object(self.path) or {}
+        fits = saved.get("key") == json.loads(json.dumps(key, default=float))
         self.points: dict[str, dict] = saved.get("points", {}) if fits else {}
         self.matched: dict[str, dict] = saved.get("matched", {}) if fits else {}
 

@@ -4,7 +4,6 @@ curve, matched-KL points) and write the results after every cell (an interrupted
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -33,12 +32,13 @@ from debias.commands.compare.grid import (
     shares_mask,
 )
 from debias.edits.lora import check_lora_rank
-from debias.io import atomic_write_json
+from debias.io import atomic_write_json, read_json_object
 
 
 def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seeds, lora_ranks, objectives, seeded,
-                  settings: FrontierSettings):
-    """Features (the config's, or the rule's choice, kept across resumes), cells and their masks."""
+                  settings: FrontierSettings, state: dict):
+    """Features (the config's, or the rule's choice, kept across resumes: `state` is the last `grid.json`), cells and
+    their masks."""
     from debias.commands.fit import build_cli
     from debias.edits.mask import resolve_k
 
@@ -57,8 +57,6 @@ def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seed
             check_lora_rank(rank, shape)
     default_k = resolve_k(numel, None if edit.k is not None else edit.fraction, edit.k)
     counts = entry_counts(k or [1e-4, 1e-3, 1e-2], numel)
-    state_path = out / "grid.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if state.get("config") == config and state.get("base_args") == base_args and state.get("features"):
         module.features = state["features"]
     features = module.choose_features(data)
@@ -71,14 +69,6 @@ def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seed
     selection, max_steps = module.feature_selection, int(cli.trainer.max_steps)
     del module, cli
     return cells, features, selection, max_steps
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _say(message: str) -> None:
@@ -130,9 +120,9 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
     out_dir = Path(out)
     base_args = list(overrides or []) + ([f"--trainer.max_steps={steps}"] if steps else [])
     started = time.time()
-    previous = _read(out_dir / "grid.json") or {}
+    previous = read_json_object(out_dir / "grid.json") or {}
     cells, features, selection, max_steps = _prepare_grid(fit_config, base_args, out_dir, methods, k, seeds,
-                                                          lora_ranks, objectives, seeded, settings)
+                                                          lora_ranks, objectives, seeded, settings, previous)
     if max_steps < 1:
         raise ValueError(f"trainer.max_steps={max_steps}: expected a run of >= 1 steps (--steps)")
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)  # only now: a refused grid leaves no directory
@@ -146,14 +136,14 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
     _say(f"compare: {len(cells)} cells ({trained} trained); {settings.evaluations(max_steps)} evaluations per trained "
          f"cell ({len(settings.steps(max_steps))} snapshots × {len(settings.alphas)} α × validation + held-out, "
          f"{len(settings.kl_levels)} matched), suites at KL {list(settings.suite_levels)}")
-    shared = Shared(before=_read(out_dir / "before.json") if same_grid else None,
-                    validation=_read(out_dir / "validation_before.json") if same_grid else None)
+    shared = Shared(before=read_json_object(out_dir / "before.json") if same_grid else None,
+                    validation=read_json_object(out_dir / "validation_before.json") if same_grid else None)
     results: dict[str, dict] = {}
     bar = tqdm(cells, desc="compare", unit="cell")
     for cell in bar:
         bar.set_postfix_str(cell.name)
         done = out_dir / "cells" / f"{cell.name}.json"
-        saved = _read(done)
+        saved = read_json_object(done)
         if saved and saved["cell"]["overrides"] == cell.overrides and saved.get("base_args") == base_args \
                 and saved.get("frontier") == settings.to_dict():
             results[cell.name] = saved
