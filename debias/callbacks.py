@@ -68,10 +68,13 @@ class ValidationMetrics(Callback):
                 raise ValueError("a ModelCheckpoint monitors val/score, which needs the bias spec's validation split; "
                                  "data.prompt_dir has none: monitor val/kl, or drop the checkpoint's monitor")
         else:
+            from debias.evaluation.base_cache import original_validation
             from debias.training.module import say
 
-            say("scoring the original model on the validation split (val/score compares against it)")
-            self.original = self.behaviour(trainer, pl_module, edited=False)
+            self.original, cached = original_validation(pl_module, datamodule_of(trainer), self.cue_limit,
+                                                        lambda: self.behaviour(trainer, pl_module, edited=False))
+            say(f"scored the original model on the validation split{' (cached)' if cached else ''} "
+                "(val/score compares against it)")
             for logger in trainer.loggers:
                 logger.log_metrics({f"val_original/{k}": v for k, v in self.original.items()}, step=0)
 

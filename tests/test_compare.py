@@ -141,3 +141,27 @@ def test_tiny_grid_is_atomic_resumable_and_exports_each_weight_edit(tmp_path, mo
     assert "cannot become a plain checkpoint" in clamp["checkpoint"] and not (out / "sae_clamp" / "export").exists()
     before = {r["gap_before"] for r in rows.values()}
     assert len(before) == 1  # one base model, evaluated once, for every cell
+
+
+def test_the_multilayer_row_spans_the_sae_layer_and_those_below_inside_the_model():
+    from debias.commands.compare.grid import Cell, cell_overrides, shares_mask
+    from debias.edits.registry import grid_layers
+
+    assert grid_layers("instability_3layers", 24, 30) == [22, 23, 24]
+    assert grid_layers("instability_3layers", 1, 3) == [0, 1]  # offsets outside the model are dropped
+    assert grid_layers("instability", 24, 30) is None
+    with pytest.raises(ValueError, match=r"grid row 'instability_3layers' spans the SAE layer 0 .* leave \[0\]"):
+        grid_layers("instability_3layers", 0, 3)
+    assert not shares_mask("instability_3layers")  # its cell ranks its own joint mask, with the grid's total k
+    args = cell_overrides(Cell("instability_3layers-k20", "instability_3layers", 20), [3], None, [0, 1])
+    assert {"--model.edit.method=instability", "--model.edit.layers=[0, 1]", "--model.edit.k=20"} <= set(args)
+
+
+def test_a_multilayer_cell_trains_one_joint_mask_of_the_grid_s_k(tmp_path):
+    out = tmp_path / "compare"
+    compare_command(TINY, methods=["instability_3layers"], k=[20], objectives=False, steps=2, alphas=[1.0],
+                    kl_levels=[1e-7], suite_levels=[], out=str(out))
+    (row,) = [r for r in _rows(out) if r["point"] == "matched"]
+    assert row["cell"] == "instability_3layers-k20" and row["reached"] == "True"
+    report = json.loads((out / "instability_3layers-k20" / "export" / "debias" / "report.json").read_text())
+    assert report["k"] == 20 and len(report["parameters"]) == 2, report.get("parameters")

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "debias"
 LAYERS = [
     ("debias.config", "debias.io"),
     ("debias.prompts", "debias.bias_spec", "debias.bias_checks", "debias.statements"),
-    ("debias.models",),
+    ("debias.models", "debias.json_store"),
     ("debias.sae", "debias.cda"),
     ("debias.features",),
     ("debias.edits",),

@@ -72,17 +72,34 @@ MethodName = Literal["instability", "random", "bias_gradient", "feature_effect",
 
 @dataclass(frozen=True)
 class Variant:
-    """A grid row that is `method` with `args` (EditArgs fields) fixed."""
+    """A grid row that is `method` with `args` (EditArgs fields) fixed; `layer_offsets`: its mask spans the W_out of
+    the SAE's layer plus these offsets (`model.edit.layers`), those inside the model."""
 
     name: str
     method: str
     args: dict = field(default_factory=dict)
     colour: str = "black"
+    layer_offsets: tuple[int, ...] | None = None
 
 
 GRID_VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("instability_gxw", "instability", {"mask_strategy": "grad_x_weight"}, "tab:orange"),
+    # layers above the SAE's would get no entries: its features do not depend on them
+    Variant("instability_3layers", "instability", colour="darkred", layer_offsets=(-2, -1, 0)),
 )}
+
+
+def grid_layers(name: str, sae_layer: int, total: int) -> list[int] | None:
+    """The layers whose W_out a grid row's mask spans (None: the SAE layer's alone); refuses a row left with one."""
+    offsets = GRID_VARIANTS[name].layer_offsets if name in GRID_VARIANTS else None
+    if offsets is None:
+        return None
+    layers = sorted({sae_layer + o for o in offsets if 0 <= sae_layer + o < total})
+    if len(layers) < 2:
+        raise ValueError(f"grid row {name!r} spans the SAE layer {sae_layer} with offsets {list(offsets)}, which leave "
+                         f"{layers} inside this model's {total} layers; expected at least 2 (drop {name!r} from "
+                         "--methods)")
+    return layers
 
 
 def check_network(name: str, net, site, parameter: str, args) -> None:

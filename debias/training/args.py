@@ -168,6 +168,9 @@ class TrainArgs:
     layers L..N; same result as the plain path, which runs where it does not apply."""
     cache_budget_mb: float = 1024.0
     """Memory the training cache may hold (reference logits cost vocab × 4 bytes per token)."""
+    persist_activations: bool = True
+    """Keep the cached layer-L inputs on disk (`debias.training.upstream_store`), so the next run of the same model
+    skips layers 0..L-1 for every text a run saw before; `$DEBIAS_ACTIVATION_CACHE=0` turns it off too."""
 
     def __post_init__(self):
         problems = _choices("model.train", self)

@@ -27,11 +27,15 @@ import contextlib
 import hashlib
 import inspect
 import logging
-import re
 from typing import cast
 
 import torch
 from torch import nn
+
+from debias.training.args import TrainArgs
+from debias.training.layer_stack import layer_stack
+from debias.training.upstream_store import UpstreamStore, identity
+from debias.training.upstream_store import enabled as store_enabled
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +69,6 @@ def _detach(value):
 def _tensor_key(t: torch.Tensor) -> tuple:
     data = t.detach().to("cpu", copy=False).contiguous()
     return (tuple(t.shape), str(t.dtype), hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest())
-
-
-def layer_stack(net: nn.Module, parameter: str) -> tuple[str, int]:
-    """(path of the decoder-layer `ModuleList`, index of the layer) holding `parameter` (e.g. `model.layers`, 24)."""
-    match = re.match(r"^(.*)\.(\d+)\.", parameter)
-    if not match:
-        raise ValueError(f"{parameter} is not inside a numbered layer stack")
-    path, index = match.group(1), int(match.group(2))
-    if not isinstance(net.get_submodule(path), nn.ModuleList):
-        raise ValueError(f"{path} (parent of {parameter}) is not a ModuleList")
-    return path, index
-
-
-def upstream_of(net: nn.Module, parameter: str, names: list[str]) -> list[str]:
-    """Those of `names` (parameters of `net`) outside the decoder layers at or above the one holding `parameter`.
-
-    The fast path caches that layer's input, so it stays exact while only weights of that layer and above change;
-    any name returned here (an earlier layer, the embeddings, a weight tied to them) changes the cached input.
-    """
-    path, index = layer_stack(net, parameter)
-    inside = re.compile(rf"^{re.escape(path)}\.(\d+)\.")
-    return [name for name in names if not ((match := inside.match(name)) and int(match.group(1)) >= index)]
 
 
 def stochastic(net: nn.Module) -> bool:
@@ -132,9 +114,13 @@ class FastPath:
         budget_mb: memory the cache may hold, upstream activations and reference outputs together.
         upstream: a store of upstream activations to share, e.g. between the cells of `debias compare`, whose
             models differ only at or above layer L (keys hash the inputs, so any text set can share it).
+        persist: keep upstream activations on disk across runs (`debias.training.upstream_store`, unless
+            `$DEBIAS_ACTIVATION_CACHE` is 0): a miss in memory is looked up there before the full forward runs,
+            and a recorded input is written there.
     """
 
-    def __init__(self, net: nn.Module, parameter: str, budget_mb: float = 1024.0, upstream: dict | None = None):
+    def __init__(self, net: nn.Module, parameter: str, budget_mb: float = 1024.0, upstream: dict | None = None,
+                 persist: bool = False):
         self.net = net
         self.budget = int(budget_mb * 2**20)
         self.upstream: dict[tuple, tuple[torch.Tensor, int | None]] = {} if upstream is None else upstream
@@ -143,15 +129,22 @@ class FastPath:
         stack_path, self.layer = layer_stack(net, parameter)
         self.layers = cast(nn.ModuleList, net.get_submodule(stack_path))  # layer_stack checked it is one
         self.stack = net.get_submodule(stack_path.rpartition(".")[0]) if "." in stack_path else net
+        self.hidden_dtype = next(self.layers[self.layer].parameters()).dtype  # what layer L takes in
+        self.store = UpstreamStore(lambda: identity(net, parameter)) if persist and store_enabled() else None
         self._signature = inspect.signature(type(self.stack).forward)
         params = self._signature.parameters.values()
         self._var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
         self._takes_use_cache = "use_cache" in self._signature.parameters or self._var_kw is not None
         self.references: dict = {}
-        self.stats = {"upstream_hits": 0, "upstream_misses": 0, "reference_hits": 0, "reference_misses": 0,
-                      "over_budget": 0, "bypassed": 0}
+        self.stats = {"upstream_hits": 0, "upstream_misses": 0, "stored_hits": 0, "reference_hits": 0,
+                      "reference_misses": 0, "over_budget": 0, "bypassed": 0}
         self._said: set[str] = set()
         self._active = False
+
+    @classmethod
+    def for_training(cls, net: nn.Module, parameter: str, args: TrainArgs, upstream: dict | None = None) -> FastPath:
+        """The fast path of a `DebiasModule` with `model.train` arguments `args` (budget, persistence)."""
+        return cls(net, parameter, args.cache_budget_mb, upstream, persist=args.persist_activations)
 
     # ----- when the fast path applies -----
     @property
@@ -211,15 +204,18 @@ class FastPath:
             else:
                 del self.stack.forward
 
-    def _key(self, args, kwargs) -> tuple | None:
+    def _arguments(self, args, kwargs) -> dict | None:
+        """The stack forward's arguments by name, or None when they do not bind."""
         try:
             bound = self._signature.bind(self.stack, *args, **kwargs).arguments
         except TypeError:
             return None
         extra = bound.pop(self._var_kw, {}) if self._var_kw else {}
         bound.pop("self", None)
-        arguments = {**bound, **extra}
-        if not torch.is_tensor(arguments.get("input_ids")):
+        return {**bound, **extra}
+
+    def _key(self, arguments: dict | None) -> tuple | None:
+        if arguments is None or not torch.is_tensor(arguments.get("input_ids")):
             return None
         if any(arguments.get(name) is not None and arguments.get(name) is not False for name in _UNCACHEABLE):
             return None
@@ -233,11 +229,19 @@ class FastPath:
         return tuple(key)
 
     def _forward(self, original, args, kwargs):
-        key = self._key(args, kwargs)
+        arguments = self._arguments(args, kwargs)
+        key = self._key(arguments)
         if key is None:
             self.stats["bypassed"] += 1
             return original(*args, **kwargs)
         hit = self.upstream.get(key)
+        if hit is None and self.store is not None:
+            ids = cast(dict, arguments)["input_ids"]  # `_key` returned a key: the arguments bound, with input_ids
+            hit = self.store.load(key, ids.device, self.hidden_dtype, tuple(ids.shape))
+            if hit is not None:
+                self.stats["stored_hits"] += 1
+                if self._fits(_nbytes(hit[0])):
+                    self.upstream[key] = hit
         if hit is not None:
             self.stats["upstream_hits"] += 1
             standin = _Standin(*hit)
@@ -266,6 +270,8 @@ class FastPath:
                 tuple_len = len(out) if isinstance(out, (tuple, list)) else None
                 if self._fits(_nbytes(value)):
                     self.upstream[key] = (value, tuple_len)
+                    if self.store is not None:
+                        self.store.save(key, value, tuple_len)
 
     # ----- original-model outputs -----
     def reference(self, key, compute):

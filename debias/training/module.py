@@ -23,7 +23,8 @@ from debias.edits.state_diff import StateDiffEdit
 from debias.models import hooks
 from debias.models.scoring import real_token_mask, target_ids
 from debias.training.args import EditArgs, SAEArgs, TrainArgs, check_dtype
-from debias.training.cache import FastPath, upstream_of
+from debias.training.cache import FastPath
+from debias.training.layer_stack import upstream_of
 from debias.training.objective import ObjectiveWeights, loss_terms, token_kl
 
 
@@ -171,13 +172,10 @@ class DebiasModule(LightningModule):
         datamodule.setup("fit")
         self.ensure_sae()
         if not self.features:
-            from debias.features.select import select_features
+            from debias.features.choice_cache import choose_features
 
-            self.features = select_features(self.net, self.tokenizer, self.sae, self.site,
-                                            n=self.sae_args.n_features, prompt_dir=datamodule.hparams.prompt_dir,
-                                            record=self.feature_selection, bias=datamodule.hparams.bias,
-                                            target=self.sae_args.feature_target)
-            say(f"selected features {self.features} ({self.feature_selection['rule']})")
+            self.features, how = choose_features(self, datamodule, record=self.feature_selection)  # cached per model
+            say(f"selected features {self.features} ({how})")
         return self.features
 
     def attach_edit(self, edit) -> None:
@@ -204,7 +202,7 @@ class DebiasModule(LightningModule):
         if self.train_args.cache_activations and not upstream:
             # The cached input is that of the lowest layer the forward must run: an edited one, or the SAE's hook.
             anchor = self.parameter if self.site.layer < self.layers_edited[0] else self.parameters_edited[0]
-            self.fastpath = FastPath(self.net, anchor, self.train_args.cache_budget_mb, self.shared_upstream)
+            self.fastpath = FastPath.for_training(self.net, anchor, self.train_args, self.shared_upstream)
 
     @torch.no_grad()
     def mean_feature_acts(self, batches: list[dict]) -> torch.Tensor:

@@ -57,8 +57,14 @@ class Cell:
     overrides: list[str] = field(default_factory=list)
 
 
-#: Methods run once per seed by default: those whose edit a seed draws (the seed also orders their training data).
-SEEDED = tuple(m for m in ("random", "random_features") if m in GRID_METHODS)
+#: The grid's rows when `--methods` is not given: the questions of docs/compare-results.md (SAE-guided masks against
+#: the bias's own gradient and against random controls), a LoRA, a multi-layer mask, the training-free projection and
+#: the inference-time interventions. The others (`dense`, `instability_gxw`) are a `--methods` away.
+DEFAULT_METHODS = ("instability", "bias_gradient", "feature_effect", "random", "random_features", "lora",
+                   "instability_3layers", "feature_projection", "sae_clamp", "steering_vector")
+#: Methods run once per seed by default: the one-matrix masks, compared with seed spread (a seed orders the training
+#: data, and draws the mask of `random` and the latents of `random_features`).
+SEEDED = ("instability", "bias_gradient", "feature_effect", "random", "random_features")
 #: Where a grid computes a mask itself, from one shared gradient; a method ranked by anything else computes its own.
 SHARED_MASK_SOURCES = ("feature", "bias", "random")
 
@@ -120,11 +126,14 @@ def plan(methods: list[str], counts: list[int], default_k: int, seeds: list[int]
     return cells
 
 
-def cell_overrides(cell: Cell, features: list[int], mask_path: Path | None) -> list[str]:
-    """`debias fit` arguments that turn the config into this cell."""
+def cell_overrides(cell: Cell, features: list[int], mask_path: Path | None,
+                   layers: list[int] | None = None) -> list[str]:
+    """`debias fit` arguments that turn the config into this cell (`layers`: its mask's, `registry.grid_layers`)."""
     method, fixed = registry.grid_entry(cell.method)
     args = [f"--model.edit.method={method.name}", f"--model.sae.features={json.dumps(features)}"]
     args += [f"--model.edit.{key}={value}" for key, value in fixed.items()]
+    if layers is not None:
+        args.append(f"--model.edit.layers={json.dumps(layers)}")
     if mask_path is not None:
         args.append(f"--model.edit.mask_path={mask_path}")
     elif kind(cell.method) == "mask" and cell.k is not None:  # a method that computes its own mask (`shares_mask`)
@@ -179,8 +188,9 @@ def grid_masks(module, datamodule, cells: list[Cell], out: Path) -> dict[str, Pa
 
 
 def shares_mask(method: str) -> bool:
-    """Whether the grid computes this row's mask (`grid_masks`); otherwise its cell computes its own."""
-    return kind(method) == "mask" and registry.grid_entry(method)[0].mask_from in SHARED_MASK_SOURCES
+    """Whether the grid computes this row's mask (`grid_masks`, one matrix); otherwise its cell computes its own."""
+    multilayer = method in registry.GRID_VARIANTS and registry.GRID_VARIANTS[method].layer_offsets is not None
+    return kind(method) == "mask" and not multilayer and registry.grid_entry(method)[0].mask_from in SHARED_MASK_SOURCES
 
 
 def mask_name(cell: Cell) -> str:

@@ -21,7 +21,7 @@ from debias.commands.compare.frontier import (
     FrontierSettings,
 )
 from debias.commands.compare.grid import (
-    GRID_METHODS,
+    DEFAULT_METHODS,
     cell_overrides,
     check_request,
     entry_counts,
@@ -40,6 +40,8 @@ def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seed
     """Features (the config's, or the rule's choice, kept across resumes: `state` is the last `grid.json`), cells and
     their masks."""
     from debias.commands.fit import build_cli
+    from debias.edits import registry
+    from debias.edits.joint import n_layers
     from debias.edits.mask import resolve_k
 
     cli = build_cli(["--config", config, *base_args], run=False)
@@ -56,16 +58,18 @@ def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seed
         for rank in lora_ranks:
             check_lora_rank(rank, shape)
     default_k = resolve_k(numel, None if edit.k is not None else edit.fraction, edit.k)
-    counts = entry_counts(k or [1e-4, 1e-3, 1e-2], numel)
+    counts = entry_counts(k or [default_k], numel)
     if state.get("config") == config and state.get("base_args") == base_args and state.get("features"):
         module.features = state["features"]
     features = module.choose_features(data)
     cells = plan(methods, counts, default_k, seeds, lora_ranks, objectives, seeded)
+    total = n_layers(module.net)
+    layers = {c.name: registry.grid_layers(c.method, module.site.layer, total) for c in cells}  # refused before masks
     finished = {c.name for c in cells if (out / "cells" / f"{c.name}.json").is_file()}
     masks = grid_masks(module, data, [c for c in cells if c.name not in finished], out)
     for cell in cells:
         mask = masks.get(mask_name(cell), out / "masks" / f"{mask_name(cell)}.safetensors")  # finished: on disk
-        cell.overrides = cell_overrides(cell, features, mask if shares_mask(cell.method) else None)
+        cell.overrides = cell_overrides(cell, features, mask if shares_mask(cell.method) else None, layers[cell.name])
     selection, max_steps = module.feature_selection, int(cli.trainer.max_steps)
     del module, cli
     return cells, features, selection, max_steps
@@ -77,7 +81,7 @@ def _say(message: str) -> None:
 
 def compare_command(fit_config: str, methods: list[str] | None = None,
                     k: list[float] | None = None, seeds: Sequence[int] = (0, 1, 2), seeded: list[str] | None = None,
-                    lora_ranks: Sequence[int] = (1, 8), objectives: bool = True, out: str = "runs/compare",
+                    lora_ranks: Sequence[int] = (8,), objectives: bool = False, out: str = "runs/compare",
                     steps: int | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
                     snapshot_every: int = DEFAULT_SNAPSHOT_EVERY, kl_levels: Sequence[float] = DEFAULT_KL_LEVELS,
                     suite_levels: Sequence[float] | None = None,
@@ -91,14 +95,15 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
 
     Args:
         fit_config: a `debias fit` YAML config (model, SAE, features, objective, steps, data).
-        methods: rows of the grid: the methods of `debias.edits.registry` and its grid variants (default: all).
-        k: mask sizes for the masked methods, as fractions of W_out (< 1) or entry counts (default: 0.01%, 0.1%, 1%).
+        methods: rows of the grid: the methods of `debias.edits.registry` and its grid variants (default:
+            `grid.DEFAULT_METHODS`, every method but `dense`, with the multi-layer variant).
+        k: mask sizes for the masked methods, as fractions of W_out (< 1) or entry counts (default: the config's).
         seeds: the seeds of the `seeded` methods: the random mask's draw and the order of the training data.
-        seeded: methods run once per seed (default: random, and random_features where registered); the report
-            gives mean ± sd over seeds.
+        seeded: methods run once per seed (default: the one-matrix masks, `grid.SEEDED`); the report gives
+            mean ± sd over seeds.
         lora_ranks: ranks of the `lora` cells.
         objectives: also run the objective ablation (each removal term alone + KL) for instability, random and
-            bias_gradient at the config's k.
+            bias_gradient at the config's k (off by default).
         out: output directory (results.csv, results.md, results.json, pareto.png, one directory per cell).
         steps: training steps per cell (default: the config's trainer.max_steps).
         alphas: scales of each snapshot's edit evaluated (all > 0; α = 0, the original model, is every curve's
@@ -111,7 +116,7 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
     """
     from debias.commands.compare.report import write_results
 
-    methods = list(methods or GRID_METHODS)
+    methods = list(methods or DEFAULT_METHODS)
     seeds, lora_ranks = list(seeds), list(lora_ranks)
     if suite_levels is None:
         suite_levels = [max(kl_levels)] if kl_levels and all(isinstance(v, (int, float)) for v in kl_levels) else []
