@@ -122,7 +122,7 @@ def test_cue_margin_sign_convention(tok):
 
 # --- batching / padding ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen2", "mistral"])
 def test_next_token_logprobs_padding_matches_unbatched(tok, family):
     model = tiny_model(family)
     prompts = ["The nurse said that", "My brother, a carpenter, said that", "Hi", "The pilot told me that"]
@@ -133,11 +133,12 @@ def test_next_token_logprobs_padding_matches_unbatched(tok, family):
             batched = next_token_logprobs(model, tok, prompts, batch_size=3)
             assert batched.dtype == torch.float32 and batched.shape == (4, len(tok))
             torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
-    # the last real token, unbatched, by hand
-    ids = tok(prompts[1], return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits[0, -1].log_softmax(-1)
-    torch.testing.assert_close(single[1], ref, atol=1e-5, rtol=1e-5)
+    # the last real token, unbatched and with every position's logits (no `logits_to_keep`), by hand
+    for i, prompt in enumerate(prompts):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits[0, -1].log_softmax(-1)
+        torch.testing.assert_close(single[i], ref, atol=1e-5, rtol=1e-5)
 
 
 # --- prompt files ----------------------------------------------------------------------------------------------

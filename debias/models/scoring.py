@@ -9,6 +9,7 @@ With two groups that is mean_female(she - he) - mean_male(she - he), bit for bit
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,12 @@ def pronoun_ids(tokenizer, female: str = " she", male: str = " he") -> tuple[int
     return ids[0], ids[1]
 
 
+def _takes_logits_to_keep(model) -> bool:
+    """Whether `model`'s forward takes HF's `logits_to_keep` (by name, or through **kwargs as PEFT's wrappers do)."""
+    params = inspect.signature(model.forward).parameters
+    return "logits_to_keep" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def next_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
     """Log-softmax [n, vocab] (float32) of the next token after the last real token of each prompt.
 
@@ -83,7 +90,7 @@ def next_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 
     encoded = tokenizer(list(prompts))["input_ids"]
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("a prompt tokenizes to zero tokens")
-    out = []
+    out, keeps_logits = [], _takes_logits_to_keep(model)
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
         width = max(len(ids) for ids in chunk)
@@ -95,9 +102,15 @@ def next_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 
             mask[row, sl] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         last = width - 1 - mask.flip(-1).argmax(-1)  # index of the last real token, either padding side
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device)).logits
-        picked = logits[torch.arange(len(chunk), device=logits.device), last.to(logits.device)]
+        # Only the last real position goes through the unembedding (vocab × hidden per token: most of the cost);
+        # a model without `logits_to_keep`, or one that ignores it, returns every position, picked from as well.
+        keep = {"logits_to_keep": last[:, None].to(device)} if keeps_logits else {}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       **keep).logits
+        if logits.shape[1] == 1 and width > 1:
+            picked = logits[:, 0]
+        else:
+            picked = logits[torch.arange(len(chunk), device=logits.device), last.to(logits.device)]
         out.append(picked.float().log_softmax(-1))
     return torch.cat(out)
 

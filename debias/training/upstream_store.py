@@ -47,7 +47,7 @@ FORMAT = 1
 PACKAGE = Path(__file__).resolve().parents[1]
 #: Sources that run the forward up to layer L; a change to any of them is a new identity.
 CODE_FILES = ("training/cache.py", "training/upstream_store.py", "training/layer_stack.py", "models/load.py",
-              "models/hooks.py", "models/scoring.py")
+              "models/hooks.py")
 
 
 def enabled() -> bool:
