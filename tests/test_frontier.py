@@ -117,8 +117,8 @@ def test_snapshots_round_trip_and_an_unreadable_file_means_train_again(tmp_path)
     assert all(torch.equal(loaded[s][k], states[s][k]) for s in (20, 40) for k in states[s])
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "snapshots.safetensors").read_bytes()[:20])
     assert load_snapshots(tmp_path / "cut.safetensors") is None and load_snapshots(tmp_path / "none") is None
-    assert FrontierSettings(snapshot_every=20).steps(40) == [20, 40] and FrontierSettings(snapshot_every=20).steps(30) == [20, 30]
-    assert FrontierSettings().evaluations(40) == 2 * 2 * 4 + 2  # the defaults: 18 per trained cell
+    assert FrontierSettings(snapshot_every=20).steps(40) == [20, 40] and FrontierSettings().steps(30) == [30]
+    assert FrontierSettings().evaluations(40) == 1 * 3 * 2 + 2  # the defaults: 8 per trained cell
 
 
 # ----- matched KL: interpolation and the choice, on validation only -----

@@ -182,3 +182,29 @@ def test_real_corpus_is_deduplicated_fixed_and_split(monkeypatch):
     assert len(train) + len(val) == len(texts) and not set(train[:2000]) & set(val)
     assert 0.02 < len(val) / len(texts) < 0.08
     assert set(corpus.file_hashes()) == {rel for rel, _ in corpus.SOURCES}
+
+
+def test_bfloat16_compute_is_its_own_build_and_reaches_the_float32_quality(lm, built, tmp_path):
+    import dataclasses
+    import hashlib
+
+    plain = settings()
+    fields = dataclasses.asdict(plain)
+    del fields["compute_dtype"], fields["bias_prompt_file"]
+    fields["bias_prompt_file"] = hashlib.sha256(plain.bias_prompt_path().read_bytes()).hexdigest()
+    # builds made before compute_dtype existed keep their key (and their cache entry)
+    assert plain.key() == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    assert settings(compute_dtype="bfloat16").key() != plain.key()
+    with pytest.raises(ValueError, match=r"compute_dtype must be 'float32' or 'bfloat16', got 'float16'"):
+        settings(compute_dtype="float16")
+    model, tok = lm
+    ids = corpus.token_sequences(tok, _synthetic_texts()[:40], 32, 512)
+    real = corpus.non_special_tokens(tok, ids)
+    exact = corpus.capture_activations(model, hooks.resolve_hook(model, HOOK, tok), ids, real)
+    half = corpus.capture_activations(model, hooks.resolve_hook(model, HOOK, tok), ids, real, autocast=True)
+    assert half.dtype == torch.float32 and half.shape == exact.shape
+    assert not torch.equal(half, exact)  # the forward did run in bfloat16 ...
+    assert (half - exact).norm() / exact.norm() < 0.05  # ... to bfloat16's precision
+    metrics = train_sae(model, tok, settings(compute_dtype="bfloat16"), tmp_path / "bf16", model_id="tiny-llama")
+    assert metrics["explained_variance"] > built[1]["explained_variance"] - 0.05, (metrics["explained_variance"],
+                                                                                  built[1]["explained_variance"])

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -50,6 +50,10 @@ class SAETrainSettings:
     ce_tokens: int = 4_096  # the first ones of those also get the three full forwards of CE-loss-recovered
     capture_batch: int = 16  # sequences per model forward
     bias_prompt_file: str | None = str(PACKAGED_BIAS_TRAIN)  # train bias prompts added to the corpus (None: none)
+    # bfloat16: the capture's forward and the SAE's steps run under torch.autocast (CPUs with AMX / AVX-512 BF16 run
+    # its matmuls several times faster); the activations are kept in float32 and the SAE's weights stay float32.
+    # scripts/sae_build_profile.py measures speed and explained variance of both; docs/guide.md has the numbers.
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
         for name in ("d_sae", "k", "n_tokens", "seq_len", "batch_size", "val_tokens", "ce_tokens", "capture_batch"):
@@ -57,6 +61,9 @@ class SAETrainSettings:
                 raise ValueError(f"SAETrainSettings.{name} must be positive, got {getattr(self, name)}")
         if self.k > self.d_sae:
             raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"SAETrainSettings.compute_dtype must be 'float32' or 'bfloat16', "
+                             f"got {self.compute_dtype!r}")
         if self.epochs <= 0:
             raise ValueError(f"SAETrainSettings.epochs must be positive, got {self.epochs}")
         if self.bias_prompt_file is not None:
@@ -76,6 +83,8 @@ class SAETrainSettings:
     def key(self) -> str:
         """Hash of the settings; the bias prompt file counts by content, not path."""
         fields = dataclasses.asdict(self)
+        if self.compute_dtype == "float32":  # added later: builds from before it keep their key
+            del fields["compute_dtype"]
         if self.bias_prompt_file is not None:
             fields["bias_prompt_file"] = hashlib.sha256(self.bias_prompt_path().read_bytes()).hexdigest()
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
@@ -126,7 +135,7 @@ def fit_topk_sae(acts: torch.Tensor, settings: SAETrainSettings, model_name: str
         total_training_samples=steps * settings.batch_size, train_batch_size_samples=settings.batch_size,
         lr=settings.lr, lr_end=settings.lr, lr_warm_up_steps=max(1, steps // 20), lr_decay_steps=steps // 5,
         dead_feature_window=max(1, DEAD_WINDOW_TOKENS // settings.batch_size), feature_sampling_window=steps + 1,
-        device="cpu",
+        device="cpu", autocast=settings.compute_dtype == "bfloat16",
     )
     trainer = SAETrainer(trainer_cfg, sae, _batches(acts, settings.batch_size, settings.seed))
     trainer.activation_scaler.scaling_factor = scale  # folded into the weights at the end of fit()
@@ -153,7 +162,8 @@ def train_sae(model, tokenizer, settings: SAETrainSettings, out_dir: str | Path,
     val_ids = corpus.token_sequences(tokenizer, corpus.split_passages("validation"), settings.seq_len,
                                      settings.val_tokens)
     acts = capture_activations(model, site, train_ids, corpus.non_special_tokens(tokenizer, train_ids),
-                               settings.capture_batch, desc=f"capture {settings.hook_name}")
+                               settings.capture_batch, desc=f"capture {settings.hook_name}",
+                               autocast=settings.compute_dtype == "bfloat16")
     capture_s = time.perf_counter() - start
 
     sae, trainer = fit_topk_sae(acts, settings, model_id or getattr(model.config, "name_or_path", ""),

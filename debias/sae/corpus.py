@@ -123,12 +123,14 @@ def non_special_tokens(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def capture_activations(model, site: hooks.HookSite, input_ids: torch.Tensor, real: torch.Tensor,
-                        batch: int = 16, desc: str = "capture") -> torch.Tensor:
-    """Hooked activations at real tokens, float32 [n_real, d], for input_ids / real [n_seq, seq_len]."""
+                        batch: int = 16, desc: str = "capture", autocast: bool = False) -> torch.Tensor:
+    """Hooked activations at real tokens, float32 [n_real, d], for input_ids / real [n_seq, seq_len]; with
+    `autocast`, the forward runs under bfloat16 autocast."""
     device = next(model.parameters()).device
     chunks = []
     for start in tqdm(range(0, len(input_ids), batch), desc=desc, unit="batch", file=sys.stderr):
         ids = input_ids[start:start + batch]
-        acts = hooks.forward_until(model, site, input_ids=ids.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            acts = hooks.forward_until(model, site, input_ids=ids.to(device))
         chunks.append(acts[real[start:start + batch].to(device)].float().cpu())
     return torch.cat(chunks)

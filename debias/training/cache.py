@@ -14,7 +14,9 @@ reference log-probs of the KL terms, the feature-ablated logits of the `ablation
 - **reference** (`reference(key, compute)`): outputs of the original model (delta off, no grad) per text batch,
   e.g. neutral-text logits (vocab × 4 bytes per token).
 
-Both share one budget (`budget_mb`); what does not fit is recomputed (the plain path), with the same result. The
+Both share one budget (`budget_mb`); what does not fit is recomputed (the plain path), with the same result. With
+`persist`, upstream activations are also kept on disk (`debias.training.upstream_store`), so a later run of the same
+model finds them there. The
 fast path switches itself off (plain path, one log line) for model families it has not been tested on, when a
 dropout is active in the network (the cache would freeze one noise draw), under FSDP (ranks must run the same
 collectives, so none may skip layers the others run), and for forwards it cannot key (input embeddings, a KV cache,
