@@ -18,7 +18,7 @@ TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
 def test_cells_are_named_by_entry_count_seed_rank_and_objective():
     names = [c.name for c in plan(["instability", "random", "dense", "lora", "sae_clamp"], [88, 884], 884,
-                                  seeds=[0, 1], lora_ranks=[1, 8], objectives=True)]
+                                  seeds=[0, 1], lora_ranks=[1, 8], objectives=True, seeded=["random"])]
     assert names[:6] == ["instability-k88", "instability-k884", "random-k88-seed0", "random-k88-seed1",
                          "random-k884-seed0", "random-k884-seed1"]
     assert {"dense", "lora-r1", "lora-r8", "instability-k884-obj-feature", "random-k884-seed0-obj-ablation"} <= set(names)
@@ -36,6 +36,13 @@ def test_a_cell_gets_the_grid_s_mask_or_its_own_k_and_a_seed_orders_its_data():
     for method in own:
         args = cell_overrides(Cell(f"{method}-k20", method, 20), [3], None)
         assert "--model.edit.k=20" in args and not any("mask_path" in a for a in args)
+
+
+def test_by_default_every_one_matrix_mask_runs_once_per_seed():
+    names = [c.name for c in plan(["instability", "bias_gradient", "lora", "sae_clamp"], [88], 88, seeds=[0, 1],
+                                  lora_ranks=[8], objectives=False)]
+    assert names == ["instability-k88-seed0", "instability-k88-seed1", "bias_gradient-k88-seed0",
+                     "bias_gradient-k88-seed1", "lora-r8", "sae_clamp"]
 
 
 def test_fractions_become_entry_counts():
@@ -88,7 +95,7 @@ def _rows(out: Path) -> list[dict]:
 def test_tiny_grid_is_atomic_resumable_and_exports_each_weight_edit(tmp_path, monkeypatch):
     out = tmp_path / "compare"
     low, clamp_level = 1e-7, 5e-4  # every tiny cell reaches the first; sae_clamp the second (its KL is ~1e-3)
-    args = dict(methods=["instability", "random", "lora", "sae_clamp"], k=[20], seeds=[0], lora_ranks=[1],
+    args = dict(methods=["instability", "random", "lora", "sae_clamp"], k=[20], seeds=[0], seeded=["random"], lora_ranks=[1],
                 objectives=False, steps=2, alphas=[1.0], kl_levels=[low, clamp_level], suite_levels=[clamp_level],
                 out=str(out))
     real_run_cell, calls = debias.commands.compare.run.run_cell, []
