@@ -164,7 +164,8 @@ class UpstreamStore:
         try:
             if self._stored is None:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                (self.directory / "identity.json").write_text(json.dumps(self.identity, indent=1, default=str))
+                # for people reading the cache; the code checks each entry's own metadata instead
+                atomic_write(self.directory / "identity.json", json.dumps(self.identity, indent=1, default=str))
                 self._stored = sum(p.stat().st_size for p in self.root.rglob("*.safetensors"))
             if self._stored + len(data) > self.limit:
                 self.writable = False
