@@ -29,9 +29,9 @@ from debias.models.load import cache_dir
 ENV = "DEBIAS_EVAL_CACHE"
 
 
-def enabled() -> bool:
-    """False when `$DEBIAS_EVAL_CACHE` is 0 / false / no / off."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+def enabled(env: str = ENV) -> bool:
+    """False when `$env` (default `$DEBIAS_EVAL_CACHE`) is 0 / false / no / off."""
+    return os.environ.get(env, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 _warned: set[str] = set()
@@ -57,7 +57,8 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().data)  # the bytes in place, not a copy
     return h.hexdigest()
 
 

@@ -106,3 +106,14 @@ def assert_export_consistent(out, base_path) -> dict:
     for name, value in forms.items():
         torch.testing.assert_close(value, forms["merged"], rtol=1e-5, atol=1e-5, msg=f"{name} != merged in {out}")
     return forms
+
+
+def copy_sources(package, patterns, dest):
+    """A copy of `package`'s files matching `patterns` under `dest`, to edit without touching the real sources."""
+    import shutil
+
+    for pattern in patterns:
+        for path in package.glob(pattern):
+            (dest / path.relative_to(package)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, dest / path.relative_to(package))
+    return dest

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_data, make_module, make_trainer
+from conftest import copy_sources, make_data, make_module, make_trainer
 
 import debias.evaluation.base_cache as base_cache
 import debias.evaluation.evaluate
@@ -98,11 +98,7 @@ def test_an_edited_bias_spec_is_a_new_entry(prepared, cache, counted, tmp_path):
 def test_the_code_version_follows_the_sources(prepared, tmp_path, monkeypatch):
     """The key holds a hash of the sources that compute the numbers: an edit of one of them is another key."""
     module, data = prepared
-    copy = tmp_path / "debias"
-    for pattern in base_cache.CODE_FILES:
-        for path in base_cache.PACKAGE.glob(pattern):
-            (copy / path.relative_to(base_cache.PACKAGE)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, copy / path.relative_to(base_cache.PACKAGE))
+    copy = copy_sources(base_cache.PACKAGE, base_cache.CODE_FILES, tmp_path / "debias")
     monkeypatch.setattr(base_cache, "PACKAGE", copy)
     base_cache.code_version.cache_clear()
     try:

@@ -9,7 +9,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from conftest import make_data, make_module
+from conftest import copy_sources, make_data, make_module
 
 import debias.features.select
 from debias.features import choice_cache
@@ -100,11 +100,7 @@ def test_another_selection_setting_misses(chooser, cache, selections, monkeypatc
 @pytest.mark.parametrize("source", ["features/select.py", "features/attribution.py", "sae/ops.py"])
 def test_the_selection_sources_are_in_the_key(chooser, cache, monkeypatch, tmp_path, source):
     module, data = chooser
-    copy = tmp_path / "debias"
-    for pattern in choice_cache.CODE_FILES:
-        for path in choice_cache.PACKAGE.glob(pattern):
-            (copy / path.relative_to(choice_cache.PACKAGE)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, copy / path.relative_to(choice_cache.PACKAGE))
+    copy = copy_sources(choice_cache.PACKAGE, choice_cache.CODE_FILES, tmp_path / "debias")
     monkeypatch.setattr(choice_cache, "PACKAGE", copy)
     before = choice_cache.choice_key(module, data)
     (copy / source).write_text((copy / source).read_text() + "\n# another version\n")

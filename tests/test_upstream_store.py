@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import make_data, make_module
 
+from debias import json_store
 from debias.evaluation.evaluate import evaluate_model
 from debias.training import upstream_store
 
@@ -66,7 +67,7 @@ def test_weights_changed_below_the_layer_are_another_identity(store_on):
 def test_another_code_version_is_another_identity(store_on, monkeypatch):
     data = make_data(max_texts=8)
     first, _ = _evaluated(data)
-    monkeypatch.setattr(upstream_store, "package_versions", lambda names: {n: "0.0-other" for n in names})
+    monkeypatch.setattr(json_store, "package_versions", lambda names: {n: "0.0-other" for n in names})
     second, _ = _evaluated(data)
     assert second.fastpath.store.digest != first.fastpath.store.digest
     assert second.fastpath.stats["stored_hits"] == 0

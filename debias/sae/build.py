@@ -12,7 +12,6 @@ import json
 import math
 import platform
 import re
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from debias.io import atomic_dir
+from debias.json_store import warn
 from debias.models import hooks
 from debias.models.load import cache_dir
 from debias.sae import corpus
@@ -192,10 +192,6 @@ def train_sae(model, tokenizer, settings: SAETrainSettings, out_dir: str | Path,
     return metrics
 
 
-def _warn(message: str) -> None:
-    print(f"debias: warning: {message}", file=sys.stderr, flush=True)
-
-
 def _complete(path: Path, settings: SAETrainSettings) -> bool:
     """Whether `path` holds a finished build of `settings` (its `metrics.json` is written last); warns when the record
     exists but cannot be read or is not this build's."""
@@ -205,10 +201,10 @@ def _complete(path: Path, settings: SAETrainSettings) -> bool:
     try:
         key = json.loads(record.read_bytes()).get("settings_key")
     except (OSError, ValueError, AttributeError) as err:
-        _warn(f"the SAE build record {record} cannot be read ({err}); building the SAE again")
+        warn(f"the SAE build record {record} cannot be read ({err}); building the SAE again")
         return False
     if key is not None and key != settings.key():  # builds older than the record's key have none
-        _warn(f"the SAE build record {record} is for settings {key!r}, not {settings.key()!r}; building it again")
+        warn(f"the SAE build record {record} is for settings {key!r}, not {settings.key()!r}; building it again")
         return False
     return True
 
@@ -219,7 +215,7 @@ def _writable(directory: Path) -> bool:
         with tempfile.TemporaryFile(dir=directory):
             return True
     except OSError as err:
-        _warn(f"cannot write the SAE cache in {directory} ({err}); this run builds the SAE into a temporary "
+        warn(f"cannot write the SAE cache in {directory} ({err}); this run builds the SAE into a temporary "
               "directory, and the next run builds it again")
         return False
 

@@ -8,7 +8,7 @@ identity names what that input depends on, so another model, dtype, device, laye
   embeddings too), so a network changed in memory after loading gets its own entries;
 - the model's config (the attention implementation included), the layer and its stack, the dtype and the device
   type;
-- the torch and transformers versions and the sources of the forward's callers (`CODE_FILES`).
+- the package and library versions and the sources of the forward's callers (`CODE_FILES`).
 
 No wrong activation is ever used: each entry is written atomically (`debias.io.atomic_write`) and holds its own key
 and identity; one that cannot be read, was written for another key or identity, or whose shape or dtype is not that
@@ -26,7 +26,6 @@ import functools
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -36,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
-from debias.config import package_versions
+from debias import json_store
 from debias.io import atomic_write
 from debias.models.load import cache_dir
 from debias.training.layer_stack import layer_stack, upstream_of
@@ -52,7 +51,7 @@ CODE_FILES = ("training/cache.py", "training/upstream_store.py", "training/layer
 
 def enabled() -> bool:
     """False when `$DEBIAS_ACTIVATION_CACHE` is 0 / false / no / off."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return json_store.enabled(ENV)
 
 
 def _limit_bytes() -> int:
@@ -64,33 +63,17 @@ def _limit_bytes() -> int:
     return int(gb * 2**30)
 
 
-def _warn(message: str) -> None:
-    print(f"debias: warning: {message}", file=sys.stderr, flush=True)
-
-
-def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
-    data = t.detach().to("cpu").contiguous()
-    h.update(f"{name}:{tuple(data.shape)}:{data.dtype}\0".encode())
-    if data.numel():
-        h.update(data.view(torch.uint8).numpy().data)
-
-
 def identity(net: nn.Module, parameter: str) -> dict:
     """What the input of the layer holding `parameter` depends on besides the forward's inputs (module docstring)."""
     stack, index = layer_stack(net, parameter)
     tensors = {**dict(net.named_buffers()), **dict(net.named_parameters())}
-    h = hashlib.sha256()
-    for name in sorted(upstream_of(net, parameter, list(tensors))):
-        _hash_tensor(h, name, tensors[name])
+    below = json_store.tensor_digest({name: tensors[name] for name in upstream_of(net, parameter, list(tensors))})
     config = getattr(net, "config", None)
-    code = hashlib.sha256()
-    for rel in CODE_FILES:
-        code.update(rel.encode() + b"\0" + (PACKAGE / rel).read_bytes() + b"\0")
-    return {"format": FORMAT, "weights_below": h.hexdigest(), "layer": f"{stack}.{index}",
+    return {"format": FORMAT, "weights_below": below, "layer": f"{stack}.{index}",
             "device": next(cast(nn.ModuleList, net.get_submodule(stack))[index].parameters()).device.type,
             "config": json.loads(config.to_json_string()) if config is not None else None,
             "attn_implementation": getattr(config, "_attn_implementation", None),
-            "versions": package_versions(("torch", "transformers")), "sources": code.hexdigest()}
+            "code": json_store.code_version(PACKAGE, CODE_FILES)}
 
 
 def _key_digest(key: tuple) -> str:
@@ -118,7 +101,7 @@ class UpstreamStore:
 
     @functools.cached_property
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        return json_store.digest(self.identity)[:32]
 
     @property
     def directory(self) -> Path:
@@ -152,7 +135,7 @@ class UpstreamStore:
 
     def _reject(self, path: Path, why: str) -> None:
         self.stats["rejected"] += 1
-        _warn(f"the activation cache entry {path} {why}; recomputing it")
+        json_store.warn(f"the activation cache entry {path} {why}; recomputing it")
 
     def save(self, key: tuple, value: torch.Tensor, tuple_len: int | None) -> None:
         """Store `value` for `key`; a cache that cannot take it warns once and is not written again this run."""
@@ -169,14 +152,14 @@ class UpstreamStore:
                 self._stored = sum(p.stat().st_size for p in self.root.rglob("*.safetensors"))
             if self._stored + len(data) > self.limit:
                 self.writable = False
-                _warn(f"the activation cache {self.root} holds {self._stored / 2**30:.1f} GB, its limit "
+                json_store.warn(f"the activation cache {self.root} holds {self._stored / 2**30:.1f} GB, its limit "
                       f"(${ENV_GB}, default {DEFAULT_GB:g}); new activations are not stored. Remove old entries "
                       f"(rm -r {self.root}) or raise the limit")
                 return
             atomic_write(path, data)
         except OSError as err:
             self.writable = False
-            _warn(f"cannot write the activation cache {path} ({err}); continuing without storing activations")
+            json_store.warn(f"cannot write the activation cache {path} ({err}); continuing without storing activations")
             return
         self._stored += len(data)
         self.stats["written"] += 1
