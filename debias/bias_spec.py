@@ -39,6 +39,10 @@ tomorrow really much more most once twice already still also just only even ever
 """.split())
 
 
+#: A bias spec larger than this is refused before it is parsed (the shipped ones are about 40 KB).
+MAX_SPEC_BYTES = 4_000_000
+
+
 def default_bias_dir() -> Path:
     """The bias specs shipped with the package."""
     return Path(__file__).resolve().parent / "data" / "biases"
@@ -51,6 +55,7 @@ class FactualStatement:
     prompt: str
     target: str
     group: str
+    kind: str = ""  # what sort of fact ("kinship", "title", ...): optional, for per-kind reports
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,25 @@ class BiasSpec:
     #: `{subject}` / `{Subject}` placeholder, and rows of counterfactual subjects (group -> "my sister").
     statement_templates: Mapping[str, tuple[str, ...]]
     subjects: Mapping[str, tuple[Mapping[str, str], ...]]
+    #: split -> per subject row: plural ("women" / "men": the attributes' plural forms follow it).
+    subject_plural: Mapping[str, tuple[bool, ...]]
+    #: Optional domain tags of the attribute phrases: domain -> description, and phrase -> its domain.
+    domains: Mapping[str, str]
+    attribute_domains: Mapping[str, str]
+    #: phrase -> its plural form (" is bad at math." -> " are bad at math."), where given.
+    attribute_plurals: Mapping[str, str]
     #: (from group, to group) -> lower-case word -> its partners in the other group (one or two, row order).
     partners: Mapping[tuple[str, str], Mapping[str, tuple[str, ...]]] = field(repr=False)
+
+    def domains_only_in(self, split: str) -> tuple[str, ...]:
+        """Domains whose phrases appear in `split` and in no other split (held-out: the domains train never saw)."""
+        where: dict[str, set[str]] = {}
+        for per_split in self.attributes.values():
+            for s, texts in per_split.items():
+                for text in texts:
+                    if text in self.attribute_domains:
+                        where.setdefault(self.attribute_domains[text], set()).add(s)
+        return tuple(d for d in self.domains if where.get(d) == {split})
 
     def words_in(self, text: str) -> dict[str, list[str]]:
         """The group words that `text` contains (word boundaries, any case): group -> words as written."""
@@ -109,16 +131,32 @@ def load_bias_spec(name_or_path: str | Path | BiasSpec) -> BiasSpec:
 
 @lru_cache(maxsize=16)
 def _load(path: Path, mtime_ns: int, size: int) -> BiasSpec:
+    if size > MAX_SPEC_BYTES:
+        raise BiasSpecError(f"bias spec {path} is {size:,} bytes; expected at most {MAX_SPEC_BYTES:,}")
+    text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        _refuse_aliases(text, path)
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise BiasSpecError(f"{path}: not valid YAML: {err}") from err
+        raise BiasSpecError(f"bias spec {path}: not valid YAML: {err}") from err
     fields, problems = check_spec(raw)
+    if len(problems) == 1:
+        raise BiasSpecError(f"bias spec {path}: {problems[0]}")
     if problems:
         listed = "\n".join(f"  {p}" for p in problems)
         raise BiasSpecError(f"bias spec {path} has {len(problems)} problem(s):\n{listed}")
     fields["factual"] = {split: [FactualStatement(*row) for row in rows] for split, rows in fields["factual"].items()}
     return BiasSpec(name=path.stem, path=path, **_frozen(fields))
+
+
+def _refuse_aliases(text: str, path: Path) -> None:
+    """YAML aliases (`*name`) let a few KB expand into a structure that every later walk visits billions of times
+    (the "billion laughs"); a spec needs none, so they are refused while scanning, before anything is built."""
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, yaml.AliasToken):
+            mark = token.start_mark
+            raise BiasSpecError(f"bias spec {path}, line {mark.line + 1}: YAML alias *{token.value}; expected plain "
+                                "values (aliases and anchors are not supported in a bias spec)")
 
 
 def _frozen(value: Any) -> Any:

@@ -2,8 +2,8 @@
 
 A statement item is one prefix template filled with one row of counterfactual subjects, followed by one
 attribute phrase: "In my experience, my sister" / "... my brother" + " is bad at math.". Its log-likelihood is
-the attribute's, given each group's prefix, so the subject word's own frequency drops out. Every template of a
-split is combined with every subject row and every attribute phrase (of every group) of that split.
+the attribute's, given each group's prefix, so the subject word's own frequency drops out. Each attribute phrase
+(of every group) of a split is paired with a seeded sample of that split's template x subject-row combinations.
 
 A factual item is a statement an edit must keep ("My mother is a" + " woman"), with the partner words of the
 other groups (" man") that the margin compares it with.
@@ -11,6 +11,8 @@ other groups (" man") that the margin compares it with.
 
 from __future__ import annotations
 
+import random
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +28,7 @@ class StatementItem(NamedTuple):  # a NamedTuple: Lightning moves batches with a
     prefixes: tuple[str, ...]  # one per group, in the spec's group order
     attribute: str
     group: int
+    domain: str = ""  # the attribute's domain tag ("" when the spec has none)
 
 
 class FactualItem(NamedTuple):
@@ -59,16 +62,49 @@ def _spec_with_statements(bias: str | Path | BiasSpec) -> BiasSpec:
     return spec
 
 
-def load_statements(split: str, bias: str | Path | BiasSpec = "gender") -> list[StatementItem]:
-    """Every template x subject row x attribute of `split` (train / validation / heldout), in file order."""
+#: How many (template, subject row) pairings each attribute phrase gets per split: every template x row x phrase
+#: would be 160 x 8 x 14 = 17,920 train statements for gender, most of them the same phrase again. A seeded sample
+#: per phrase keeps every phrase, template and row in play at a size that a mask pass or an evaluation can afford.
+PAIRINGS = {"train": 8, "validation": 3, "heldout": 6}
+
+
+def load_statements(split: str, bias: str | Path | BiasSpec = "gender", pairings: int | None = -1,
+                    seed: int = 0) -> list[StatementItem]:
+    """Statements of `split` (train / validation / heldout): attribute phrase x (template, subject row). Each phrase
+    is paired with `pairings` (template, row) combinations drawn with `seed` (-1: `PAIRINGS[split]`; None: every
+    combination). The order interleaves the groups and phrases (each group's first phrase, then each group's second,
+    ...; then the next pairing), so any prefix of the list is balanced. A plural row ("women" / "men") takes the
+    phrase's plural form.
+    """
     spec = _spec_with_statements(bias)
+    if pairings == -1:
+        pairings = PAIRINGS.get(split)
+    templates, rows = spec.statement_templates[split], spec.subjects[split]
+    plural = spec.subject_plural.get(split, ())
+    combos = tuple((t, r) for t in range(len(templates)) for r in range(len(rows)))
+    per_group = [spec.attributes[g][split] for g in spec.groups]
+    chosen = {a: _sample(a, combos, pairings, seed) for phrases in per_group for a in phrases}
     items = []
-    for template in spec.statement_templates[split]:
-        for row in spec.subjects[split]:
-            prefixes = tuple(_fill(template, row[g]) for g in spec.groups)
-            for index, group in enumerate(spec.groups):
-                items += [StatementItem(prefixes, attribute, index) for attribute in spec.attributes[group][split]]
+    for j in range(max(len(c) for c in chosen.values())):
+        for i in range(max(map(len, per_group))):
+            for index, phrases in enumerate(per_group):
+                if i >= len(phrases) or j >= len(chosen[phrases[i]]):
+                    continue
+                attribute, (t, r) = phrases[i], chosen[phrases[i]][j]
+                prefixes = tuple(_fill(templates[t], rows[r][g]) for g in spec.groups)
+                text = spec.attribute_plurals[attribute] if r < len(plural) and plural[r] else attribute
+                items.append(StatementItem(prefixes, text, index, spec.attribute_domains.get(attribute, "")))
     return items
+
+
+@lru_cache(maxsize=65536)
+def _sample(attribute: str, combos: tuple[tuple[int, int], ...], pairings: int | None,
+            seed: int) -> tuple[tuple[int, int], ...]:
+    """A seeded choice of `pairings` combinations for one phrase, in template-major order: the same on every
+    machine (a str seed hashes with sha512, not with Python's randomised `hash`)."""
+    if pairings is None or pairings >= len(combos):
+        return combos
+    return tuple(sorted(random.Random(f"{seed}:{attribute}").sample(combos, pairings)))
 
 
 def load_factual(split: str, bias: str | Path | BiasSpec = "gender") -> list[FactualItem]:

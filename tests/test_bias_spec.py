@@ -39,15 +39,58 @@ def test_shipped_specs_load_with_every_split():
         assert not words["validation"] & (words["train"] | words["heldout"])
 
 
+#: The sizes that generalisation needs (issue: training data at scale), per split, for the gender spec.
+GENDER_SIZES = {"attributes": {"train": 150, "validation": 40, "heldout": 60},
+                "factual": {"train": 100, "validation": 30, "heldout": 40}}
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def test_gender_spec_is_at_scale_and_no_item_crosses_splits():
+    spec = load_bias_spec("gender")
+    phrases = {s: [t for g in spec.groups for t in spec.attributes[g][s]] for s in SPLITS}
+    for split, least in GENDER_SIZES["attributes"].items():
+        assert len(phrases[split]) >= least
+        per_group = [len(spec.attributes[g][split]) for g in spec.groups]
+        assert max(per_group) - min(per_group) <= 2  # balanced between the groups
+    assert sum(map(len, phrases.values())) >= 250
+    for split, least in GENDER_SIZES["factual"].items():
+        assert len(spec.factual[split]) >= least
+        assert {f.kind for f in spec.factual[split]} == {"kinship", "noun", "title", "pronoun"}
+        assert abs(sum(f.group == "female" for f in spec.factual[split]) * 2 - len(spec.factual[split])) <= 2
+    assert sum(map(len, spec.factual.values())) >= 170
+    assert len(spec.domains) >= 12 and set(spec.attribute_domains.values()) == set(spec.domains)
+    assert len(spec.domains_only_in("heldout")) >= 2  # the report can say whether the edit crosses domains
+    assert sum(len(rows) for rows in spec.subjects.values()) >= 24
+    assert any(any(p) for p in spec.subject_plural.values()) and not all(all(p) for p in spec.subject_plural.values())
+    assert sum(len(t) for t in spec.statement_templates.values()) >= 16
+    lists = {"phrases": phrases, "templates": spec.statement_templates,
+             "subjects": {s: [r[g] for r in spec.subjects[s] for g in spec.groups] for s in SPLITS},
+             "factual prompts": {s: [f.prompt for f in spec.factual[s]] for s in SPLITS},
+             "relatives": {s: [r for g in spec.groups for r in spec.cue_relatives[g][s]] for s in SPLITS},
+             "cue templates": spec.cue_templates}
+    for name, per_split in lists.items():
+        seen: dict[str, str] = {}
+        for split in SPLITS:
+            for item in per_split[split]:
+                assert seen.setdefault(_norm(item), split) == split, f"{name}: {item!r} is in two splits"
+
+
 def test_gender_spec_holds_the_prompt_files_exactly():
     spec = load_bias_spec("gender")
     for split in FILE_SPLITS:
         for g in spec.groups:
             assert list(spec.contexts[g][split]) == read_prompt_lines(PROMPTS / f"professions_{g}_{split}.txt")
         assert list(spec.templates[split]) == read_prompt_lines(PROMPTS / f"templates_{split}.txt")
-        assert list(spec.cue_templates[split]) == read_prompt_lines(PROMPTS / f"cue_templates_{split}.txt")
+        # the cue lists grew: the files' lines come first, in order
+        files = read_prompt_lines(PROMPTS / f"cue_templates_{split}.txt")
+        assert list(spec.cue_templates[split])[:len(files)] == files
         rel = [line.rsplit(None, 1) for line in read_prompt_lines(PROMPTS / f"cue_relatives_{split}.txt")]
-        assert [(r, g) for g in spec.groups for r in spec.cue_relatives[g][split]] == [(r, g) for r, g in rel]
+        for g in spec.groups:
+            ours = [r for r, group in rel if group == g]
+            assert list(spec.cue_relatives[g][split])[:len(ours)] == ours
 
 
 def test_gender_spec_gives_the_same_prompts_as_the_files():
@@ -55,8 +98,7 @@ def test_gender_spec_gives_the_same_prompts_as_the_files():
         spec_gap, file_gap = load_gap_prompts(split), load_gap_prompts(split, PROMPTS)
         assert spec_gap == file_gap and spec_gap == load_gap_prompts(split, bias="gender")
         assert read_prompt_lines(PROMPTS / f"bias_{split}.txt") == spec_gap.prompts
-        assert load_cue_prompts(split) == load_cue_prompts(split, PROMPTS)
-        assert load_cue_prompts(split, limit=40, seed=3) == load_cue_prompts(split, PROMPTS, limit=40, seed=3)
+        assert set(load_cue_prompts(split, PROMPTS).prompts) < set(load_cue_prompts(split).prompts)  # cues grew
 
 
 def test_validation_split_is_new_and_disjoint():
@@ -182,7 +224,47 @@ def _contradicting_fact(raw):
     raw["factual"]["validation"].append({"prompt": "My mother is", "target": " a man.", "group": "female"})
 
 
+def _phrase_in_two_splits(raw):
+    raw["attributes"]["male"]["heldout"].append(raw["attributes"]["female"]["train"][0]["text"].upper())
+
+
+def _no_domain(raw):
+    del raw["attributes"]["female"]["validation"][0]["domain"]
+
+
+def _unknown_domain(raw):
+    raw["attributes"]["male"]["train"][0]["domain"] = "astrology"
+
+
+def _unpartnered_true_word(raw):
+    raw["groups"]["female"]["words"] = ["ballerina"]
+    raw["factual"]["heldout"].append({"prompt": "My sister dances; she is a", "target": " ballerina.",
+                                      "group": "female"})
+
+
+def _no_validation_facts(raw):
+    raw["factual"]["validation"] = []
+
+
+def _format_spec(raw):
+    raw["templates"]["train"].append("The {profession:>900000000} said that")
+
+
+def _no_plural_form(raw):
+    del raw["attributes"]["female"]["train"][3]["plural"]
+
+
 BAD = {
+    "phrase in two splits": (_phrase_in_two_splits, "attributes.male.heldout[32]",
+                             "repeats attributes.female.train[0]; expected each phrase once"),
+    "missing domain tag": (_no_domain, "attributes.female.validation[0]", "has no domain tag; expected `domain:`"),
+    "unknown domain tag": (_unknown_domain, "attributes.male.train[0].domain",
+                           "unknown domain str 'astrology'; expected one of ['appearance'"),
+    "true word without swap partner": (_unpartnered_true_word, "factual.heldout[44].target",
+                                       "the true word 'ballerina' has no swap partner in ['male']"),
+    "no validation facts": (_no_validation_facts, "factual.validation", "expected a non-empty list"),
+    "format spec in a template": (_format_spec, "templates.train", "has a format spec or conversion"),
+    "phrase without plural form": (_no_plural_form, "attributes.female.train", "has no `plural` form"),
     "one group": (_one_group, "groups", "expected two or more groups, got 1"),
     "empty list": (_empty_list, "contexts.female.train", "expected a non-empty list of strings, got an empty list"),
     "unknown key": (_unknown_key, "groups.female.targte", "unknown key; expected one of ['target', 'words']"),
@@ -199,6 +281,25 @@ BAD = {
 }
 
 
+def test_yaml_aliases_and_huge_specs_are_refused_before_parsing(tmp_path):
+    laughs = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)) + "groups: *i\n"
+    path = tmp_path / "laughs.yaml"
+    path.write_text(laughs)
+    with pytest.raises(BiasSpecError, match=r"line 2: YAML alias \*a; expected plain values"):
+        load_bias_spec(path)
+    big = tmp_path / "big.yaml"
+    big.write_text("description: " + "x" * 4_100_000)
+    with pytest.raises(BiasSpecError, match="bytes; expected at most 4,000,000"):
+        load_bias_spec(big)
+
+
+def test_many_contexts_are_checked_in_linear_time(tmp_path):
+    raw = _raw()
+    raw["contexts"]["female"]["train"] = [f"worker number {i}" for i in range(60_000)]
+    load_bias_spec(_write(tmp_path, raw, "many.yaml"))  # quadratic repeat checks took minutes here
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_spec_names_file_key_and_expectation(tmp_path, case):
     mutate, key, expected = BAD[case]
@@ -208,7 +309,7 @@ def test_bad_spec_names_file_key_and_expectation(tmp_path, case):
     with pytest.raises(BiasSpecError) as err:
         load_bias_spec(path)
     message = str(err.value)
-    assert f"bias spec {path.resolve()} has" in message and f"\n  {key}" in message and expected in message, message
+    assert message.startswith(f"bias spec {path.resolve()}") and key in message and expected in message, message
     with pytest.raises(BiasSpecError):  # the data module refuses it before any model loads
         DebiasDataModule(bias=str(path))
 

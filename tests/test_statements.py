@@ -12,7 +12,7 @@ from debias.evaluation.sentence_metrics import statement_logprobs
 from debias.models.continuation import continuation_logprobs
 from debias.models.scoring import group_gap, next_token_logprobs, own_group_margins
 from debias.models.tiny import tiny_model, tiny_tokenizer
-from debias.statements import load_factual, load_statements
+from debias.statements import PAIRINGS, load_factual, load_statements
 from debias.training.objective import ObjectiveWeights, counterfactual_term
 
 
@@ -27,11 +27,14 @@ def _spec_with(tmp_path, edit) -> str:
 @pytest.mark.parametrize("edit, message", [
     (lambda r: r["statements"]["templates"]["train"].append("No placeholder here"),
      "statements.templates.train: 'No placeholder here' has placeholders []; expected one subject placeholder"),
-    (lambda r: r["statements"]["subjects"]["train"].append({"female": "my aunt"}), "statements.subjects.train[6].male: missing"),
+    (lambda r: r["statements"]["subjects"]["train"].append({"female": "my aunt"}),
+     "statements.subjects.train[14].male: missing"),
     (lambda r: r["statements"]["subjects"]["validation"].append({"female": "my uncle", "male": "my brother"}),
-     "statements.subjects.validation[4].female: 'my uncle' names {'male': ['uncle']}; expected word(s) of 'female'"),
-    (lambda r: r["statements"]["subjects"]["heldout"].append({"female": "my sister", "male": "my brother"}),
-     "statements.subjects: expected disjoint splits, but train and heldout share"),
+     "statements.subjects.validation[6].female: 'my uncle' names {'male': ['uncle']}; expected word(s) of 'female'"),
+    (lambda r: r["statements"]["subjects"]["heldout"].append({"female": "my sister", "male": "my stepbrother"}),
+     "'my sister' is also a subject of the heldout split; expected disjoint splits"),
+    (lambda r: r["statements"]["subjects"]["train"][0].update(plural="yes"),
+     "statements.subjects.train[0].plural: expected true or false, got str 'yes'"),
     (lambda r: r["statements"].pop("subjects"), "statements.subjects: missing"),
 ])
 def test_bad_statements_are_named(tmp_path, edit, message):
@@ -43,11 +46,18 @@ def test_bad_statements_are_named(tmp_path, edit, message):
 def test_statements_cross_templates_subjects_and_attributes_and_swap_into_each_other():
     spec = load_bias_spec("gender")
     for split in ("train", "validation", "heldout"):
-        items = load_statements(split)
+        everything = load_statements(split, pairings=None)
         n_attributes = sum(len(spec.attributes[g][split]) for g in spec.groups)
-        assert len(items) == len(spec.statement_templates[split]) * len(spec.subjects[split]) * n_attributes
+        assert len(everything) == len(spec.statement_templates[split]) * len(spec.subjects[split]) * n_attributes
+        items = load_statements(split)  # each phrase paired with PAIRINGS[split] (template, row) combinations
+        assert len(items) == n_attributes * PAIRINGS[split] and set(items) <= set(everything)
+        assert load_statements(split) == items and load_statements(split, seed=1) != items  # seeded
+        assert {i.attribute for i in items if i.domain} and all(i.domain in spec.domains for i in items)
         for item in items:
             assert swap(item.prefixes[0], spec) == item.prefixes[1]
+    plural = [i for i in load_statements("train", pairings=None) if i.prefixes[0].endswith("women")]
+    assert plural and all(i.attribute in spec.attribute_plurals.values() for i in plural)
+    assert any(i.attribute == " are bad at math." for i in plural)  # the plural form follows a plural subject
     religion = load_statements("heldout", "religion")
     assert {len(item.prefixes) for item in religion} == {3} and {item.group for item in religion} == {0, 1, 2}
 
@@ -55,7 +65,7 @@ def test_statements_cross_templates_subjects_and_attributes_and_swap_into_each_o
 def test_factual_items_are_cut_at_the_group_word():
     items = load_factual("train")
     assert items[0].context == "My mother is a" and items[0].words == (" woman", " man") and items[0].group == 0
-    assert load_factual("train", "religion")[0].words == (" Christians", " Muslims", " Jews")
+    assert load_factual("train", "religion")[0].words == (" Christianity", " Islam", " Judaism")
 
 
 def test_a_spec_without_statements_says_so(tmp_path):
@@ -94,7 +104,7 @@ def test_counterfactual_term_is_the_squared_statement_difference_and_training_lo
         term = float(counterfactual_term(module, items))
         logprobs = statement_logprobs(module.net, module.tokenizer, items)
     assert term == pytest.approx(float(((logprobs[:, 0] - logprobs[:, 1]) ** 2).mean()), rel=1e-4)
-    all_items = load_statements("train")
+    all_items = data.items["statement"]  # what it trains on (a tiny random model does not generalise)
     with torch.no_grad():
         before = float(counterfactual_term(module, all_items))
     make_trainer(tmp_path, max_steps=12).fit(module, datamodule=data)

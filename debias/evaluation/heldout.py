@@ -119,8 +119,9 @@ def behaviour_metrics(module, datamodule, edited: bool, cue_limit: int | None, s
         gap = bias_gap(module.net, module.tokenizer, gap_prompts, n_boot=n_boot)
         cue = cue_margin(module.net, module.tokenizer, cue_prompts, n_boot=n_boot)
         if sentence:
-            statements = statement_gap(module.net, module.tokenizer, load_statements(split, hp["bias"]),
-                                       n_boot=n_boot)
+            spec = load_bias_spec(hp["bias"])
+            statements = statement_gap(module.net, module.tokenizer, load_statements(split, spec), n_boot=n_boot,
+                                       unseen=spec.domains_only_in(split) if split == "heldout" else ())
             factual = factual_margin(module.net, module.tokenizer, load_factual(split, hp["bias"]), n_boot=n_boot)
     out = {"bias_gap": gap["bias_gap"], "bias_gap_ci": gap["bias_gap_ci"],
            "cue_margin": cue["cue_margin"], "cue_margin_ci": cue["cue_margin_ci"], "cue_followed": cue["cue_followed"],
@@ -133,7 +134,8 @@ def behaviour_metrics(module, datamodule, edited: bool, cue_limit: int | None, s
 BASE_ROWS = ("feature_act", "feature_fire_rate", "lm_loss", "perplexity", "kl", "bias_gap", "cue_margin",
              "cue_followed")
 #: Rows of a spec with statements.
-SENTENCE_ROWS = ("statement_gap", "statement_stereotyped", "factual_margin", "factual_kept_true")
+SENTENCE_ROWS = ("statement_gap", "statement_gap_unseen", "statement_stereotyped", "factual_margin",
+                 "factual_kept_true")
 ROWS = BASE_ROWS + SENTENCE_ROWS
 
 
@@ -162,13 +164,32 @@ def format_table(before: dict, after: dict) -> str:
         kept = "; ".join(f"{name} kept {summary[key]:.0%}" for key, name in
                          (("cue_kept", "cue margin"), ("factual_kept", "factual margin")) if key in summary)
         lines.append(f"statement gap reduction: {summary['statement_gap_reduction']:+.1%}; {kept}")
+    lines += domain_lines(before, after)
     return "\n".join(lines)
+
+
+def domain_lines(before: dict, after: dict) -> list[str]:
+    """The statement gap per attribute domain, before and after, with the after-interval; domains that the train
+    split never saw are marked."""
+    b_dom, a_dom = before.get("statement_gap_by_domain", {}), after.get("statement_gap_by_domain", {})
+    shared = [d for d in b_dom if d in a_dom]
+    if not shared:
+        return []
+    unseen = set(after.get("unseen_domains", []))
+    lines = [f"{'statement gap by domain':<24}{'before':>9}{'after':>9}{'reduction':>11}  after 95% interval"]
+    for d in shared:
+        b, a = b_dom[d]["statement_gap"], a_dom[d]["statement_gap"]
+        low, high = a_dom[d]["statement_gap_ci"]
+        mark = " (unseen in train)" if d in unseen else ""
+        reduction = f"{gap_reduction(b, a):+.0%}" if b else ""
+        lines.append(f"{d:<24}{b:>9.3f}{a:>9.3f}{reduction:>11}  [{low:.3f}, {high:.3f}]{mark}")
+    return lines
 
 
 def outcome(before: dict, after: dict) -> dict[str, float]:
     """Gap reductions (`gap_reduction`) and the share of the cue and factual margins kept (after / before)."""
     out = {}
-    for name in ("bias_gap", "statement_gap"):
+    for name in ("bias_gap", "statement_gap", "statement_gap_unseen"):
         if before.get(name) and name in after:
             out[f"{name}_reduction"] = gap_reduction(before[name], after[name])
     for name, key in (("cue_margin", "cue_kept"), ("factual_margin", "factual_kept")):

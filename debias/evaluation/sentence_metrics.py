@@ -3,6 +3,8 @@ likelihood) and factual retention (the margin of statements that must stay), eac
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from debias.evaluation.stats import grouped_interval
@@ -14,18 +16,43 @@ __all__ = ["factual_margin", "statement_gap", "statement_logprobs"]
 
 
 @torch.no_grad()
-def statement_gap(model, tokenizer, items: list[StatementItem], batch_size: int = 16, n_boot: int = 1000) -> dict:
+def statement_gap(model, tokenizer, items: list[StatementItem], batch_size: int = 16, n_boot: int = 1000,
+                  unseen: Collection[str] = ()) -> dict:
     """The statement gap (Σ over groups of the mean margin of that group's attributes: 0 = none, > 0 =
-    stereotyped), its 95% interval, and the share of items whose own group's prefix makes the attribute likelier."""
+    stereotyped), its 95% interval, and the share of items whose own group's prefix makes the attribute likelier.
+
+    Items with domain tags also give `statement_gap_by_domain` (domain -> gap, interval, items) and, when
+    `unseen` names domains (those the train split never saw), `statement_gap_unseen` over their items together.
+    """
     group, n_groups = item_groups(items), len(items[0].prefixes)
     margins = own_group_margins(statement_logprobs(model, tokenizer, items, batch_size).cpu(), group)
 
     def gap(values, groups):
         return group_gap(values, groups, n_groups)
 
-    return {"statement_gap": float(gap(margins, group)),
-            "statement_gap_ci": list(grouped_interval(margins, group, gap, n_boot)),
-            "statement_stereotyped": float((margins > 0).float().mean())}
+    out: dict = {"statement_gap": float(gap(margins, group)),
+                 "statement_gap_ci": list(grouped_interval(margins, group, gap, n_boot)),
+                 "statement_stereotyped": float((margins > 0).float().mean())}
+    domains = [item.domain for item in items]
+    subsets = {d: [i for i, x in enumerate(domains) if x == d] for d in dict.fromkeys(domains) if d}
+    if unseen:
+        subsets["(unseen)"] = [i for i, x in enumerate(domains) if x in set(unseen)]
+    by_domain = {}
+    for name, rows in subsets.items():
+        index = torch.tensor(rows, dtype=torch.long)
+        if len({int(g) for g in group[index]}) < n_groups:  # a gap needs items of every group
+            continue
+        by_domain[name] = {"statement_gap": float(gap(margins[index], group[index])),
+                           "statement_gap_ci": list(grouped_interval(margins[index], group[index], gap, n_boot)),
+                           "items": len(rows)}
+    if "(unseen)" in by_domain:
+        unseen_gap = by_domain.pop("(unseen)")
+        out["statement_gap_unseen"], out["statement_gap_unseen_ci"] = (unseen_gap["statement_gap"],
+                                                                       unseen_gap["statement_gap_ci"])
+    if by_domain:
+        out["statement_gap_by_domain"] = by_domain
+        out["unseen_domains"] = [d for d in by_domain if d in set(unseen)]
+    return out
 
 
 @torch.no_grad()

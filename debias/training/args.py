@@ -168,6 +168,10 @@ class TrainArgs:
     layers L..N; same result as the plain path, which runs where it does not apply."""
     cache_budget_mb: float = 1024.0
     """Memory the training cache may hold (reference logits cost vocab × 4 bytes per token)."""
+    null_space_energy: float | None = None
+    """Retention by construction (AlphaEdit): after every step, project the update of each edited W_out off the
+    directions holding this share of the energy of its inputs on the train factual and cue prompts (0.99 keeps
+    ~100-200 of SmolLM2's 1,536), then re-mask it (`debias.edits.null_space`). None: off."""
     persist_activations: bool = True
     """Keep the cached layer-L inputs on disk (`debias.training.upstream_store`), so the next run of the same model
     skips layers 0..L-1 for every text a run saw before; `$DEBIAS_ACTIVATION_CACHE=0` turns it off too."""
@@ -178,6 +182,9 @@ class TrainArgs:
             problems.append(f"model.train.lr must be a finite number in (0, 1], got {self.lr}")
         if self.max_length < 2:
             problems.append(f"model.train.max_length must be >= 2, got {self.max_length}")
+        if self.null_space_energy is not None and not (_finite(self.null_space_energy)
+                                                       and 0 < self.null_space_energy <= 1):
+            problems.append(f"model.train.null_space_energy must be in (0, 1] or null, got {self.null_space_energy}")
         if not (_finite(self.cache_budget_mb) and self.cache_budget_mb >= 0):
             problems.append(f"model.train.cache_budget_mb must be a finite number >= 0, got {self.cache_budget_mb}")
         _raise("model.train", problems)

@@ -19,6 +19,7 @@ from debias.edits import registry
 from debias.edits.base import EditContext
 from debias.edits.joint import edited_matrices
 from debias.edits.mask import Mask, resolve_k
+from debias.edits.null_space import NullSpace
 from debias.edits.state_diff import StateDiffEdit
 from debias.models import hooks
 from debias.models.scoring import real_token_mask, target_ids
@@ -26,6 +27,7 @@ from debias.training.args import EditArgs, SAEArgs, TrainArgs, check_dtype
 from debias.training.cache import FastPath
 from debias.training.layer_stack import upstream_of
 from debias.training.objective import ObjectiveWeights, loss_terms, token_kl
+from debias.training.preserve import null_space_for, project_delta
 
 
 @rank_zero_only
@@ -84,6 +86,7 @@ class DebiasModule(LightningModule):
         self.preset_mask: Mask | None = None  # set before `prepare`: use it instead of computing one
         self.delta: Any = None  # the method's edit (an `Edit`), attached by `prepare`
         self.fastpath: FastPath | None = None
+        self.null_space: NullSpace | None = None  # `model.train.null_space_energy`, fitted by `prepare`
         self.shared_upstream: dict | None = None  # set before `prepare` to share cached activations across runs
         self.feature_baseline: torch.Tensor
         self.register_buffer("feature_baseline", torch.ones(max(len(self.features), self.sae_args.n_features)))
@@ -161,6 +164,10 @@ class DebiasModule(LightningModule):
             preset_mask=self.preset_mask, broadcast=strategy.broadcast if strategy is not None else (lambda obj: obj),
             bias=datamodule.hparams.bias, gap_texts=datamodule.gap_texts())
         self.attach_edit(registry.get(self.edit_args.method).build(context))
+        if self.train_args.null_space_energy is not None:
+            self.null_space = null_space_for(self, datamodule, self.train_args.null_space_energy)
+            say(f"null space of the preserved prompts: rank {self.null_space.ranks()} "
+                f"(energy {self.null_space.energy})")
         with self.fastpath.active() if self.fastpath is not None else contextlib.nullcontext():
             self.feature_baseline.copy_(self.mean_feature_acts(batches))
         if not (self.feature_baseline > 0).all():
@@ -252,6 +259,11 @@ class DebiasModule(LightningModule):
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, batch_size=len(batch["bias"]))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["bias"]))
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """After the optimiser's step: keep the update off the preserved prompts' inputs (`null_space_energy`)."""
+        if self.null_space is not None:
+            project_delta(self.null_space, self.delta)
 
     def on_train_batch_start(self, batch, batch_idx: int):
         """A computed edit (`feature_projection`: no parameters) trains nothing; fit still evaluates and exports it."""
