@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -47,10 +49,54 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=float))
 
 
-def read_json_object(path: str | Path) -> dict | None:
-    """The JSON object in `path`; None when it is missing, unreadable, torn or not an object (state to recompute)."""
+def read_regular(path: str | Path) -> bytes:
+    """The bytes of `path`, which must be a regular file: a FIFO, device or directory planted at a cache path raises
+    `OSError` at once instead of blocking the read (the open does not wait for a FIFO's writer)."""
+    with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"not a regular file: {path}")
+        return f.read()
+
+
+def is_regular(path: str | Path) -> bool:
+    """Whether `path` is a regular file (following links); False when it is missing or anything else."""
     try:
-        data = json.loads(Path(path).read_bytes())
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """What makes `path` no whole safetensors file (not a regular file; a torn or garbage header, or data shorter
+    than the header says: a truncated copy), or None. Reads the header only."""
+    from safetensors import SafetensorError, safe_open
+
+    if not is_regular(path):
+        return "is not a regular file"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (OSError, SafetensorError) as err:
+        return f"is not a whole safetensors file ({type(err).__name__}: {err})"
+    return None
+
+
+def non_finite(obj, where: str = "") -> list[str]:
+    """The places (`a.b[1]`) in nested dicts and lists where `obj` holds a NaN or an infinity."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [where or "the value"]
+    if isinstance(obj, dict):
+        return [bad for key, value in obj.items() for bad in non_finite(value, f"{where}.{key}" if where else str(key))]
+    if isinstance(obj, (list, tuple)):
+        return [bad for i, value in enumerate(obj) for bad in non_finite(value, f"{where}[{i}]")]
+    return []
+
+
+def read_json_object(path: str | Path) -> dict | None:
+    """The JSON object in `path`; None when it is missing, unreadable (not a regular file), torn or not an object
+    (state to recompute)."""
+    try:
+        data = json.loads(read_regular(path))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -3,10 +3,11 @@ made of (files, memoised by path, size and mtime; tensors; sources).
 
 An entry is `cache_dir() / kind / <sha256 of its key>.json` = {"key", <payload>, "seconds", "written"}. No wrong
 result is ever used: entries are written atomically (`debias.io.atomic_write`: flushed, then renamed), and an entry
-that cannot be read, is not JSON (a torn write, garbage), has no payload, was written for another key, lacks a
-required field or fails the caller's check is recomputed with a warning naming its path. A store that cannot be
-written (read-only, disk full) warns, naming the path, and only costs the reuse. `DEBIAS_EVAL_CACHE=0` turns every
-store off.
+that cannot be read (or is not a regular file: a FIFO planted there never blocks the run), is not JSON (a torn write,
+garbage), has no payload, was written for another key, lacks a required field, holds a NaN or an infinity anywhere
+or fails the caller's check is recomputed with a warning naming its path. A payload holding a NaN or an infinity is
+never stored. A store that cannot be written (read-only, disk full) warns, naming the path, and only costs the reuse.
+`DEBIAS_EVAL_CACHE=0` turns every store off.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from debias.config import package_versions
-from debias.io import atomic_write, atomic_write_json
+from debias.io import atomic_write, atomic_write_json, non_finite, read_regular
 from debias.models.load import cache_dir
 
 ENV = "DEBIAS_EVAL_CACHE"
@@ -71,7 +72,7 @@ def file_hashes(paths: list[Path]) -> dict[str, str]:
     """{path: sha256} of regular files; a file whose size and mtime are those of its memo entry is not re-read."""
     memo_file = memo_path()
     try:  # anything unreadable, torn or foreign is no memo: the files are hashed again, nothing worse
-        memo = json.loads(memo_file.read_bytes())
+        memo = json.loads(read_regular(memo_file))
         memo = memo if isinstance(memo, dict) else {}
     except (OSError, ValueError):
         memo = {}
@@ -161,7 +162,7 @@ class JsonStore:
         """The entry's payload; None (with a warning for a damaged entry) when there is no usable one. `check`
         returns what is wrong with a payload (`holds non-numbers for [...]`), or None."""
         try:
-            raw = path.read_bytes()
+            raw = read_regular(path)
         except FileNotFoundError:
             return None
         except OSError as err:  # an unreadable file or directory
@@ -183,14 +184,21 @@ class JsonStore:
         if missing:
             warn(f"the {self.what} {path} lacks {missing}; recomputing")
             return None
-        problem = check(payload) if check is not None else None
+        bad = non_finite(payload)
+        problem = f"holds non-finite numbers at {bad[:5]}" if bad else check(payload) if check is not None else None
         if problem:
             warn(f"the {self.what} {path} {problem}; recomputing")
             return None
         return payload
 
     def write(self, path: Path, key: dict, payload: dict, seconds: float) -> None:
-        """Store `payload` under `key`, atomically; a store that cannot be written warns and the run continues."""
+        """Store `payload` under `key`, atomically; a store that cannot be written warns and the run continues. A
+        payload holding a NaN or an infinity is not stored (a warning names where): no later run reuses it."""
+        bad = non_finite(payload)
+        if bad:
+            warn(f"not writing the {self.what} {path}: the computed {self.payload} hold non-finite numbers at "
+                 f"{bad[:5]}, which no later run may reuse")
+            return
         entry = {"key": key, self.payload: payload, "seconds": seconds, "written": time.time()}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

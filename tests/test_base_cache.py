@@ -116,7 +116,7 @@ def test_the_code_version_follows_the_sources(prepared, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage bytes", "not an object", "missing field",
-                                    "not a number", "another key"])
+                                    "not a number", "nan", "inf in an interval", "fifo", "another key"])
 def test_damaged_entry_warns_and_is_recomputed(prepared, cache, counted, capsys, damage):
     module, data = prepared
     good, _ = evaluate_original(module, data, cue_limit=CUES)
@@ -137,6 +137,15 @@ def test_damaged_entry_warns_and_is_recomputed(prepared, cache, counted, capsys,
     elif damage == "not a number":
         entry["metrics"]["bias_gap"] = str(entry["metrics"]["bias_gap"])
         path.write_text(json.dumps(entry))
+    elif damage == "nan":  # json writes NaN, and reads it back as a float
+        entry["metrics"]["bias_gap"] = float("nan")
+        path.write_text(json.dumps(entry))
+    elif damage == "inf in an interval":
+        entry["metrics"]["bias_gap_ci"][1] = float("inf")
+        path.write_text(json.dumps(entry))
+    elif damage == "fifo":  # opening it for reading would wait for a writer forever
+        path.unlink()
+        os.mkfifo(path)
     else:
         entry["key"]["features"] = [4]
         path.write_text(json.dumps(entry))
@@ -148,6 +157,23 @@ def test_damaged_entry_warns_and_is_recomputed(prepared, cache, counted, capsys,
     assert str(path) in err
     assert json.loads(path.read_text())["metrics"] == good  # rewritten whole
     assert evaluate_original(module, data, cue_limit=CUES)[1]
+
+
+def test_non_finite_numbers_are_never_stored(prepared, cache, monkeypatch, capsys):
+    module, data = prepared
+    real = debias.evaluation.evaluate.evaluate_model
+
+    def blown_up(*args, **kwargs):
+        return dict(real(*args, **kwargs), lm_loss=float("nan"))
+
+    monkeypatch.setattr(debias.evaluation.evaluate, "evaluate_model", blown_up)
+    metrics, hit = evaluate_original(module, data, cue_limit=CUES)
+    err = capsys.readouterr().err
+    assert not hit and metrics["lm_loss"] != metrics["lm_loss"] and not _entries(cache)
+    assert "debias: warning: not writing the evaluation cache entry" in err and "['lm_loss']" in err
+    monkeypatch.setattr(debias.evaluation.evaluate, "evaluate_model", real)
+    assert not evaluate_original(module, data, cue_limit=CUES)[1]  # computed again, finite this time, then stored
+    assert len(_entries(cache)) == 1
 
 
 def _failing_write(code: int):

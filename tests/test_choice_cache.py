@@ -110,7 +110,8 @@ def test_the_selection_sources_are_in_the_key(chooser, cache, monkeypatch, tmp_p
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage bytes", "not an object", "no choice", "missing field",
-                                    "not latents", "another key"])
+                                    "not latents", "repeats", "contradicts its record", "nan in its record",
+                                    "another key"])
 def test_damaged_entry_warns_and_is_recomputed(chooser, cache, selections, capsys, damage):
     module, data = chooser
     good = choose(module, data)
@@ -131,6 +132,15 @@ def test_damaged_entry_warns_and_is_recomputed(chooser, cache, selections, capsy
         path.write_text(json.dumps(entry))
     elif damage == "not latents":
         entry["choice"]["features"] = [module.sae.cfg.d_sae]
+        path.write_text(json.dumps(entry))
+    elif damage == "repeats":  # the issue's [3, 3, 3], its record still naming the rule's latents
+        entry["choice"]["features"] = [good[0][0]] * 3
+        path.write_text(json.dumps(entry))
+    elif damage == "contradicts its record":  # other latents, as many, distinct
+        entry["choice"]["features"] = [f for f in range(module.sae.cfg.d_sae) if f not in good[0]][:len(good[0])]
+        path.write_text(json.dumps(entry))
+    elif damage == "nan in its record":
+        entry["choice"]["record"]["train_gap"] = float("nan")
         path.write_text(json.dumps(entry))
     else:
         entry["key"]["selection"]["n_features"] = 3

@@ -1,9 +1,13 @@
 """Layer-L inputs kept on disk (`debias.training.upstream_store`): a second module of the same model reads them with
 the same numbers, and a damaged, foreign or unwritable cache never yields a wrong one."""
 
+import os
+
 import pytest
 import torch
 from conftest import make_data, make_module
+from safetensors import safe_open
+from safetensors.torch import save
 
 from debias import json_store
 from debias.evaluation.evaluate import evaluate_model
@@ -73,7 +77,7 @@ def test_another_code_version_is_another_identity(store_on, monkeypatch):
     assert second.fastpath.stats["stored_hits"] == 0
 
 
-@pytest.mark.parametrize("damage", ["torn", "garbage", "foreign"])
+@pytest.mark.parametrize("damage", ["torn", "garbage", "foreign", "nan", "inf", "fifo"])
 def test_a_damaged_or_foreign_entry_is_recomputed_with_a_warning(store_on, damage, capsys):
     data = make_data(max_texts=8)
     _, numbers = _evaluated(data)
@@ -83,6 +87,14 @@ def test_a_damaged_or_foreign_entry_is_recomputed_with_a_warning(store_on, damag
         victim.write_bytes(victim.read_bytes()[:-100])
     elif damage == "garbage":
         victim.write_bytes(b"\x00" * 64)
+    elif damage in ("nan", "inf"):  # its key and identity intact: only the numbers are wrong
+        with safe_open(str(victim), "pt") as f:
+            metadata, value = f.metadata(), f.get_tensor("value")
+        value.view(-1)[::7] = float(damage)
+        victim.write_bytes(save({"value": value}, metadata=metadata))
+    elif damage == "fifo":  # opening it for reading would wait for a writer forever
+        victim.unlink()
+        os.mkfifo(victim)
     else:  # another forward's entry under this one's name
         victim.write_bytes(entries[1].read_bytes())
     capsys.readouterr()
@@ -116,7 +128,18 @@ def test_the_size_limit_stops_writing_with_one_warning(store_on, monkeypatch, ca
     assert module.fastpath.store.stats["written"] == 0 and not list(store_on.glob("*/*.safetensors"))
 
 
-def test_a_bad_size_limit_is_one_line(store_on, monkeypatch):
-    monkeypatch.setenv("DEBIAS_ACTIVATION_CACHE_GB", "lots")
-    with pytest.raises(ValueError, match=r"^\$DEBIAS_ACTIVATION_CACHE_GB='lots': expected a number of gigabytes"):
+@pytest.mark.parametrize("limit", ["lots", "inf", "nan", "-1"])
+def test_a_bad_size_limit_is_one_line(store_on, monkeypatch, limit):
+    monkeypatch.setenv("DEBIAS_ACTIVATION_CACHE_GB", limit)
+    with pytest.raises(ValueError, match=rf"^\$DEBIAS_ACTIVATION_CACHE_GB='{limit}': expected a finite number of "
+                                         "gigabytes >= 0"):
         make_module().prepare(make_data(max_texts=8))
+
+
+def test_a_non_finite_input_is_never_stored(store_on, monkeypatch):
+    store = upstream_store.UpstreamStore(lambda: {"a": 1})
+    store.save(("k",), torch.tensor([1.0, float("nan")]), None)
+    store.save(("j",), torch.tensor([1.0, float("inf")]), None)
+    assert store.stats["written"] == 0 and not list(store_on.glob("*/*.safetensors"))
+    store.save(("i",), torch.tensor([1.0, 2.0]), None)
+    assert store.stats["written"] == 1

@@ -1,7 +1,8 @@
 """The fit-time feature choice (`select.select_features`), computed once per model, SAE and selection setting: a
 run with `model.sae.features` null reuses the features and the `feature_selection` record from
 `cache_dir() / "features"` (a `debias.json_store.JsonStore`: atomic writes, a damaged or foreign entry recomputed
-with a warning naming it, `DEBIAS_EVAL_CACHE=0` turns it off).
+with a warning naming it, `DEBIAS_EVAL_CACHE=0` turns it off). An entry whose features repeat a latent, or that its
+own record contradicts (the record's features, the candidates it kept), is damaged too.
 
 An entry is keyed by everything the choice depends on:
 - the model: its spec, the sha256 of each file of its directory, the dtype, `max_length` and the device type. A
@@ -55,12 +56,22 @@ def choice_key(module, datamodule) -> dict | None:
     }
 
 
-def _problem(d_sae: int, choice: dict) -> str | None:
+def _problem(d_sae: int, n: int, choice: dict) -> str | None:
+    """What makes a cached choice unusable: features that are not distinct latent indices of the SAE, more than `n`
+    of them, or features its own record contradicts (the record's `features`, or the candidates it kept)."""
     features, record = choice["features"], choice["record"]
     if not (isinstance(features, list) and features and all(type(f) is int and 0 <= f < d_sae for f in features)):
         return f"holds {features!r} for features, not latent indices of an SAE of {d_sae}"
+    if len(set(features)) != len(features) or len(features) > n:
+        return f"holds {features!r} for features, not at most {n} distinct latents"
     if not (isinstance(record, dict) and isinstance(record.get("rule"), str)):
         return "holds no selection record with its rule"
+    candidates = record.get("candidates")
+    kept = [c.get("index") for c in candidates if isinstance(c, dict) and c.get("kept") is True] \
+        if isinstance(candidates, list) else None
+    if record.get("features") != features or (kept is not None and kept != features):
+        return (f"holds features {features!r}, but its record names {record.get('features')!r} (kept candidates "
+                f"{kept!r})")
     return None
 
 
@@ -79,6 +90,6 @@ def choose_features(module, datamodule, record: dict) -> tuple[list[int], str]:
         return {"features": features, "record": chosen}
 
     choice, path = STORE.get(lambda: choice_key(module, datamodule), compute,
-                             check=lambda choice: _problem(module.sae.cfg.d_sae, choice))
+                             check=lambda choice: _problem(module.sae.cfg.d_sae, module.sae_args.n_features, choice))
     record.update(choice["record"])
     return list(choice["features"]), f"cached: {path}" if path is not None else choice["record"]["rule"]

@@ -12,8 +12,10 @@ identity names what that input depends on, so another model, dtype, device, laye
 
 No wrong activation is ever used: each entry is written atomically (`debias.io.atomic_write`) and holds its own key
 and identity; one that cannot be read, was written for another key or identity, or whose shape or dtype is not that
-of the forward is recomputed with a warning naming its path. A cache that cannot be written (read-only, disk full,
-over `DEBIAS_ACTIVATION_CACHE_GB`) warns once, naming the path, and the run goes on without persisting.
+of the forward, or that holds a NaN or an infinity, is recomputed with a warning naming its path; a non-finite input is
+never stored, and a FIFO or anything else planted at an entry's path is never opened. A cache that cannot be written
+(read-only, disk full, over `DEBIAS_ACTIVATION_CACHE_GB`, which must be finite) warns once, naming the path, and the
+run goes on without persisting.
 `DEBIAS_ACTIVATION_CACHE=0` turns it off.
 
 Written by hand: safetensors stores tensors, but nothing in the stack keys a decoder's intermediate activations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +39,7 @@ from safetensors.torch import save
 from torch import nn
 
 from debias import json_store
-from debias.io import atomic_write
+from debias.io import atomic_write, is_regular
 from debias.models.load import cache_dir
 from debias.training.layer_stack import layer_stack, upstream_of
 
@@ -59,7 +62,9 @@ def _limit_bytes() -> int:
     try:
         gb = float(raw) if raw.strip() else DEFAULT_GB
     except ValueError:
-        raise ValueError(f"${ENV_GB}={raw!r}: expected a number of gigabytes, e.g. 8") from None
+        gb = math.nan
+    if not math.isfinite(gb) or gb < 0:
+        raise ValueError(f"${ENV_GB}={raw!r}: expected a finite number of gigabytes >= 0, e.g. 8")
     return int(gb * 2**30)
 
 
@@ -116,6 +121,9 @@ class UpstreamStore:
         path = self.path(key)
         if not path.exists():
             return None
+        if not is_regular(path):  # a FIFO or a directory planted there: never opened
+            self._reject(path, "is not a regular file")
+            return None
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta, value = f.metadata() or {}, f.get_tensor("value")
@@ -129,6 +137,9 @@ class UpstreamStore:
             self._reject(path, f"holds a {value.dtype} tensor of shape {tuple(value.shape)}, expected {dtype} with "
                                f"leading dims {shape}")
             return None
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            self._reject(path, f"holds {int((~torch.isfinite(value)).sum())} non-finite values")
+            return None
         tuple_len = json.loads(meta.get("tuple_len", "null"))
         self.stats["loaded"] += 1
         return value.to(device), tuple_len
@@ -139,8 +150,8 @@ class UpstreamStore:
 
     def save(self, key: tuple, value: torch.Tensor, tuple_len: int | None) -> None:
         """Store `value` for `key`; a cache that cannot take it warns once and is not written again this run."""
-        if not self.writable:
-            return
+        if not self.writable or (value.is_floating_point() and not torch.isfinite(value).all()):
+            return  # a non-finite input of layer L would be refused when read back
         data = save({"value": value.detach().to("cpu").contiguous()},
                     metadata={"key": repr(key), "identity": self.digest, "tuple_len": json.dumps(tuple_len)})
         path = self.path(key)
