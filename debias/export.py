@@ -28,10 +28,17 @@ PACKAGES = ("debias", "torch", "transformers", "lightning", "peft", "sae-lens", 
 
 
 def check_target(path: Path, overwrite: bool) -> None:
-    """Refuse to replace a non-empty directory unless `overwrite`."""
+    """Refuse to replace a non-empty directory unless `overwrite`, and one that is not a debias export (no
+    `debias/report.json`: a source tree, a model, a user's folder) even with `overwrite`."""
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"export target {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if not (path.is_dir() and any(path.iterdir())):
+        return
+    if not (path / "debias" / "report.json").is_file():
+        raise FileExistsError(f"export directory {path} is not empty and is not a debias export (it has no "
+                              "debias/report.json), so it is never replaced, even with overwrite; choose a new or "
+                              "empty directory")
+    if not overwrite:
         raise FileExistsError(f"export directory {path} is not empty; set overwrite (`--export.overwrite true` "
                               "for fit, `--overwrite true` for export) to replace it")
 

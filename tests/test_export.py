@@ -1,12 +1,16 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_data, make_module, make_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from debias.commands import main
 from debias.edits.sparse import apply_delta
 from debias.export import export
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
 REPORT_KEYS = {"base_model", "hook_name", "layer", "parameter", "features", "k", "before", "after"}
 METRIC_KEYS = {"feature_act", "feature_fire_rate", "lm_loss", "kl", "bias_gap", "cue_margin"}
@@ -73,10 +77,33 @@ def test_export_refuses_a_non_empty_directory_and_leaves_nothing_half_written(tr
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(ex, "model_card", broken)
+    (target / "debias").mkdir()
+    (target / "debias" / "report.json").write_text("{}")  # an earlier export: replaced with overwrite
     with pytest.raises(RuntimeError, match="disk full"):
         export(trained, target, {"before": {}, "after": {}}, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary directory left behind
     assert (target / "keep.txt").exists()  # the old export survives a failed overwrite
+
+
+@pytest.mark.parametrize("what", ["a source tree", "a model", "a checkpoint's report elsewhere"])
+def test_a_directory_that_is_not_an_export_is_never_replaced_even_with_overwrite(trained, tmp_path, capsys, what):
+    target = tmp_path / "debias"
+    target.mkdir()
+    if what == "a source tree":  # the issue's `--export.export_dir debias` from the repository root
+        (target / "__init__.py").write_text("# the package\n")
+    elif what == "a model":
+        (target / "config.json").write_text("{}")
+    else:  # report.json, but not at debias/report.json
+        (target / "report.json").write_text("{}")
+    before = sorted(p.name for p in target.iterdir())
+    with pytest.raises(FileExistsError, match=f"export directory {target} is not empty and is not a debias export"):
+        export(trained, target, {"before": {}, "after": {}}, overwrite=True)
+    with pytest.raises(SystemExit) as exit_:  # refused before the checkpoint or the config is read
+        main(["export", TINY, str(tmp_path / "none.ckpt"), str(target), "--overwrite", "true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "even with overwrite" in err[0] and str(target) in err[0]
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["debias"]  # no temporary directory left behind
 
 
 def test_gpt2_export_has_no_adapter_but_a_delta(tmp_path):
