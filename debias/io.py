@@ -72,7 +72,7 @@ def safetensors_problem(path: str | Path) -> str | None:
     from safetensors import SafetensorError, safe_open
 
     if not is_regular(path):
-        return "is not a regular file"
+        return "is not a regular file" if os.path.lexists(path) else "is missing"
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()

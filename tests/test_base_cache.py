@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import copy_sources, make_data, make_module, make_trainer
 
 import debias.evaluation.base_cache as base_cache
@@ -374,8 +375,11 @@ def sae_builds(monkeypatch):
     built = []
 
     def train_sae(model, tokenizer, settings, out_dir, model_id=""):
+        from safetensors.torch import save_file
+
         built.append(Path(out_dir))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
+        save_file({"W_dec": torch.zeros(8, 4)}, Path(out_dir) / "sae_weights.safetensors")
         (Path(out_dir) / "metrics.json").write_text(json.dumps({"settings_key": settings.key()}))
 
     monkeypatch.setattr(build, "train_sae", train_sae)
@@ -394,6 +398,42 @@ def test_an_unreadable_sae_build_record_is_built_again(tmp_path, monkeypatch, ca
     capsys.readouterr()
     assert ensure_sae(None, None, "tiny-llama", settings) == path and sae_builds == [path, path]
     assert f"the SAE build record {path / 'metrics.json'} cannot be read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "fifo"])
+def test_a_damaged_cached_sae_is_deleted_and_built_again(tmp_path, monkeypatch, capsys, sae_builds, damage):
+    from debias.sae.build import SAETrainSettings, ensure_sae
+
+    monkeypatch.setenv("DEBIAS_CACHE", str(tmp_path))
+    settings = SAETrainSettings(d_sae=64, k=4)
+    path = ensure_sae(None, None, "tiny-llama", settings)
+    weights = path / "sae_weights.safetensors"
+    (path / "stale-file").write_text("from the damaged build")
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-16])
+    elif damage == "missing":
+        weights.unlink()
+    else:
+        weights.unlink()
+        os.mkfifo(weights)
+    capsys.readouterr()
+    assert ensure_sae(None, None, "tiny-llama", settings) == path and sae_builds == [path, path]
+    err = capsys.readouterr().err
+    assert f"debias: warning: the cached SAE weights {weights} " in err and "building the SAE again" in err
+    assert not (path / "stale-file").exists()  # deleted, then built whole
+    assert ensure_sae(None, None, "tiny-llama", settings) == path and len(sae_builds) == 2
+
+
+def test_an_sae_directory_with_truncated_weights_is_refused_in_one_line(tmp_path):
+    from debias.models.tiny import tiny_sae
+    from debias.sae.load import load_sae
+
+    tiny_sae(32, "blocks.1.hook_mlp_out").save_model(tmp_path / "sae")
+    weights = tmp_path / "sae" / "sae_weights.safetensors"
+    load_sae(tmp_path / "sae")
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"^the SAE weights {weights} is not a whole safetensors file"):
+        load_sae(tmp_path / "sae")
 
 
 def test_an_sae_cache_that_cannot_be_written_builds_into_a_temporary_directory(tmp_path, monkeypatch, capsys,

@@ -12,6 +12,7 @@ import json
 import math
 import platform
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from debias.io import atomic_dir
+from debias.io import atomic_dir, safetensors_problem
 from debias.json_store import warn
 from debias.models import hooks
 from debias.models.load import cache_dir
@@ -195,7 +196,8 @@ def train_sae(model, tokenizer, settings: SAETrainSettings, out_dir: str | Path,
 
 def _complete(path: Path, settings: SAETrainSettings) -> bool:
     """Whether `path` holds a finished build of `settings` (its `metrics.json` is written last); warns when the record
-    exists but cannot be read or is not this build's."""
+    exists but cannot be read or is not this build's, and deletes a build whose weights file is not whole (a
+    truncated copy)."""
     record = path / "metrics.json"
     if not record.is_file():
         return False
@@ -206,6 +208,14 @@ def _complete(path: Path, settings: SAETrainSettings) -> bool:
         return False
     if key is not None and key != settings.key():  # builds older than the record's key have none
         warn(f"the SAE build record {record} is for settings {key!r}, not {settings.key()!r}; building it again")
+        return False
+    from sae_lens.constants import SAE_WEIGHTS_FILENAME
+
+    problem = safetensors_problem(path / SAE_WEIGHTS_FILENAME)
+    if problem is not None:
+        warn(f"the cached SAE weights {path / SAE_WEIGHTS_FILENAME} {problem}; deleting the build and building the "
+             "SAE again")
+        shutil.rmtree(path, ignore_errors=True)
         return False
     return True
 

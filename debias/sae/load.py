@@ -42,6 +42,13 @@ def load_sae(release_or_path: str | Path, sae_id: str | None = None, device: str
     if path.is_dir():
         if not (path / "cfg.json").is_file():
             raise FileNotFoundError(f"{path} has no cfg.json: not a directory written by sae_lens' save_model")
+        from sae_lens.constants import SAE_WEIGHTS_FILENAME
+
+        from debias.io import safetensors_problem
+
+        problem = safetensors_problem(path / SAE_WEIGHTS_FILENAME)
+        if problem is not None:
+            raise ValueError(f"the SAE weights {path / SAE_WEIGHTS_FILENAME} {problem}")
         return SAE.load_from_disk(path, device=device, dtype=_dtype_name(dtype))
     if path.exists() or str(release_or_path).startswith((".", "/", "~")):
         raise FileNotFoundError(f"SAE path {str(release_or_path)!r} is not a directory written by save_model")
