@@ -71,7 +71,28 @@ def test_export_of_another_method_is_refused_naming_both(fitted, tmp_path, capsy
         main(["export", TINY, str(fitted / "ckpt" / "last.ckpt"), str(tmp_path / "out"),
               "--overrides", '["--model.edit.method=random"]'])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "holds a instability edit" in err and "this run is random" in err
+    assert "was trained with model.edit.method='instability'; this run has 'random'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_for_another_base_model_or_features_is_refused_naming_every_key(fitted, tmp_path, capsys):
+    ckpt = fitted / "ckpt" / "last.ckpt"
+    with pytest.raises(SystemExit) as exit_:  # the case: an edit for feature [3] put onto another model
+        main(["export", TINY, str(ckpt), str(tmp_path / "out"),
+              "--overrides", '["--model.base_model=tiny-mistral","--model.sae.features=[32]"]'])
+    err = capsys.readouterr().err.strip().splitlines()  # after the progress bars of building tiny-mistral
+    assert exit_.value.code == 2 and sum(line.startswith("debias: error:") for line in err) == 1
+    assert not any("Traceback" in line for line in err)
+    assert err[-1].startswith(f"debias: error: checkpoint {ckpt} was trained with model.base_model='tiny-llama' and "
+                             "model.sae.features=[3]; this run has 'tiny-mistral' and [32] (export it with the config")
+    assert not (tmp_path / "out").exists()
+    unrecorded = tmp_path / "bare.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    del checkpoint["hyper_parameters"]
+    torch.save(checkpoint, unrecorded)
+    with pytest.raises(SystemExit):
+        main(["export", TINY, str(unrecorded), str(tmp_path / "out")])
+    assert "records no model arguments" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

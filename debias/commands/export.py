@@ -1,7 +1,9 @@
 """`debias export CONFIG CKPT OUT`: export a trained checkpoint of a config.
 
 The mask, delta, merged weights, adapter and report all come from the checkpoint: its mask is used as it is, and a
-checkpoint of another method or matrix, or without a trained edit, is refused before anything is written.
+checkpoint trained with other model arguments than the config's and `overrides` (any key, as `fit --ckpt_path`
+checks: another base model, features, method or matrix), or without a trained edit, is refused before anything is
+written.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from debias.commands.fit import configured
+from debias.commands.fit import build_cli, refuse_other_hparams
 from debias.evaluation.base_cache import evaluate_original
 from debias.evaluation.evaluate import evaluate_model
 from debias.evaluation.heldout import format_table
@@ -47,7 +49,14 @@ def export(fit_config: str, ckpt_path: str, out: str, overwrite: bool = False,
 
     check_target(Path(out), overwrite)
     checkpoint = load_checkpoint(ckpt_path)
-    module, datamodule = configured(fit_config, overrides or [])
+    cli = build_cli(["--config", fit_config, *(overrides or [])], run=False)
+    saved = checkpoint.get("hyper_parameters")
+    if not isinstance(saved, dict) or not saved:
+        raise ValueError(f"{ckpt_path} records no model arguments (hyper_parameters), so nothing shows it was trained "
+                         f"for {fit_config}; export a checkpoint written by `debias fit`")
+    refuse_other_hparams(saved, cli.config.model.clone().as_dict(), f"checkpoint {ckpt_path}",
+                         "export it with the config and overrides it was trained with")
+    module, datamodule = cli.model, cli.datamodule
     record = checkpoint["debias_edit"]
     if record.get("mask"):
         module.preset_mask = InstabilityMask.from_record(record["mask"])

@@ -52,6 +52,18 @@ def hparam_differences(saved, current, prefix: str = "model") -> list[tuple[str,
     return [] if _plain(saved) == _plain(current) else [(prefix, saved, current)]
 
 
+def refuse_other_hparams(saved: dict, current: dict, source: str, advice: str) -> None:
+    """Refuse a checkpoint's model arguments `saved` that differ from `current` (a run's `model` config) in any key,
+    naming each key with both values: `{source} was trained with ...; this run has ... ({advice})`."""
+    if "_class_path" in saved:  # written by LightningCLI's subclass mode: the arguments are the rest
+        saved = {k: v for k, v in saved.items() if k != "_class_path"}
+    differences = hparam_differences(saved, current)
+    if differences:
+        trained = " and ".join(f"{key}={old!r}" if old is not _ABSENT else f"no {key}" for key, old, _ in differences)
+        now = " and ".join(repr(new) if new is not _ABSENT else "none" for _, _, new in differences)
+        raise ValueError(f"{source} was trained with {trained}; this run has {now} ({advice})")
+
+
 def check_checkpoint_hparams(ckpt_path: str, current: dict) -> None:
     """Refuse a checkpoint trained with other model arguments than `current` (this run's `model` config)."""
     try:
@@ -59,14 +71,8 @@ def check_checkpoint_hparams(ckpt_path: str, current: dict) -> None:
     except Exception as err:  # a truncated file, or not a checkpoint at all
         raise ValueError(f"--ckpt_path {ckpt_path} is not a checkpoint torch.load(weights_only=True) can read: "
                          f"{type(err).__name__}: {err}") from err
-    if "_class_path" in saved:  # written by LightningCLI's subclass mode: the arguments are the rest
-        saved = {k: v for k, v in saved.items() if k != "_class_path"}
-    differences = hparam_differences(saved, current)
-    if differences:
-        trained = " and ".join(f"{key}={old!r}" if old is not _ABSENT else f"no {key}" for key, old, _ in differences)
-        now = " and ".join(repr(new) if new is not _ABSENT else "none" for _, _, new in differences)
-        raise ValueError(f"--ckpt_path {ckpt_path} was trained with {trained}; this run has {now} (resume with the "
-                         "checkpoint's values, or drop --ckpt_path to start a new run)")
+    refuse_other_hparams(saved, current, f"--ckpt_path {ckpt_path}",
+                         "resume with the checkpoint's values, or drop --ckpt_path to start a new run")
 
 
 class DebiasCLI(LightningCLI):
