@@ -1,4 +1,11 @@
-"""`debias eval MODEL`: evaluate any model against its base through the one evaluation path."""
+"""`debias eval MODEL`: evaluate any model against its base through the one evaluation path.
+
+The base is `--base_model`, else the one a `debias` export's `debias/report.json` names, else the config's; the
+console names it and where it came from. A base taken from a report is checked against the export: where the report
+records the base's file hashes (`base_model_files`), the directory must still hold those files; and the export may
+differ from that base only in the weights the report says were edited (`parameters`). Either mismatch, a report that
+is not a JSON object, or one that cannot be read is refused in one line naming the file.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,53 @@ from pathlib import Path
 
 from debias.evaluation.base_cache import evaluate_original
 from debias.evaluation.evaluate import completions, evaluate_model
+from debias.io import read_regular
+
+
+def read_report(model: str) -> tuple[dict, Path | None]:
+    """(the export's `debias/report.json`, its path), or ({}, None) when `model` is no `debias` export."""
+    path = Path(model) / "debias" / "report.json"
+    if not path.exists():
+        return {}, None
+    try:
+        report = json.loads(read_regular(path))
+    except OSError as err:
+        raise ValueError(f"cannot read the export report {path} ({err.strerror or err})") from None
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise ValueError(f"the export report {path} is not valid JSON ({err})") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"the export report {path} holds a JSON {type(report).__name__}, not an object: not a report "
+                         "written by debias")
+    return report, path
+
+
+def check_base_files(report: dict, report_path: Path, base: str) -> None:
+    """Refuse a base directory whose files are not those `report_path` recorded (`base_model_files`), if any."""
+    recorded = report.get("base_model_files")
+    if not isinstance(recorded, dict) or not recorded:
+        return
+    from debias.json_store import dir_hashes, model_files
+    from debias.models.load import resolve_model_path
+
+    files = model_files(resolve_model_path(base))
+    now = dir_hashes(files) if files is not None else {}
+    differ = sorted(name for name in {*recorded, *now} if recorded.get(name) != now.get(name))
+    if differ:
+        raise ValueError(f"{report_path} records base model {base!r} with other files than {files} now holds "
+                         f"({', '.join(differ[:3])} differ); pass --base_model with the model it was exported from")
+
+
+def check_untouched(module, report: dict, report_path: Path, model: str) -> None:
+    """Refuse an export that differs from its recorded base in weights the report's edit never touched: the base
+    directory holds another model."""
+    edited = report.get("parameters")
+    if not (isinstance(edited, list) and edited and all(isinstance(p, str) for p in edited)):
+        return
+    others = [name for name in module.delta.changed_names() if name not in edited]
+    if others:
+        raise ValueError(f"{model} differs from base model {module.model_id!r} (named in {report_path}) in "
+                         f"{len(others)} weights its edit never touched (e.g. {others[0]}), so that directory holds "
+                         "another model than the one it was exported from; pass --base_model with that model")
 
 
 def eval_command(model: str, fit_config: str = "configs/smollm2.yaml", base_model: str | None = None,
@@ -33,9 +87,14 @@ def eval_command(model: str, fit_config: str = "configs/smollm2.yaml", base_mode
     from debias.evaluation.heldout import format_table
     from debias.models.load import load_model
 
-    exported = Path(model) / "debias" / "report.json"
-    report = json.loads(exported.read_text()) if exported.is_file() else {}
+    if out and Path(out).is_dir():  # refused before the evaluation, not after it
+        raise ValueError(f"--out {out} is a directory; expected the path of a JSON file to write")
+    report, report_path = read_report(model)
+    where = "--base_model" if base_model else f"named in {report_path}" if report.get("base_model_spec") else None
+    from_report = report_path if not base_model and report.get("base_model_spec") else None  # checked against it
     base_model = base_model or report.get("base_model_spec")
+    if from_report is not None:
+        check_base_files(report, from_report, str(base_model))
     features = features or report.get("features")
     args = ["--config", fit_config, *(overrides or []), "--export.export_dir=null"]
     if base_model:
@@ -51,6 +110,10 @@ def eval_command(model: str, fit_config: str = "configs/smollm2.yaml", base_mode
     except ValueError as err:
         raise ValueError(f"{model} does not fit base model {module.model_id!r} ({err}); pass --base_model") from err
     del edited
+    if from_report is not None:
+        check_untouched(module, report, from_report, model)
+    print(f"debias: eval: {model} against base model {module.model_id!r} ({module.model_path}; "
+          f"{where or f'the config {fit_config}'})", flush=True)
     result = {"model": model, "base_model": module.model_id, "features": module.features,
               "changed_parameters": module.delta.changed_parameters(),
               "before": evaluate_original(module, data, suites=suites, progress="before")[0],
