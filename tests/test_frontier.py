@@ -194,6 +194,8 @@ def test_one_seed_gets_the_bootstrap_interval_several_get_students_t():
     (dict(alphas=[]), "--alphas is empty; expected one or more finite scales > 0"),
     (dict(alphas=[0.5, float("nan")]), "--alphas holds nan; expected finite scales > 0"),
     (dict(alphas=[float("inf")]), "--alphas holds inf; expected finite scales > 0"),
+    (dict(alphas=[1.0, 1e30]), "--alphas holds 1e+30; expected finite scales > 0, at most 10 (a larger α·Δ"),
+    (dict(alphas=[10.5]), "--alphas holds 10.5; expected finite scales > 0, at most 10"),
     (dict(alphas=[0.0, 1.0]), "--alphas holds 0.0; expected finite scales > 0 (α = 0, the original model"),
     (dict(kl_levels=[0.0]), "--kl_levels holds 0.0; expected finite KLs > 0"),
     (dict(kl_levels=[0.01, -0.003]), "--kl_levels holds -0.003; expected finite KLs > 0"),
@@ -211,6 +213,7 @@ def test_bad_frontier_arguments_are_refused_before_any_model_loads(kwargs, messa
 
 
 @pytest.mark.parametrize("flag, value, message", [("--alphas", "[]", "--alphas is empty"),
+                                                   ("--alphas", "[1e30]", "--alphas holds 1e+30; expected finite"),
                                                    ("--kl_levels", "[0.01, 0]", "--kl_levels holds 0.0")])
 def test_the_cli_says_a_bad_frontier_argument_in_one_line(flag, value, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
@@ -223,11 +226,28 @@ def test_the_cli_says_a_bad_frontier_argument_in_one_line(flag, value, message, 
 LOW, HIGH = 1e-7, 10.0  # every tiny cell reaches the first on validation; none reaches the second
 
 
+GRID = dict(methods=["random"], k=[20], seeds=[0, 1], objectives=False, steps=2, snapshot_every=1, alphas=[1.0],
+            kl_levels=[LOW, HIGH], suite_levels=[])
+
+
+def test_a_point_with_a_non_finite_number_is_refused_and_a_stored_one_evaluated_again(tmp_path):
+    store = PointStore(tmp_path / "cell" / "points.json", {"k": 1})
+    with pytest.raises(ValueError, match=r"^the edit of cell at step 2, α=1e\+30 gives non-finite "
+                                         r"validation.bias_gap_ci\[0\], heldout.kl: a blown-up edit"):
+        store.add(2, {"alpha": 1e30, "validation": {"kl": 0.1, "bias_gap_ci": [float("nan"), 1.0]},
+                      "heldout": {"kl": float("inf")}, "seconds": 1.0})
+    assert not (tmp_path / "cell" / "points.json").exists() and store.get(2, 1e30) is None
+    store.add(2, {"alpha": 1.0, "validation": {"kl": 0.1}, "heldout": {"kl": 0.2}, "seconds": 1.0})
+    saved = json.loads((tmp_path / "cell" / "points.json").read_text())
+    saved["points"]["2:1.0"]["heldout"]["kl"] = float("nan")  # damaged on disk: not a finished point
+    (tmp_path / "cell" / "points.json").write_text(json.dumps(saved))
+    assert PointStore(tmp_path / "cell" / "points.json", {"k": 1}).get(2, 1.0) is None
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("frontier") / "compare"
-    args = dict(methods=["random"], k=[20], seeds=[0, 1], objectives=False, steps=2, snapshot_every=1, alphas=[1.0],
-                kl_levels=[LOW, HIGH], suite_levels=[], out=str(out))
+    args = dict(GRID, out=str(out))
     real_evaluate, real_train = cell_module.evaluate_point, cell_module._train
     calls: dict[str, list] = {"evaluated": [], "trained": []}
 
@@ -304,3 +324,23 @@ def test_the_seed_draws_the_random_mask_and_orders_the_data(grid):
     for seed in (0, 1):
         overrides = json.loads((out / "cells" / f"random-k20-seed{seed}.json").read_text())["cell"]["overrides"]
         assert f"--data.seed={seed}" in overrides and f"--model.edit.seed={seed}" in overrides
+
+
+@pytest.mark.parametrize("damage", ["{\"a\": 1}", "[1, 2, 3]", "{\"cell\": {\"overrides\": 3}}"])
+def test_a_finished_cell_record_of_the_wrong_shape_runs_that_cell_again(grid, monkeypatch, capsys, damage):
+    import debias.commands.compare.run as run_module
+
+    out, _, _ = grid
+    record = out / "cells" / "random-k20-seed0.json"
+    good = json.loads(record.read_text())
+    record.write_text(damage)
+    real_run_cell, ran = run_module.run_cell, []
+    monkeypatch.setattr(run_module, "run_cell", lambda cell, *a, **kw: ran.append(cell.name)
+                        or real_run_cell(cell, *a, **kw))
+    capsys.readouterr()
+    compare_command(TINY, **GRID, out=str(out))
+    assert ran == ["random-k20-seed0"]  # trained and evaluated before: read back from its points, nothing redone
+    assert f"debias: warning: the finished-cell record {record} is not one debias compare writes" in \
+        capsys.readouterr().err
+    again = json.loads(record.read_text())
+    assert again["points"] == good["points"] and again["cell"] == good["cell"]

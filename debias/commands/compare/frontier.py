@@ -24,6 +24,8 @@ DEFAULT_ALPHAS = (0.5, 1.0, 1.5)
 DEFAULT_KL_LEVELS = (0.003, 0.01)
 DEFAULT_SUITE_LEVELS = (0.01,)
 DEFAULT_SNAPSHOT_EVERY = 40
+#: The largest scale of `--alphas`: well past any useful strength, and far from where α·Δ overflows the weights.
+MAX_ALPHA = 10.0
 
 
 def _number(value) -> bool:
@@ -35,7 +37,8 @@ class FrontierSettings:
     """Where each cell's curve is evaluated, and the KL levels its matched points are chosen at."""
 
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    """Scales of the learned edit (α·Δ; a strength for interventions) evaluated at every snapshot; all > 0."""
+    """Scales of the learned edit (α·Δ; a strength for interventions) evaluated at every snapshot; all in
+    (0, `MAX_ALPHA`]."""
     snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
     """A snapshot every this many training steps, and one at the last step."""
     kl_levels: tuple[float, ...] = DEFAULT_KL_LEVELS
@@ -49,9 +52,14 @@ class FrontierSettings:
         if not self.alphas:
             out.append("--alphas is empty; expected one or more finite scales > 0, e.g. [0.5, 1.0, 1.5]")
         for a in self.alphas:
-            if not _number(a) or a <= 0:
-                why = " (α = 0, the original model, is every curve's anchor, never evaluated)" if _number(a) else ""
-                out.append(f"--alphas holds {a!r}; expected finite scales > 0{why}")
+            if not _number(a):
+                out.append(f"--alphas holds {a!r}; expected finite scales > 0, at most {MAX_ALPHA:g}")
+            elif a <= 0:
+                out.append(f"--alphas holds {a!r}; expected finite scales > 0 (α = 0, the original model, is every "
+                           "curve's anchor, never evaluated)")
+            elif a > MAX_ALPHA:
+                out.append(f"--alphas holds {a!r}; expected finite scales > 0, at most {MAX_ALPHA:g} (a larger α·Δ "
+                           "measures an overflowing edit, not the learned one)")
         if len(set(self.alphas)) != len(self.alphas):
             out.append(f"--alphas {list(self.alphas)} repeats a value; expected each scale once")
         for level in self.kl_levels:

@@ -14,7 +14,7 @@ import torch
 
 from debias.edits.scaling import scaled
 from debias.evaluation.heldout import HeldOutAggregate, behaviour_metrics, edit_context, gap_reduction
-from debias.io import atomic_write_json, read_json_object
+from debias.io import atomic_write_json, non_finite, read_json_object
 
 
 def validation_metrics(module, datamodule, callback, edited: bool = True, original: dict | None = None) -> dict:
@@ -130,9 +130,17 @@ class PointStore:
         self.matched: dict[str, dict] = saved.get("matched", {}) if fits else {}
 
     def get(self, step: int, alpha: float) -> dict | None:
-        return self.points.get(point_key(step, alpha))
+        """The stored point, or None (also for one holding a non-finite number: it is evaluated again)."""
+        point = self.points.get(point_key(step, alpha))
+        return point if isinstance(point, dict) and not non_finite(point) else None
 
     def add(self, step: int, point: dict) -> dict:
+        """Store `point` (evaluated at `step`); one holding a NaN or an infinity is refused, and nothing stored."""
+        bad = non_finite({"validation": point.get("validation"), "heldout": point.get("heldout")})
+        if bad:
+            raise ValueError(f"the edit of {self.path.parent.name} at step {step}, α={point['alpha']!r} gives "
+                             f"non-finite {', '.join(bad[:3])}: a blown-up edit, whose numbers mean nothing (lower "
+                             "model.train.lr, or the scales in --alphas)")
         self.points[point_key(step, point["alpha"])] = dict(point, step=step)
         self._write()
         return self.points[point_key(step, point["alpha"])]

@@ -34,6 +34,22 @@ from debias.commands.compare.grid import (
 from debias.edits.lora import check_lora_rank
 from debias.io import atomic_write_json, read_json_object
 
+#: What a finished cell's record (`cells/<name>.json`) holds, and of which type.
+CELL_RECORD = {"cell": dict, "base_args": list, "frontier": dict, "report": dict, "points": list, "matched": dict}
+
+
+def finished_cell(path: Path, warn: bool = False) -> dict | None:
+    """The record of a finished cell, or None: missing, or not the shape `compare_command` writes (a damaged or
+    foreign file: with `warn`, a warning naming it; the cell runs again)."""
+    saved = read_json_object(path)
+    if saved is not None and all(isinstance(saved.get(k), t) for k, t in CELL_RECORD.items()) \
+            and isinstance(saved["cell"].get("overrides"), list):
+        return saved
+    if warn and path.exists():
+        _say(f"warning: the finished-cell record {path} is not one debias compare writes (an object with "
+             f"{', '.join(CELL_RECORD)}); running that cell again")
+    return None
+
 
 def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seeds, lora_ranks, objectives, seeded,
                   settings: FrontierSettings, state: dict):
@@ -65,7 +81,7 @@ def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seed
     cells = plan(methods, counts, default_k, seeds, lora_ranks, objectives, seeded)
     total = n_layers(module.net)
     layers = {c.name: registry.grid_layers(c.method, module.site.layer, total) for c in cells}  # refused before masks
-    finished = {c.name for c in cells if (out / "cells" / f"{c.name}.json").is_file()}
+    finished = {c.name for c in cells if finished_cell(out / "cells" / f"{c.name}.json") is not None}
     masks = grid_masks(module, data, [c for c in cells if c.name not in finished], out)
     for cell in cells:
         mask = masks.get(mask_name(cell), out / "masks" / f"{mask_name(cell)}.safetensors")  # finished: on disk
@@ -106,7 +122,7 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
             bias_gradient at the config's k (off by default).
         out: output directory (results.csv, results.md, results.json, pareto.png, one directory per cell).
         steps: training steps per cell (default: the config's trainer.max_steps).
-        alphas: scales of each snapshot's edit evaluated (all > 0; α = 0, the original model, is every curve's
+        alphas: scales of each snapshot's edit evaluated (0 < α <= 10; α = 0, the original model, is every curve's
             anchor).
         snapshot_every: a snapshot every this many steps (and one at the last step).
         kl_levels: validation KLs (nats/token) at which each cell's (step, α) is chosen.
@@ -148,7 +164,7 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
     for cell in bar:
         bar.set_postfix_str(cell.name)
         done = out_dir / "cells" / f"{cell.name}.json"
-        saved = read_json_object(done)
+        saved = finished_cell(done, warn=True)
         if saved and saved["cell"]["overrides"] == cell.overrides and saved.get("base_args") == base_args \
                 and saved.get("frontier") == settings.to_dict():
             results[cell.name] = saved
