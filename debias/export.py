@@ -68,10 +68,16 @@ def environment() -> dict:
 
 
 def build_report(module, run: dict) -> dict:
-    """`report.json`: what was edited, metrics before/after (from `run`) and how to reproduce it."""
+    """`report.json`: what was edited, metrics before/after (from `run`) and how to reproduce it; the base model's
+    file hashes (`base_model_files`) let `debias eval` refuse a base directory that changed since."""
+    from debias.json_store import dir_hashes, model_files
+
     hp = dict(module.hparams)
+    base_files = model_files(module.model_path)
     return {
-        "base_model": module.model_path, "base_model_spec": module.model_id, "hook_name": module.site.hook_name,
+        "base_model": module.model_path, "base_model_spec": module.model_id,
+        "base_model_files": dir_hashes(base_files) if base_files is not None else None,
+        "hook_name": module.site.hook_name,
         "layer": module.site.layer, "parameter": module.parameter, "method": module.edit_args.method,
         "layers": module.layers_edited, "parameters": module.parameters_edited,
         "k_per_parameter": _k_per_parameter(module.mask), "features": module.features, "k": module.k,
@@ -94,7 +100,7 @@ def _k_per_parameter(mask) -> dict[str, int] | None:
 def model_card(report: dict) -> str:
     before, after = report.get("before", {}), report.get("after", {})
     held_out = ("feature_act", "feature_fire_rate", "lm_loss", "kl", "bias_gap", "cue_margin", "statement_gap",
-                "factual_margin")
+                "statement_gap_unseen", "factual_margin")
     pairs = [(name, before.get(name), after.get(name)) for name in held_out]
     for suite, names in (("stereoset", ("ss", "abs_ss_minus_50", "lms")),
                          ("crows_pairs", ("stereo_pct", "abs_pct_minus_50"))):
@@ -114,9 +120,22 @@ Edited with `debias` (method `{report['method']}`): {_what(report)}, trained to 
 | held-out metric | before | after |
 |---|---|---|
 {rows}
-
+{_domains(before, after)}
 Files: merged weights here; {_files(report)}`debias/report.json`.
 {_completions(report)}"""
+
+
+def _domains(before: dict, after: dict) -> str:
+    """The held-out statement gap per attribute domain (with the after-interval), the unseen domains marked."""
+    b_dom, a_dom = before.get("statement_gap_by_domain", {}), after.get("statement_gap_by_domain", {})
+    unseen = set(after.get("unseen_domains", []))
+    rows = [f"| {d}{' (not in train)' if d in unseen else ''} | {b_dom[d]['statement_gap']:.3f} | "
+            f"{a_dom[d]['statement_gap']:.3f} | [{a_dom[d]['statement_gap_ci'][0]:.3f}, "
+            f"{a_dom[d]['statement_gap_ci'][1]:.3f}] |" for d in b_dom if d in a_dom]
+    if not rows:
+        return ""
+    return ("\n| statement gap by domain (held-out) | before | after | after, 95% interval |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 def _what(report: dict) -> str:

@@ -40,14 +40,16 @@ def heldout_feature_acts(module, datamodule) -> tuple[torch.Tensor, torch.Tensor
 
 
 def report_figure(out: str | Path, curves: dict, acts_before: torch.Tensor, acts_after: torch.Tensor,
-                  gap_before: dict[str, float], gap_after: dict[str, float], title: str = "") -> Path:
-    """Write a three-panel PNG; returns its path."""
+                  gap_before: dict[str, float], gap_after: dict[str, float], title: str = "",
+                  domains: tuple[dict, dict, list[str]] | None = None) -> Path:
+    """Write a three-panel PNG (four with `domains`: the held-out statement gap per domain before and after, as
+    `statement_gap_by_domain` before, after, and the domains train never saw); returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = plt.subplots(1, 4 if domains else 3, figsize=(21 if domains else 16, 4.6))
     ax = axes[0]
     for name, points in sorted(curves.items()):
         if name.startswith("train/") or name in ("val/kl",):
@@ -74,12 +76,29 @@ def report_figure(out: str | Path, curves: dict, acts_before: torch.Tensor, acts
     ax.axvline(0, color="black", lw=0.8)
     ax.set(xlabel="log p(she) − log p(he)", title="held-out margin per profession")
     ax.legend(fontsize=8)
+    if domains:
+        _domain_panel(axes[3], *domains)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return Path(out)
+
+
+def _domain_panel(ax, before: dict, after: dict, unseen: list[str]) -> None:
+    """Statement gap per attribute domain, before and after, with the after-interval; unseen domains starred."""
+    names = [d for d in before if d in after]
+    y = range(len(names))
+    ax.barh([i + 0.2 for i in y], [before[d]["statement_gap"] for d in names], height=0.4, label="before")
+    low = [after[d]["statement_gap"] - after[d]["statement_gap_ci"][0] for d in names]
+    high = [after[d]["statement_gap_ci"][1] - after[d]["statement_gap"] for d in names]
+    ax.barh([i - 0.2 for i in y], [after[d]["statement_gap"] for d in names], height=0.4, label="after (95%)",
+            xerr=[low, high], error_kw={"lw": 0.8})
+    ax.set_yticks(list(y), [f"{d} *" if d in unseen else d for d in names], fontsize=7)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set(xlabel="statement gap (* = domain train never saw)", title="held-out statement gap per domain")
+    ax.legend(fontsize=8)
 
 
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -29,7 +29,7 @@ def one_thread():
 GROUPS = {"sae": ("sae_id", "build", "features", "n_features", "feature_target"),
           "edit": ("method", "fraction", "k", "mask_strategy", "mask_path", "seed", "lora_rank", "clamp_value",
                    "steering_alpha", "steering_kind", "layers", "projection_alpha"),
-          "train": ("lr", "max_length", "cache_activations", "cache_budget_mb")}
+          "train": ("lr", "max_length", "cache_activations", "cache_budget_mb", "null_space_energy")}
 
 
 def module_args(**overrides) -> dict:

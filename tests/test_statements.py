@@ -191,3 +191,24 @@ def test_val_score_checkpoint_without_a_validation_split_is_refused(tmp_path):
     with pytest.raises(ValueError, match="a ModelCheckpoint monitors val/score, which needs the bias spec's "
                                          "validation split; data.prompt_dir has none"):
         trainer.fit(make_module(), datamodule=data)
+
+
+def test_statement_gap_per_domain_and_over_the_unseen_domains():
+    from debias.evaluation.heldout import format_table
+    from debias.evaluation.sentence_metrics import statement_gap
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    spec = load_bias_spec("gender")
+    unseen = spec.domains_only_in("heldout")
+    assert set(unseen) == {"appearance", "morals"} and not spec.domains_only_in("train")
+    items = load_statements("heldout", pairings=1)
+    out = statement_gap(model, tok, items, n_boot=20, unseen=unseen)
+    assert set(out["statement_gap_by_domain"]) == {i.domain for i in items} and out["unseen_domains"] == list(unseen)
+    math = [i for i in items if i.domain == "mathematics"]
+    alone = statement_gap(model, tok, math, n_boot=1)["statement_gap"]
+    assert out["statement_gap_by_domain"]["mathematics"]["statement_gap"] == pytest.approx(alone, abs=1e-5)
+    assert out["statement_gap_by_domain"]["mathematics"]["items"] == len(math)
+    both = statement_gap(model, tok, [i for i in items if i.domain in unseen], n_boot=1)["statement_gap"]
+    assert out["statement_gap_unseen"] == pytest.approx(both, abs=1e-5)
+    table = format_table(out, out)
+    assert "statement gap by domain" in table and "morals" in table and "(unseen in train)" in table
