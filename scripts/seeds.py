@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 #: (row, how to read it from a report's before/after): reductions and kept shares as in `debias.evaluation.heldout`.
-ROWS = ("bias_gap_reduction", "statement_gap_reduction", "cue_kept", "factual_kept", "kl", "lm_loss_change",
+ROWS = ("bias_gap_reduction", "statement_gap_reduction", "statement_gap_unseen_reduction", "cue_kept", "factual_kept",
+        "kl", "lm_loss_change",
         "stereoset.abs_ss_minus_50", "stereoset.lms", "crows_pairs.abs_pct_minus_50", "step")
 
 

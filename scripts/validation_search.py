@@ -3,7 +3,8 @@ at every validation, and the step `val/score` picks. Held-out prompts and the su
 
     python scripts/validation_search.py configs/smollm2.yaml --variants base,layers4 --out runs/validation
 
-Each variant is a list of `debias fit` overrides (`VARIANTS` below, or `--extra NAME='["--a=1", ...]'`). Results
+Each variant is a list of `debias fit` overrides (`VARIANTS` below, or `--extra NAME='["--a=1", ...]'`); of the
+trainer's, only `--trainer.max_steps=N` applies (40 by default; a validation every 10 steps). Results
 are appended to `OUT/results.jsonl` as they finish, so a stopped search resumes where it was; `--seeds 0,1,2` reruns
 each variant with other data orders (`seed_everything` and `data.seed`).
 """
@@ -36,6 +37,8 @@ def run_variant(config: str, overrides: list[str], seed: int, out: Path) -> dict
     from debias.callbacks import ValidationMetrics
     from debias.commands.fit import configured
 
+    steps = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("--trainer.max_steps=")] or [40]
+    overrides = [o for o in overrides if not o.startswith("--trainer.max_steps=")]  # this script's own Trainer
     seeded = [*overrides, f"--seed_everything={seed}", f"--data.seed={seed}"]
     module, data = configured(config, seeded)
     seed_everything(seed)
@@ -50,7 +53,7 @@ def run_variant(config: str, overrides: list[str], seed: int, out: Path) -> dict
 
     metrics = ValidationMetrics()
     start = time.perf_counter()
-    trainer = Trainer(max_steps=40, val_check_interval=10, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+    trainer = Trainer(max_steps=steps[-1], val_check_interval=10, check_val_every_n_epoch=None, num_sanity_val_steps=0,
                       accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                       enable_model_summary=False, callbacks=[metrics, Record()], default_root_dir=str(out / "tmp"))
     trainer.fit(module, datamodule=data)
@@ -75,6 +78,20 @@ def summary_line(name: str, seed: int, result: dict) -> str:
             f"({result['seconds']:.0f} s)")
 
 
+def markdown_table(results: Path) -> str:
+    """Every recorded variant's step chosen by val/score, as a markdown table (validation split only)."""
+    lines = ["| variant | seed | step | val/score | profession gap | statement gap | cue kept | factual kept | KL |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in map(json.loads, results.read_text().splitlines()):
+        best, original = row["best"], row["original"]
+        lines.append(f"| {row['name']} | {row['seed']} | {best['step']} | {best['score']:.3f} | "
+                     f"{1 - abs(best['bias_gap']) / abs(original['bias_gap']):+.0%} | "
+                     f"{1 - abs(best['statement_gap']) / abs(original['statement_gap']):+.0%} | "
+                     f"{best['cue_margin'] / original['cue_margin']:.0%} | "
+                     f"{best['factual_margin'] / original['factual_margin']:.0%} | {best['kl']:.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
@@ -82,7 +99,11 @@ def main() -> None:
     parser.add_argument("--extra", action="append", default=[], help="NAME='[\"--override=value\", ...]'")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default="runs/validation")
+    parser.add_argument("--table", action="store_true", help="print OUT/results.jsonl as a markdown table and stop")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(Path(args.out) / "results.jsonl"))
+        return
     table = dict(VARIANTS)
     for item in args.extra:
         name, _, overrides = item.partition("=")
