@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from debias.bias_checks import SPLITS, BiasSpecError, check_spec, group_words_in, word_pattern
+from debias.bias_checks import SPLITS, BiasSpecError, group_words_in, word_pattern
+from debias.spec_check import check_spec
 
 __all__ = ["SPLITS", "BiasSpec", "BiasSpecError", "FactualStatement", "bias_spec_path", "default_bias_dir",
            "load_bias_spec", "swap"]

@@ -277,8 +277,8 @@ class ReportAndExport(Callback):
             trainer.logger.save()
             csv_path = Path(str(trainer.logger.log_dir)) / "metrics.csv"
         before, after = heldout_feature_acts(pl_module, datamodule_of(trainer))
-        by_domain = [r.get("statement_gap_by_domain") for r in (self.report["before"], self.after)]
-        domains = (by_domain[0], by_domain[1], self.after.get("unseen_domains", [])) if all(by_domain) else None
+        b_dom, a_dom = (r.get("statement_gap_by_domain") or {} for r in (self.report["before"], self.after))
+        domains = (b_dom, a_dom, list(self.after.get("unseen_domains", []))) if b_dom and a_dom else None
         return report_figure(out, read_metrics_csv(csv_path), before, after,
                              self.report["before"]["gap_per_profession"], self.after["gap_per_profession"],
                              title=f"{pl_module.model_id}: {pl_module.parameter}, k={pl_module.k}, "

@@ -240,8 +240,17 @@ def test_unreadable_cache_directory_warns_and_recomputes(prepared, cache, counte
     path = entry_path(base_cache.cache_key(module, data, False, CUES))
     cache.chmod(0)
     try:
-        if os.access(path, os.R_OK):  # root reads through chmod 0
-            _denied(monkeypatch, cache, "read_bytes", errno.EACCES)
+        if os.access(path, os.R_OK):  # root reads through chmod 0: deny the cache's own reader instead
+            from debias import json_store
+
+            real = json_store.read_regular
+
+            def denied(target):
+                if cache in Path(target).parents:
+                    raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+                return real(target)
+
+            monkeypatch.setattr(json_store, "read_regular", denied)
         capsys.readouterr()
         again, hit = evaluate_original(module, data, cue_limit=CUES)
     finally:

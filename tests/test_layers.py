@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "debias"
 #: Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = [
     ("debias.config", "debias.io"),
-    ("debias.prompts", "debias.bias_spec", "debias.bias_checks", "debias.statements"),
+    ("debias.prompts", "debias.bias_spec", "debias.bias_checks", "debias.spec_check", "debias.statements"),
     ("debias.models", "debias.json_store"),
     ("debias.sae", "debias.cda"),
     ("debias.features",),

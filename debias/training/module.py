@@ -19,7 +19,6 @@ from debias.edits import registry
 from debias.edits.base import EditContext
 from debias.edits.joint import edited_matrices
 from debias.edits.mask import Mask, resolve_k
-from debias.edits.null_space import NullSpace
 from debias.edits.state_diff import StateDiffEdit
 from debias.models import hooks
 from debias.models.scoring import real_token_mask, target_ids
@@ -47,10 +46,8 @@ class DebiasModule(LightningModule):
         Args:
             base_model: hub id, local HF directory, or a spec (`smollm2-135m`, `tiny-llama`, ...).
             dtype: the model weights' dtype (float32, bfloat16, float16); the edit trains in float32.
-            sae: the SAE and its latents (`SAEArgs`).
-            edit: the method and its arguments (`EditArgs`).
-            objective: weights of the loss terms (`ObjectiveWeights`).
-            train: learning rate, text length and the fast path (`TrainArgs`).
+            sae / edit / objective / train: `SAEArgs` (the SAE and its latents), `EditArgs` (the method),
+                `ObjectiveWeights` (the loss terms' weights), `TrainArgs` (lr, text length, the fast path).
         """
         super().__init__()
         check_dtype(dtype)
@@ -86,7 +83,7 @@ class DebiasModule(LightningModule):
         self.preset_mask: Mask | None = None  # set before `prepare`: use it instead of computing one
         self.delta: Any = None  # the method's edit (an `Edit`), attached by `prepare`
         self.fastpath: FastPath | None = None
-        self.null_space: NullSpace | None = None  # `model.train.null_space_energy`, fitted by `prepare`
+        self.null_space: Any = None  # a NullSpace (`model.train.null_space_energy`), fitted by `prepare`
         self.shared_upstream: dict | None = None  # set before `prepare` to share cached activations across runs
         self.feature_baseline: torch.Tensor
         self.register_buffer("feature_baseline", torch.ones(max(len(self.features), self.sae_args.n_features)))
@@ -129,7 +126,6 @@ class DebiasModule(LightningModule):
             self.sae = self._load_sae(build_missing=True)
             self._check_sae()
 
-    # ----- set-up: features, the edit, and the feature's value before training -----
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
                              max_length=self.train_args.max_length)
@@ -166,8 +162,6 @@ class DebiasModule(LightningModule):
         self.attach_edit(registry.get(self.edit_args.method).build(context))
         if self.train_args.null_space_energy is not None:
             self.null_space = null_space_for(self, datamodule, self.train_args.null_space_energy)
-            say(f"null space of the preserved prompts: rank {self.null_space.ranks()} "
-                f"(energy {self.null_space.energy})")
         with self.fastpath.active() if self.fastpath is not None else contextlib.nullcontext():
             self.feature_baseline.copy_(self.mean_feature_acts(batches))
         if not (self.feature_baseline > 0).all():
@@ -230,7 +224,6 @@ class DebiasModule(LightningModule):
             acts = hooks.forward_until(self.net, self.site, **batch)
         return encode_features(self.sae, acts, self.features)
 
-    # ----- training -----
     def train(self, mode: bool = True):
         """The frozen network stays in eval mode (no dropout): the original model is deterministic."""
         super().train(mode)
@@ -260,8 +253,7 @@ class DebiasModule(LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["bias"]))
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """After the optimiser's step: keep the update off the preserved prompts' inputs (`null_space_energy`)."""
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:  # after the step: `null_space_energy`
         if self.null_space is not None:
             project_delta(self.null_space, self.delta)
 
@@ -281,7 +273,6 @@ class DebiasModule(LightningModule):
         say(f"method {self.edit_args.method!r} is computed, not trained: fit evaluates and exports it as built")
         return None
 
-    # ----- held-out evaluation (debias.evaluation aggregates what this returns) -----
     @torch.no_grad()
     def evaluate_batch(self, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
         """Per-token held-out quantities of the current model: `kind` is "bias" or "neutral"."""
@@ -302,7 +293,6 @@ class DebiasModule(LightningModule):
         sets = self.trainer.datamodule.val_sets()  # type: ignore[attr-defined]  # set by Trainer.fit(datamodule=...)
         return self.evaluate_batch(batch, sets[dataloader_idx])
 
-    # ----- checkpoints hold only the edit's trainable state -----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {"feature_baseline": self.feature_baseline.detach().clone()}
         checkpoint["debias_edit"] = {"method": self.edit_args.method, "parameter": self.parameter,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from lightning.pytorch.utilities import rank_zero_info
+
 from debias.edits.null_space import NullSpace, fit_null_space, project_sparse
 
 #: Cue prompts in the null space's fit: a seeded sample (the train split has thousands; a few hundred span it).
@@ -33,8 +35,10 @@ def null_space_for(module, datamodule, energy: float) -> NullSpace:
     size = datamodule.hparams.eval_batch_size
     batches = [module.tokenize(texts[i:i + size]) for i in range(0, len(texts), size)]
     with delta.disabled():
-        return fit_null_space(module.net, dict(zip([m.parameter for m in delta.masks], delta.layers, strict=True)),
-                              batches, energy)
+        fitted = fit_null_space(module.net, dict(zip([m.parameter for m in delta.masks], delta.layers, strict=True)),
+                                batches, energy)
+    rank_zero_info(f"debias: null space of the preserved prompts: rank {fitted.ranks()} (energy {energy})")
+    return fitted
 
 
 def project_delta(null_space: NullSpace, delta) -> None:
