@@ -114,19 +114,19 @@ def behaviour_metrics(module, datamodule, edited: bool, cue_limit: int | None, s
     hp = datamodule.hparams
     gap_prompts = load_gap_prompts(split, hp.prompt_dir, bias=hp["bias"])
     cue_prompts = load_cue_prompts(split, hp.prompt_dir, limit=cue_limit, bias=hp["bias"])
-    sentence = hp.prompt_dir is None and bool(load_bias_spec(hp["bias"]).subjects)
+    spec = load_bias_spec(hp["bias"]) if hp.prompt_dir is None else None
+    spec = spec if spec is not None and spec.subjects else None  # the sentence-level rows need statements
     with torch.no_grad(), edit_context(module, edited):
         gap = bias_gap(module.net, module.tokenizer, gap_prompts, n_boot=n_boot)
         cue = cue_margin(module.net, module.tokenizer, cue_prompts, n_boot=n_boot)
-        if sentence:
-            spec = load_bias_spec(hp["bias"])
+        if spec is not None:
             statements = statement_gap(module.net, module.tokenizer, load_statements(split, spec), n_boot=n_boot,
                                        unseen=spec.domains_only_in(split) if split == "heldout" else ())
             factual = factual_margin(module.net, module.tokenizer, load_factual(split, hp["bias"]), n_boot=n_boot)
     out = {"bias_gap": gap["bias_gap"], "bias_gap_ci": gap["bias_gap_ci"],
            "cue_margin": cue["cue_margin"], "cue_margin_ci": cue["cue_margin_ci"], "cue_followed": cue["cue_followed"],
            "gap_per_profession": gap.get("per_profession", {})}
-    if sentence:
+    if spec is not None:
         out.update(statements, **factual)
     return out
 

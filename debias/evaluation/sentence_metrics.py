@@ -33,25 +33,24 @@ def statement_gap(model, tokenizer, items: list[StatementItem], batch_size: int 
     out: dict = {"statement_gap": float(gap(margins, group)),
                  "statement_gap_ci": list(grouped_interval(margins, group, gap, n_boot)),
                  "statement_stereotyped": float((margins > 0).float().mean())}
-    domains = [item.domain for item in items]
-    subsets = {d: [i for i, x in enumerate(domains) if x == d] for d in dict.fromkeys(domains) if d}
-    if unseen:
-        subsets["(unseen)"] = [i for i, x in enumerate(domains) if x in set(unseen)]
-    by_domain = {}
-    for name, rows in subsets.items():
+    domains, unseen = [item.domain for item in items], set(unseen)
+
+    def subset(rows: list[int]) -> dict | None:  # a gap needs items of every group
         index = torch.tensor(rows, dtype=torch.long)
-        if len({int(g) for g in group[index]}) < n_groups:  # a gap needs items of every group
-            continue
-        by_domain[name] = {"statement_gap": float(gap(margins[index], group[index])),
-                           "statement_gap_ci": list(grouped_interval(margins[index], group[index], gap, n_boot)),
-                           "items": len(rows)}
-    if "(unseen)" in by_domain:
-        unseen_gap = by_domain.pop("(unseen)")
-        out["statement_gap_unseen"], out["statement_gap_unseen_ci"] = (unseen_gap["statement_gap"],
-                                                                       unseen_gap["statement_gap_ci"])
+        if len({int(g) for g in group[index]}) < n_groups:
+            return None
+        return {"statement_gap": float(gap(margins[index], group[index])),
+                "statement_gap_ci": list(grouped_interval(margins[index], group[index], gap, n_boot)),
+                "items": len(rows)}
+
+    by_domain = {d: s for d in dict.fromkeys(domains) if d
+                 if (s := subset([i for i, x in enumerate(domains) if x == d])) is not None}
     if by_domain:
         out["statement_gap_by_domain"] = by_domain
-        out["unseen_domains"] = [d for d in by_domain if d in set(unseen)]
+        out["unseen_domains"] = [d for d in by_domain if d in unseen]
+    if unseen and (together := subset([i for i, x in enumerate(domains) if x in unseen])) is not None:
+        out["statement_gap_unseen"], out["statement_gap_unseen_ci"] = (together["statement_gap"],
+                                                                       together["statement_gap_ci"])
     return out
 
 
