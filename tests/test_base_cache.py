@@ -393,9 +393,11 @@ def sae_builds(monkeypatch):
         built.append(Path(out_dir))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         save_file({"W_dec": torch.zeros(8, 4)}, Path(out_dir) / "sae_weights.safetensors")
-        (Path(out_dir) / "metrics.json").write_text(json.dumps({"settings_key": settings.key()}))
+        (Path(out_dir) / "metrics.json").write_text(json.dumps({"settings_key": settings.key(),
+                                                                "model_weights": "w0"}))
 
     monkeypatch.setattr(build, "train_sae", train_sae)
+    monkeypatch.setattr(build, "model_weights_digest", lambda model: "w0")
     return built
 
 

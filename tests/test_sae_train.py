@@ -125,6 +125,27 @@ def test_ensure_sae_builds_once_then_reuses(lm, tmp_path, monkeypatch):
     assert sae_cache_path("tiny-llama", settings(seed=1)) != sae_cache_path("tiny-llama", settings())
 
 
+def test_an_sae_built_on_other_weights_of_the_same_model_path_is_built_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DEBIAS_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    model.config.name_or_path = str(tmp_path / "model")
+    calls = []
+    real = sae_train.train_sae
+    monkeypatch.setattr(sae_train, "train_sae", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    cheap = settings(epochs=0.5, n_tokens=2_000)
+    path = ensure_sae(model, tokenizer, str(tmp_path / "model"), cheap)
+    assert ensure_sae(model, tokenizer, str(tmp_path / "model"), cheap) == path and len(calls) == 1
+    with torch.no_grad():  # other weights of the same shape saved over the same directory
+        for p in model.parameters():
+            p.add_(0.5)
+    model.save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    assert ensure_sae(model, tokenizer, str(tmp_path / "model"), cheap) == path and len(calls) == 2
+    assert f"the SAE in {path} was built on other model weights" in capsys.readouterr().err
+    assert json.loads((path / "metrics.json").read_text())["model_weights"] == sae_train.model_weights_digest(model)
+
+
 def test_bias_prompts_join_train_split_and_heldout_is_refused(tmp_path):
     prompts = tmp_path / "bias_train.txt"
     prompts.write_text("# comment\nThe nurse said that\n\nThe pilot told me that\n")

@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 import torch
 
-from debias.io import atomic_dir, safetensors_problem
-from debias.json_store import warn
+from debias.io import atomic_dir, read_regular, safetensors_problem
+from debias.json_store import digest, dir_hashes, model_files, tensor_digest, warn
 from debias.models import hooks
 from debias.models.load import cache_dir
 from debias.sae import corpus
@@ -188,26 +188,45 @@ def train_sae(model, tokenizer, settings: SAETrainSettings, out_dir: str | Path,
             capture_s=round(capture_s, 1), train_s=round(train_s, 1),
             total_s=round(time.perf_counter() - start, 1), torch_threads=torch.get_num_threads(),
             settings=dataclasses.asdict(settings), settings_key=settings.key(), data_files=corpus.file_hashes(),
+            model_weights=model_weights_digest(model),
             versions={"torch": torch.__version__, "sae_lens": sae_lens_version, "python": platform.python_version()},
         )
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
-def _complete(path: Path, settings: SAETrainSettings) -> bool:
-    """Whether `path` holds a finished build of `settings` (its `metrics.json` is written last); warns when the record
-    exists but cannot be read or is not this build's, and deletes a build whose weights file is not whole (a
-    truncated copy)."""
-    record = path / "metrics.json"
-    if not record.is_file():
+def model_weights_digest(model) -> str:
+    """sha256 of the model's weights: of its weight files' hashes where it was loaded from a directory or the HF
+    cache (memoised, so cheap), else of its tensors. An SAE cache entry is keyed on it, so other weights saved under
+    the same path build another SAE."""
+    name = str(getattr(model.config, "name_or_path", "") or "")
+    files = model_files(name) if name else None
+    if files is not None:
+        weights = {name: h for name, h in dir_hashes(files).items() if name.endswith((".safetensors", ".gguf"))}
+        if weights:
+            return digest(weights)
+    return tensor_digest(model.state_dict())
+
+
+def _complete(path: Path, settings: SAETrainSettings, weights: str | None = None) -> bool:
+    """Whether `path` holds a finished build of `settings` on the model weights `weights` (its `metrics.json` is
+    written last); warns when the record exists but cannot be read or is not this build's, and deletes a build whose
+    weights file is not whole (a truncated copy)."""
+    record_path = path / "metrics.json"
+    if not record_path.exists():
         return False
     try:
-        key = json.loads(record.read_bytes()).get("settings_key")
+        record = json.loads(read_regular(record_path))
+        key = record.get("settings_key")
     except (OSError, ValueError, AttributeError) as err:
-        warn(f"the SAE build record {record} cannot be read ({err}); building the SAE again")
+        warn(f"the SAE build record {record_path} cannot be read ({err}); building the SAE again")
         return False
     if key is not None and key != settings.key():  # builds older than the record's key have none
-        warn(f"the SAE build record {record} is for settings {key!r}, not {settings.key()!r}; building it again")
+        warn(f"the SAE build record {record_path} is for settings {key!r}, not {settings.key()!r}; building it again")
+        return False
+    if weights is not None and record.get("model_weights") != weights:
+        warn(f"the SAE in {path} was built on other model weights than those now at this model path; building it "
+             "again")
         return False
     from sae_lens.constants import SAE_WEIGHTS_FILENAME
 
@@ -239,7 +258,7 @@ def ensure_sae(model, tokenizer, model_id: str, settings: SAETrainSettings | Non
     """
     settings = settings or SAETrainSettings()
     path = sae_cache_path(model_id, settings)
-    if force or not _complete(path, settings):
+    if force or not _complete(path, settings, model_weights_digest(model)):
         if not _writable(path.parent):
             path = Path(tempfile.mkdtemp(prefix="debias-sae-")) / path.name
         train_sae(model, tokenizer, settings, path, model_id=model_id)
