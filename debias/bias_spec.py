@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from debias.bias_checks import SPLITS, BiasSpecError, group_words_in, word_pattern
+from debias.bias_checks import SPLITS, BiasSpecError, word_pattern
 from debias.spec_check import check_spec
 
 __all__ = ["SPLITS", "BiasSpec", "BiasSpecError", "FactualStatement", "bias_spec_path", "default_bias_dir",
@@ -101,10 +101,6 @@ class BiasSpec:
                         where.setdefault(self.attribute_domains[text], set()).add(s)
         return tuple(d for d in self.domains if where.get(d) == {split})
 
-    def words_in(self, text: str) -> dict[str, list[str]]:
-        """The group words that `text` contains (word boundaries, any case): group -> words as written."""
-        return group_words_in(self.words, text)
-
 
 def bias_spec_path(name_or_path: str | Path) -> Path:
     """A shipped spec's file for a bare name ("gender"), else the path itself; errors list the shipped names."""
@@ -137,7 +133,9 @@ def _load(path: Path, mtime_ns: int, size: int) -> BiasSpec:
     text = path.read_text(encoding="utf-8")
     try:
         _refuse_aliases(text, path)
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as err:
+        raise BiasSpecError(f"bias spec {path}, {err}") from None
     except yaml.YAMLError as err:
         raise BiasSpecError(f"bias spec {path}: not valid YAML: {err}") from err
     fields, problems = check_spec(raw)
@@ -148,6 +146,27 @@ def _load(path: Path, mtime_ns: int, size: int) -> BiasSpec:
         raise BiasSpecError(f"bias spec {path} has {len(problems)} problem(s):\n{listed}")
     fields["factual"] = {split: [FactualStatement(*row) for row in rows] for split, rows in fields["factual"].items()}
     return BiasSpec(name=path.stem, path=path, **_frozen(fields))
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error: PyYAML keeps the last value
+    silently, so a second `attributes:` would replace the first list unseen (PyYAML has no option for this)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key is refused by the safe loader itself
+            if key in seen:
+                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one mapping; "
+                                    "expected each key once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _refuse_aliases(text: str, path: Path) -> None:

@@ -163,14 +163,6 @@ def load_gap_prompts(split: str = "train", prompt_dir: str | Path | None = None,
     return GapPrompts(texts, labels, tuple(profs[g] for g in chosen), templates, **meta)
 
 
-def write_bias_prompts(split: str, out: str | Path, prompt_dir: str | Path | None = None) -> Path:
-    """Write the SAE-feature bias prompts of `split` (its professions x templates) to `out`, one per line."""
-    gap = load_gap_prompts(split, prompt_dir)
-    header = f"# Bias prompts, {split.upper()} split: professions_*_{split}.txt x templates_{split}.txt (generated).\n"
-    Path(out).write_text(header + "\n".join(gap.prompts) + "\n", encoding="utf-8")
-    return Path(out)
-
-
 @dataclass(frozen=True)
 class CuePrompts:
     """Explicit-cue prompts: `cued[i]` is the group the relative names ("female" / "male" for gender); `pro[i]` is

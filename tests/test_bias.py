@@ -95,14 +95,17 @@ def test_no_stereotype_gives_zero(tok):
 def test_gap_from_logprobs_is_differentiable(tok):
     logits = torch.randn(4, 10, requires_grad=True)
     is_female = torch.tensor([True, False, True, False])
-    gap = gap_from_logprobs(logits.log_softmax(-1), 3, 5, is_female)
+    group_index = (~is_female).long()
+    gap = gap_from_logprobs(logits.log_softmax(-1), (3, 5), group_index)
     (gap ** 2).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
     metric = StereotypeGap()
     metric.update(pronoun_margin(logits.log_softmax(-1), 3, 5), is_female)
     assert metric.compute().item() == pytest.approx(gap.item(), abs=1e-6)
     with pytest.raises(ValueError, match="at least one"):
-        gap_from_logprobs(logits.log_softmax(-1), 3, 5, torch.ones(4, dtype=torch.bool))
+        gap_from_logprobs(logits.log_softmax(-1), (3, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="target_ids, group_index"):  # the former (she, he, is_female) form is gone
+        gap_from_logprobs(logits.log_softmax(-1), 3, 5)  # type: ignore[arg-type]
 
 
 def test_cue_margin_sign_convention(tok):

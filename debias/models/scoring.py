@@ -178,18 +178,13 @@ def group_gap(margins: torch.Tensor, group_index: torch.Tensor, n_groups: int) -
     return total
 
 
-def gap_from_logprobs(logprobs: torch.Tensor, target_ids: Sequence[int] | int, group_index: torch.Tensor | int,
-                      is_female: torch.Tensor | None = None) -> torch.Tensor:
+def gap_from_logprobs(logprobs: torch.Tensor, target_ids: Sequence[int], group_index: torch.Tensor) -> torch.Tensor:
     """Differentiable gap (scalar) of logprobs [n, vocab]: `group_gap` of `group_margins(logprobs, target_ids,
-    group_index)`. The former form `gap_from_logprobs(logprobs, she_id, he_id, is_female)` still works (gender:
-    mean she - he margin of female prompts - mean of male)."""
-    if isinstance(target_ids, int):
-        if is_female is None or not isinstance(group_index, int):
-            raise TypeError("gap_from_logprobs(logprobs, she_id, he_id, is_female) or "
-                            "gap_from_logprobs(logprobs, target_ids, group_index)")
-        target_ids, group_index = (target_ids, group_index), legacy_group_index(is_female)
-    elif isinstance(group_index, int) or is_female is not None:
-        raise TypeError("gap_from_logprobs(logprobs, target_ids, group_index): group_index is a [n] long tensor")
+    group_index)`; `target_ids` one token per group, `group_index` [n] long (each prompt's group)."""
+    if isinstance(target_ids, int) or not isinstance(group_index, torch.Tensor):
+        raise TypeError(f"gap_from_logprobs(logprobs, target_ids, group_index) takes a sequence of target ids and a "
+                        f"[n] long group_index tensor, got {type(target_ids).__name__} and "
+                        f"{type(group_index).__name__}")
     return group_gap(group_margins(logprobs, target_ids, group_index), group_index, len(target_ids))
 
 
