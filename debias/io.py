@@ -162,3 +162,19 @@ def atomic_dir(dest: str | Path, replace: bool = False) -> Iterator[Path]:
             (dest / PID_MARKER).unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_weights_only(path: str | Path, what: str = "checkpoint"):
+    """`torch.load(path, weights_only=True)` on the CPU; a file it refuses (pickled code, foreign objects, garbage)
+    raises one line naming `path` and the reason, without torch's advice to load it with `weights_only=False`."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError for code or foreign objects; others for garbage bytes
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        advice = ("Weights only load failed", "Check the documentation")
+        reasons = [line for line in lines if not line.startswith(advice)]
+        reason = reasons[0] if reasons else (lines[0] if lines else type(err).__name__)
+        raise ValueError(f"{path} is not a {what} that loads as weights only ({reason}); debias never loads a "
+                         "checkpoint that can run code") from None

@@ -113,6 +113,8 @@ def check_spec(raw: Any) -> tuple[dict[str, Any], list[str]]:
     if len(groups) < 2:  # every other list is per group or pairs groups: checking them would only echo this
         return {}, c.problems
     rows, partners = _swaps(c, top.get("swaps", []), groups) if "swaps" in top else ([], {})
+    if "swaps" in top and not rows:  # every word check below reads the swap vocabulary: it would only echo this
+        return {}, c.problems
     words = _vocabulary(c, groups, rows, extra)
     contexts = c.per_group(top["contexts"], "contexts", groups) if "contexts" in top else {}
     domains = _domains(c, top["domains"]) if "domains" in top else None

@@ -294,6 +294,23 @@ def test_yaml_aliases_and_huge_specs_are_refused_before_parsing(tmp_path):
         load_bias_spec(big)
 
 
+def test_a_repeated_key_is_refused_not_silently_replaced(tmp_path):
+    path = _write(tmp_path, _raw())
+    text = path.read_text()
+    path.write_text(text + "description: a second one\n")
+    with pytest.raises(BiasSpecError, match=rf"bias spec {re.escape(str(path))}, line \d+: key 'description' "
+                                            "appears twice in one mapping; expected each key once"):
+        load_bias_spec(path)
+
+
+def test_swaps_of_the_wrong_type_are_one_problem_not_a_cascade(tmp_path):
+    raw = _raw()
+    raw["swaps"] = {"female": "she", "male": "he"}
+    with pytest.raises(BiasSpecError) as err:
+        load_bias_spec(_write(tmp_path, raw))
+    assert str(err.value).count("\n") == 0 and "swaps: expected a non-empty list of rows" in str(err.value)
+
+
 def test_many_contexts_are_checked_in_linear_time(tmp_path):
     raw = _raw()
     raw["contexts"]["female"]["train"] = [f"worker number {i}" for i in range(60_000)]

@@ -53,7 +53,8 @@ def test_a_checkpoint_that_carries_code_is_refused_and_nothing_runs(tmp_path, ca
         main(["export", TINY, str(bad), str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and not marker.exists(), "the checkpoint's code ran"
-    assert "is not a checkpoint that loads safely" in err and "Traceback" not in err
+    assert "is not a checkpoint that loads as weights only (Trying to load unsupported GLOBAL" in err
+    assert "weights_only=False" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 

@@ -235,5 +235,5 @@ def test_checkpoint_differences_list_every_key_with_both_values(tmp_path):
         "model.sae.build=None; this run has 'random' and 2 and {'hook_name': 'blocks.1.hook_mlp_out'} (")
     check_checkpoint_hparams(str(ckpt), json.loads(json.dumps(saved)))  # equal: proceeds
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="is not a checkpoint torch.load"):
+    with pytest.raises(ValueError, match=r"text.ckpt is not a --ckpt_path checkpoint that loads as weights only \("):
         check_checkpoint_hparams(str(tmp_path / "text.ckpt"), current)

@@ -10,23 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from debias.commands.fit import build_cli, refuse_other_hparams
 from debias.evaluation.base_cache import evaluate_original
 from debias.evaluation.evaluate import evaluate_model
 from debias.evaluation.heldout import format_table
+from debias.io import load_weights_only
 
 
 def load_checkpoint(path: str) -> dict:
     """A `debias fit` checkpoint, loaded without running any code it may carry (`weights_only=True`)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for code or foreign objects; others for garbage bytes
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} is not a checkpoint that loads safely (weights only): {first}") from None
+    checkpoint = load_weights_only(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("debias_edit"), dict):
         raise ValueError(f"{path} holds no trained debias edit: not a checkpoint written by `debias fit`")
     return checkpoint

@@ -14,11 +14,11 @@ import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
-import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from debias.callbacks import ReportAndExport, ValidationMetrics
+from debias.io import load_weights_only
 from debias.training.data import DebiasDataModule
 from debias.training.module import DebiasModule
 
@@ -66,11 +66,8 @@ def refuse_other_hparams(saved: dict, current: dict, source: str, advice: str) -
 
 def check_checkpoint_hparams(ckpt_path: str, current: dict) -> None:
     """Refuse a checkpoint trained with other model arguments than `current` (this run's `model` config)."""
-    try:
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
-    except Exception as err:  # a truncated file, or not a checkpoint at all
-        raise ValueError(f"--ckpt_path {ckpt_path} is not a checkpoint torch.load(weights_only=True) can read: "
-                         f"{type(err).__name__}: {err}") from err
+    checkpoint = load_weights_only(ckpt_path, "--ckpt_path checkpoint")
+    saved = (checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None) or {}
     refuse_other_hparams(saved, current, f"--ckpt_path {ckpt_path}",
                          "resume with the checkpoint's values, or drop --ckpt_path to start a new run")
 
