@@ -1,6 +1,7 @@
 """debias: remove a bias from a Hugging Face LM by training only the W_out entries that drive SAE features.
 
-    from debias import DebiasModule, DebiasDataModule, EditArgs, SAEArgs, TrainArgs, ObjectiveWeights
+    from debias import DebiasModule, DebiasDataModule, DebiasData, ValidationMetrics
+    from debias import EditArgs, SAEArgs, TrainArgs, ObjectiveWeights
     from debias import apply_delta, load_model, InstabilityMask, EditRecord, METHODS
 
 Names are imported on first use (PEP 562), so `import debias` and `debias --help` stay fast.
@@ -13,6 +14,8 @@ import importlib
 _EXPORTS = {
     "DebiasModule": "debias.training.module",
     "DebiasDataModule": "debias.training.data",
+    "DebiasData": "debias.training.protocol",
+    "ValidationMetrics": "debias.callbacks",
     "SAEArgs": "debias.training.args",
     "EditArgs": "debias.training.args",
     "TrainArgs": "debias.training.args",

@@ -154,3 +154,121 @@ def test_construction_never_builds_an_sae(monkeypatch, tmp_path):
     assert builds == [] and module.sae is None and module.site.hook_name == "blocks.1.hook_mlp_out" and module.k == 40
     module.prepare(make_data())
     assert builds == ["blocks.1.hook_mlp_out"] and module.sae is not None and module.mask.k == 40
+
+
+def _logits(module, text="My sister, a carpenter, said that"):
+    with torch.no_grad():
+        return module.eval()(module.tokenize([text]))
+
+
+def test_load_from_checkpoint_rebuilds_the_edit_without_the_data(tmp_path):
+    """Features chosen at fit time, the mask, groups and targets come back from the checkpoint alone."""
+    from debias.training.module import DebiasModule
+
+    module = make_module(features=None, n_features=2)
+    trainer = make_trainer(tmp_path, max_steps=4)
+    trainer.fit(module, datamodule=make_data())
+    trainer.save_checkpoint(tmp_path / "fit.ckpt")
+    reloaded = DebiasModule.load_from_checkpoint(tmp_path / "fit.ckpt", weights_only=True)
+    assert reloaded.features == module.features and reloaded.feature_selection == module.feature_selection
+    assert (reloaded.groups, reloaded.targets, reloaded.bias_spec) == (module.groups, module.targets, "gender")
+    assert torch.equal(reloaded.mask.indices, module.mask.indices) and reloaded.k == module.k
+    assert torch.equal(reloaded.feature_baseline, module.feature_baseline)
+    trained = _logits(module)
+    assert torch.equal(_logits(reloaded), trained)
+    with reloaded.delta.disabled():
+        assert not torch.equal(_logits(reloaded), trained)  # the edit is what made them equal
+
+
+def test_load_from_checkpoint_refuses_a_record_without_rebuild_fields(tmp_path):
+    module = make_module()
+    module.prepare(make_data())
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    del checkpoint["debias_edit"]["features"]  # written before checkpoints recorded them
+    with pytest.raises(ValueError, match="records no features of its edit .*module.prepare"):
+        make_module().load_edit_state(checkpoint, source="old.ckpt")
+
+
+def test_group_arguments_accept_dicts_and_refuse_unknown_keys():
+    from dataclasses import asdict
+
+    from debias.sae.build import SAETrainSettings
+    from debias.training.args import SAEArgs, as_group
+    from debias.training.module import DebiasModule
+
+    typed = make_module()
+    plain = DebiasModule(**{k: asdict(v) if k in ("sae", "edit", "train") else v for k, v in
+                            __import__("conftest").module_args().items()})
+    assert plain.hparams == typed.hparams and plain.edit_args == typed.edit_args and plain.k == 40
+    sae = as_group(SAEArgs, {"spec": "train", "build": {"d_sae": 64, "k": 8}}, "model.sae")
+    assert sae.build == SAETrainSettings(d_sae=64, k=8)
+    with pytest.raises(ValueError, match=r"^model.edit has no key 'methd'; expected some of \['method'"):
+        DebiasModule(base_model="tiny-llama", edit={"methd": "random"})
+    with pytest.raises(ValueError, match="model.sae.build has no key 'width'"):
+        as_group(SAEArgs, {"build": {"width": 64}}, "model.sae")
+    with pytest.raises(TypeError, match="model.train must be a TrainArgs or a dict of its fields, got list"):
+        DebiasModule(base_model="tiny-llama", train=[0.1])
+
+
+def test_base_model_is_required():
+    from debias.training.module import DebiasModule
+
+    with pytest.raises(TypeError, match="base_model"):
+        DebiasModule()  # type: ignore[call-arg]
+
+
+def test_module_trains_beside_any_datamodule_meeting_the_protocol(tmp_path):
+    """A DataModule that is not a DebiasDataModule and has no hyper-parameters: the `DebiasData` members and its
+    loaders are all the module reads."""
+    from lightning.pytorch import LightningDataModule
+
+    from debias.training.protocol import DebiasData, protocol_members
+
+    class Minimal(LightningDataModule):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.texts, self.items, self.groups = inner, {}, {}, ()
+            self.bias, self.prompt_dir, self.eval_batch_size = "gender", None, 16
+            self.require_items, self.mask_batches, self.gap_texts = inner.require_items, inner.mask_batches, \
+                inner.gap_texts
+            self.val_sets, self.train_dataloader, self.val_dataloader = inner.val_sets, inner.train_dataloader, \
+                inner.val_dataloader
+
+        def setup(self, stage):
+            self.inner.setup(stage)
+            self.texts, self.items, self.groups = self.inner.texts, self.inner.items, self.inner.groups
+
+    assert set(protocol_members()) == {"texts", "items", "groups", "bias", "prompt_dir", "eval_batch_size", "setup",
+                                       "require_items", "mask_batches", "gap_texts", "val_sets"}
+    assert isinstance(make_data(), DebiasData)
+    module, data = make_module(), Minimal(make_data())
+    assert isinstance(data, DebiasData) and not data.hparams
+    make_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2).fit(module, datamodule=data)
+    assert module.changed_entries() > 0 and module.groups == ("female", "male") and module.bias_spec == "gender"
+
+
+def test_a_datamodule_missing_protocol_members_is_named():
+    from lightning.pytorch import LightningDataModule
+
+    class Partial(LightningDataModule):
+        texts: dict = {}
+        items: dict = {}
+        groups = ()
+
+        def setup(self, stage):
+            pass
+
+        def mask_batches(self, statements=False):
+            return []
+
+    with pytest.raises(TypeError, match=r"^Partial is not a DebiasData \(debias.training.protocol\): it lacks bias, "
+                                        r"prompt_dir, eval_batch_size, require_items, gap_texts, val_sets$"):
+        make_module().prepare(Partial())
+
+
+def test_validation_metrics_is_exported():
+    import debias
+    from debias.callbacks import ValidationMetrics
+
+    assert debias.ValidationMetrics is ValidationMetrics and "ValidationMetrics" in debias.__all__

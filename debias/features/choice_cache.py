@@ -31,16 +31,16 @@ STORE = JsonStore("features", "feature-choice cache entry", payload="choice",
 def choice_key(module, datamodule) -> dict | None:
     """Everything `module`'s feature choice on `datamodule` depends on, or None when the model cannot be identified.
 
-    `module` is a `DebiasModule` with its SAE; `datamodule` a `DebiasDataModule`."""
+    `module` is a `DebiasModule` with its SAE; `datamodule` a `DebiasData` (`debias.training.protocol`)."""
     from debias.bias_spec import load_bias_spec
     from debias.prompts import default_prompt_dir
 
     files = model_files(module.model_path)
     if files is None:
         return None
-    hp, sae = datamodule.hparams, module.sae
-    spec = load_bias_spec(hp.bias).path
-    prompt_dir = Path(hp.prompt_dir) if hp.prompt_dir else default_prompt_dir()
+    sae = module.sae
+    spec = load_bias_spec(datamodule.bias).path
+    prompt_dir = Path(datamodule.prompt_dir) if datamodule.prompt_dir else default_prompt_dir()
     device = next(module.net.parameters()).device.type  # where the selection's forwards run
     return {
         "format": FORMAT,
@@ -49,7 +49,7 @@ def choice_key(module, datamodule) -> dict | None:
         "sae": {"spec": module.sae_args.spec, "sae_id": module.sae_args.sae_id, "config": sae.cfg.to_dict(),
                 "weights": tensor_digest(dict(sae.state_dict()))},
         "selection": {"n_features": module.sae_args.n_features, "feature_target": module.sae_args.feature_target,
-                      "prompt_dir": hp.prompt_dir, "bias": str(hp.bias),
+                      "prompt_dir": datamodule.prompt_dir, "bias": str(datamodule.bias),
                       "bias_spec": {spec.name: file_hashes([spec])[str(spec)]},
                       "prompt_files": dir_hashes(prompt_dir)},
         "code": code_version(PACKAGE, CODE_FILES),
@@ -80,13 +80,11 @@ def choose_features(module, datamodule, record: dict) -> tuple[list[int], str]:
     `cached: PATH`); `record` gets the selection's record (`select_features`'s), the same either way."""
     from debias.features import select
 
-    hp = datamodule.hparams
-
     def compute() -> dict:
         chosen: dict = {}
         features = select.select_features(module.net, module.tokenizer, module.sae, module.site,
-                                          n=module.sae_args.n_features, prompt_dir=hp.prompt_dir, record=chosen,
-                                          bias=hp.bias, target=module.sae_args.feature_target)
+                                          n=module.sae_args.n_features, prompt_dir=datamodule.prompt_dir,
+                                          record=chosen, bias=datamodule.bias, target=module.sae_args.feature_target)
         return {"features": features, "record": chosen}
 
     choice, path = STORE.get(lambda: choice_key(module, datamodule), compute,

@@ -7,9 +7,10 @@ collects every problem at once, naming the flag, before any model is loaded.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from debias.config import STEERING_ALPHA, DType, MaskStrategy, SteeringKind
 from debias.edits import registry
@@ -34,6 +35,25 @@ def _choices(group: str, obj) -> list[str]:
 def _raise(group: str, problems: list[str]) -> None:
     if problems:
         raise ValueError(f"invalid {group} arguments:\n  - " + "\n  - ".join(problems))
+
+
+Group = TypeVar("Group")
+
+
+def as_group(cls: type[Group], value: Any, name: str) -> Group:
+    """`value` as a `cls` argument group: itself, the defaults for None, or one built from a plain dict (what
+    jsonargparse and a checkpoint's `hyper_parameters` give); an unknown key is refused by name."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping) or is_dataclass(value):
+        raise TypeError(f"{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+    known = [f.name for f in fields(cls)]  # type: ignore[arg-type]  # cls is one of the dataclasses here
+    unknown = [key for key in value if key not in known]
+    if unknown:
+        raise ValueError(f"{name} has no key {unknown[0]!r}; expected some of {known}")
+    return cls(**value)
 
 
 def _finite(value) -> bool:
@@ -61,6 +81,7 @@ class SAEArgs:
     `statements` (statement gap of the spec's sentence-level statements) or `both` (each normalised by its gap)."""
 
     def __post_init__(self):
+        self.build = as_group(SAETrainSettings, self.build, "model.sae.build") if self.build is not None else None
         problems = _choices("model.sae", self)
         if self.features is not None and (not self.features or any(f < 0 for f in self.features)):
             problems.append(f"model.sae.features must be a non-empty list of latent indices >= 0, got {self.features}")
@@ -106,6 +127,7 @@ class EditArgs:
     def __post_init__(self):
         problems = [p + (" (a random mask is method: random)" if "mask_strategy" in p else "")
                     for p in _choices("model.edit", self)]
+        problems += [p for p in [registry.check_name(self.method)] if p]  # the live table: registered methods count
         masked = registry.names("mask")
         if self.method in registry.METHODS and self.method not in masked and self.k is not None:
             problems.append(f"model.edit.k={self.k} was given, but method {self.method!r} has no mask "

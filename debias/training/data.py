@@ -27,7 +27,8 @@ def _identity(batch):
 
 
 class DebiasDataModule(LightningDataModule):
-    """Bias and neutral prompts for the mask, training (train splits) and held-out evaluation.
+    """Bias and neutral prompts for the mask, training (train splits) and held-out evaluation: the package's
+    `DebiasData` (`debias.training.protocol`, what `DebiasModule` reads).
 
     Training batches are `{"bias", "neutral", "gap_<group>" per group of the bias, "cue"}` → list of texts,
     cycling the shorter sets (`gap_female`, `gap_male` for gender: train profession prompts stereotyped toward
@@ -94,11 +95,25 @@ class DebiasDataModule(LightningDataModule):
             load_bias_spec(bias)  # a bad spec fails here, before any model loads
         self.save_hyperparameters()
         self.texts: dict[str, list[str]] = {}
+        self.items: dict[str, list] = {}
+        self.groups: tuple[str, ...] = ()  # the bias's groups: set by `setup`
 
     @property
     def args(self) -> Any:
         """The arguments above, by name (Lightning's `hparams`, typed loosely)."""
         return self.hparams
+
+    @property
+    def bias(self) -> str:
+        return self.args["bias"]
+
+    @property
+    def prompt_dir(self) -> str | None:
+        return self.args["prompt_dir"]
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.args["eval_batch_size"]
 
     def setup(self, stage: str | None = None) -> None:
         if self.texts:
@@ -126,7 +141,7 @@ class DebiasDataModule(LightningDataModule):
             self.texts["neutral_validation"] = [t for i, t in enumerate(neutral) if i in picked]
             self.texts["neutral_train"] = [t for i, t in enumerate(neutral) if i not in picked]
         gap = load_gap_prompts("train", hp.prompt_dir, bias=hp["bias"])
-        self.groups = gap.groups
+        self.groups = tuple(gap.groups)
         for group, texts in zip(gap.groups, gap.texts, strict=True):
             self.texts[f"gap_{group}_train"] = texts[:hp.max_texts]
         self.texts["cue_train"] = load_cue_prompts("train", hp.prompt_dir, bias=hp["bias"]).prompts[:hp.max_texts]

@@ -2,7 +2,9 @@
 
 Construction loads the model (and an SAE that exists); `setup` / `prepare` does the work: building the project's SAE
 when it is not cached, choosing features, computing the mask and attaching the edit. The original model is the same
-network with the edit disabled: no second copy is held. Checkpoints keep only the edit's trainable state.
+network with the edit disabled: no second copy is held. Checkpoints keep only the edit's trainable state and its
+record (`debias.training.checkpoint`), so `DebiasModule.load_from_checkpoint(path, weights_only=True)` gives the
+trained edit back with no DataModule. Any DataModule meeting `debias.training.protocol.DebiasData` trains it.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from debias.edits.mask import Mask, resolve_k
 from debias.edits.state_diff import StateDiffEdit
 from debias.models import hooks
 from debias.models.scoring import real_token_mask, target_ids
-from debias.training.args import EditArgs, SAEArgs, TrainArgs, check_dtype
+from debias.training.args import EditArgs, SAEArgs, TrainArgs, as_group, check_dtype
 from debias.training.cache import FastPath
+from debias.training.checkpoint import KEY, edit_record, restore_edit
 from debias.training.layer_stack import upstream_of
+from debias.training.module_sae import build_settings, check_sae, load_sae
 from debias.training.objective import ObjectiveWeights, loss_terms, token_kl
 from debias.training.preserve import null_space_for, project_delta
+from debias.training.protocol import DebiasData, check_data
 
 
 @rank_zero_only
@@ -39,20 +44,23 @@ class DebiasModule(LightningModule):
     """Train (or apply) one method's edit of the SAE layer's `W_out` (`debias.edits.registry`); a masked method's may
     span the `W_out` of several layers (`model.edit.layers`, `parameters_edited`)."""
 
-    def __init__(self, base_model: str = "tiny-llama", dtype: str = "float32", sae: SAEArgs | None = None,
-                 edit: EditArgs | None = None, objective: ObjectiveWeights | None = None,
-                 train: TrainArgs | None = None):
+    def __init__(self, base_model: str, dtype: str = "float32", sae: SAEArgs | dict[str, Any] | None = None,
+                 edit: EditArgs | dict[str, Any] | None = None,
+                 objective: ObjectiveWeights | dict[str, Any] | None = None,
+                 train: TrainArgs | dict[str, Any] | None = None):
         """
         Args:
             base_model: hub id, local HF directory, or a spec (`smollm2-135m`, `tiny-llama`, ...).
             dtype: the model weights' dtype (float32, bfloat16, float16); the edit trains in float32.
             sae / edit / objective / train: `SAEArgs` (the SAE and its latents), `EditArgs` (the method),
-                `ObjectiveWeights` (the loss terms' weights), `TrainArgs` (lr, text length, the fast path).
+                `ObjectiveWeights` (the loss terms' weights), `TrainArgs` (lr, text length, the fast path); each the
+                dataclass or a dict of its fields (as YAML and checkpoints hold them); None: its defaults.
         """
         super().__init__()
         check_dtype(dtype)
-        self.sae_args, self.edit_args = sae or SAEArgs(), edit or EditArgs()
-        self.objective, self.train_args = objective or ObjectiveWeights(), train or TrainArgs()
+        self.sae_args, self.edit_args = as_group(SAEArgs, sae, "model.sae"), as_group(EditArgs, edit, "model.edit")
+        self.objective = as_group(ObjectiveWeights, objective, "model.objective")
+        self.train_args = as_group(TrainArgs, train, "model.train")
         # Plain values only: checkpoints load with weights_only=True.
         self.save_hyperparameters({"base_model": base_model, "dtype": dtype, "sae": asdict(self.sae_args),
                                    "edit": asdict(self.edit_args), "objective": asdict(self.objective),
@@ -64,16 +72,17 @@ class DebiasModule(LightningModule):
         loaded = load_model(base_model, dtype=dtype)
         self.net, self.tokenizer, self.model_id = loaded.model, loaded.tokenizer, loaded.model_id
         self.model_path = loaded.path or loaded.model_id
-        self.sae = self._load_sae(build_missing=False)
-        hook_name = self.sae.cfg.metadata.hook_name if self.sae is not None else self._build_settings().hook_name
+        self.sae = load_sae(self, build_missing=False)
+        hook_name = self.sae.cfg.metadata.hook_name if self.sae is not None else build_settings(self).hook_name
         self.site = hooks.resolve_hook(self.net, hook_name, self.tokenizer)
-        self._check_sae()
+        check_sae(self)
         self.parameter = hooks.w_out_name(self.net, self.site.layer)
         # every W_out the edit trains and their layers, ascending: [parameter] unless model.edit.layers names others
         self.layers_edited, self.parameters_edited = edited_matrices(self.net, self.site.layer, self.edit_args.layers)
         self.original_keys = list(self.net.state_dict())  # the HF checkpoint's keys, before an edit wraps a layer
-        self.groups: tuple[str, ...] = ()  # the bias's groups and their target ids: set by `prepare`
+        self.groups: tuple[str, ...] = ()  # the data's bias spec, its groups and their target ids: set by `prepare`
         self.targets: tuple[int, ...] = ()
+        self.bias_spec: str | None = None
         self.numel = sum(self.net.get_parameter(p).numel() for p in self.parameters_edited)
         method = registry.get(self.edit_args.method)
         registry.check_network(method.name, self.net, self.site, self.parameter, self.edit_args)
@@ -89,42 +98,12 @@ class DebiasModule(LightningModule):
         self.register_buffer("feature_baseline", torch.ones(max(len(self.features), self.sae_args.n_features)))
         self.strict_loading = False  # checkpoints hold only the trainable state
 
-    # ----- the SAE -----
-    def _build_settings(self):
-        from debias.sae.build import SAETrainSettings
-
-        return self.sae_args.build or SAETrainSettings()
-
-    def _load_sae(self, build_missing: bool):
-        """The SAE of `sae.spec`; None when it is the project's build, not cached yet, and not `build_missing`."""
-        from debias.sae.build import sae_cache_path
-        from debias.sae.load import load_sae_spec
-
-        spec = self.sae_args.spec
-        if spec == "train" and not build_missing and not (sae_cache_path(self.model_id, self._build_settings())
-                                                          / "metrics.json").is_file():
-            return None
-        return load_sae_spec(self.net, self.tokenizer, self.model_id, spec, self.sae_args.sae_id,
-                             build=self.sae_args.build)
-
-    def _check_sae(self) -> None:
-        from debias.sae.load import check_features, check_sae_fits
-
-        if self.sae is None:
-            return
-        self.sae.requires_grad_(False)
-        if self.sae.cfg.metadata.hook_name != self.site.hook_name:
-            raise ValueError(f"the SAE reads {self.sae.cfg.metadata.hook_name!r}, expected {self.site.hook_name!r}")
-        check_sae_fits(self.sae, self.net, self.site)
-        if self.features:
-            check_features(self.sae, self.features)
-
     def ensure_sae(self) -> None:
         """Build (or load) the SAE if construction left it for later; the SAE build can take many minutes."""
         if self.sae is None:
             say(f"building the SAE for {self.model_id} at {self.site.hook_name} (cached afterwards)")
-            self.sae = self._load_sae(build_missing=True)
-            self._check_sae()
+            self.sae = load_sae(self, build_missing=True)
+            check_sae(self)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
@@ -135,31 +114,24 @@ class DebiasModule(LightningModule):
         return real_token_mask(batch["input_ids"], batch["attention_mask"], self.tokenizer.bos_token_id)
 
     def setup(self, stage: str) -> None:
-        self.prepare(self.trainer.datamodule)  # type: ignore[attr-defined]  # set by Trainer.fit(datamodule=...)
+        self.prepare(getattr(self.trainer, "datamodule", None))  # set by Trainer.fit(datamodule=...)
 
-    def prepare(self, datamodule) -> None:
+    def prepare(self, datamodule: DebiasData) -> None:
         """Build the SAE if needed, choose features, build the method's edit from `datamodule`'s train texts and
         attach it; idempotent."""
         if self.delta is not None:
             return
+        datamodule = check_data(datamodule)
         self.ensure_sae()
         datamodule.setup("fit")
-        self.groups, self.targets = tuple(datamodule.groups), target_ids(self.tokenizer, datamodule.hparams.bias)
+        self.bias_spec, self.groups = datamodule.bias, tuple(datamodule.groups)
+        self.targets = target_ids(self.tokenizer, datamodule.bias)
         datamodule.require_items([n for n in ("counterfactual", "factual_kl", "cda") if getattr(self.objective, n) > 0])
         self.choose_features(datamodule)
         self.feature_baseline = self.feature_baseline[: len(self.features)].clone()
         statements = self.sae_args.feature_target != "gap"  # features chosen on statements fire on statements
         batches = [self.tokenize(b) for b in datamodule.mask_batches(statements)]
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        context = EditContext(
-            net=self.net, tokenizer=self.tokenizer, sae=self.sae, site=self.site, parameter=self.parameter,
-            parameters=self.parameters_edited, layers=self.layers_edited,
-            features=self.features, k=self.k, args=self.edit_args, texts=datamodule.texts, mask_batches=batches,
-            eval_batch_size=datamodule.hparams.eval_batch_size, max_length=self.train_args.max_length,
-            model_id=self.model_id, sae_name=":".join(filter(None, [self.sae_args.spec, self.sae_args.sae_id])),
-            preset_mask=self.preset_mask, broadcast=strategy.broadcast if strategy is not None else (lambda obj: obj),
-            bias=datamodule.hparams.bias, gap_texts=datamodule.gap_texts())
-        self.attach_edit(registry.get(self.edit_args.method).build(context))
+        self.build_edit(datamodule, batches)
         if self.train_args.null_space_energy is not None:
             self.null_space = null_space_for(self, datamodule, self.train_args.null_space_energy)
         with self.fastpath.active() if self.fastpath is not None else contextlib.nullcontext():
@@ -168,7 +140,21 @@ class DebiasModule(LightningModule):
             silent = [f for f, b in zip(self.features, self.feature_baseline.tolist(), strict=False) if b <= 0]
             raise ValueError(f"feature(s) {silent} never fire on the train bias prompts; nothing to remove")
 
-    def choose_features(self, datamodule) -> list[int]:
+    def build_edit(self, data: DebiasData | None, batches: list[dict]) -> None:
+        """Build the method's edit from `data`'s train texts and the tokenised mask `batches` and attach it; with no
+        data (`load_from_checkpoint`), from `preset_mask` and the module's own features alone."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        from_data: dict[str, Any] = {"texts": {}} if data is None else dict(
+            texts=data.texts, eval_batch_size=data.eval_batch_size, bias=data.bias, gap_texts=data.gap_texts())
+        context = EditContext(
+            net=self.net, tokenizer=self.tokenizer, sae=self.sae, site=self.site, parameter=self.parameter,
+            parameters=self.parameters_edited, layers=self.layers_edited, features=self.features, k=self.k,
+            args=self.edit_args, mask_batches=batches, max_length=self.train_args.max_length, model_id=self.model_id,
+            sae_name=":".join(filter(None, [self.sae_args.spec, self.sae_args.sae_id])), preset_mask=self.preset_mask,
+            broadcast=strategy.broadcast if strategy is not None else (lambda obj: obj), **from_data)
+        self.attach_edit(registry.get(self.edit_args.method).build(context))
+
+    def choose_features(self, datamodule: DebiasData) -> list[int]:
         """The configured features, or (when none are) the rule's choice on `datamodule`'s train prompts."""
         datamodule.setup("fit")
         self.ensure_sae()
@@ -186,7 +172,7 @@ class DebiasModule(LightningModule):
         and another model (`StateDiffEdit`, `debias eval`) gets it when all the weights that differ sit there.
         """
         self.delta = edit
-        self.mask = getattr(edit, "mask", None)
+        self.mask = edit.mask
         if self.mask is not None:
             self.k = self.mask.k  # a loaded mask (`mask_path`) brings its own k
         upstream: list[str] = []  # weights below layer L that differ: methods leave them alone, another model may not
@@ -290,31 +276,21 @@ class DebiasModule(LightningModule):
                 "kl": token_kl(ref, logits), "kl_mask": batch["attention_mask"].bool()}
 
     def validation_step(self, batch: list[str], batch_idx: int, dataloader_idx: int = 0):
-        sets = self.trainer.datamodule.val_sets()  # type: ignore[attr-defined]  # set by Trainer.fit(datamodule=...)
+        sets = check_data(getattr(self.trainer, "datamodule", None)).val_sets()  # set by Trainer.fit(datamodule=...)
         return self.evaluate_batch(batch, sets[dataloader_idx])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {"feature_baseline": self.feature_baseline.detach().clone()}
-        checkpoint["debias_edit"] = {"method": self.edit_args.method, "parameter": self.parameter,
-                                     "parameters": self.parameters_edited, "state": self.delta.trainable_state(),
-                                     "mask": self.mask.to_record() if self.mask is not None else None}
+        checkpoint[KEY] = edit_record(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.load_edit_state(checkpoint, source="the checkpoint")
 
     def load_edit_state(self, checkpoint: dict, source: str) -> None:
-        """Restore a checkpoint's edit; refuses one without a trained state, or one of another method or matrix."""
-        record = checkpoint.get("debias_edit")
-        if not isinstance(record, dict) or "state" not in record:
-            raise ValueError(f"{source} holds no trained debias edit (keys {sorted(checkpoint)[:8]})")
-        ours = {"method": self.edit_args.method, "parameter": self.parameter, "parameters": self.parameters_edited}
-        theirs: dict[str, Any] = {key: record.get(key) for key in ours}
-        theirs["parameters"] = theirs["parameters"] or [theirs["parameter"]]  # a checkpoint of before `layers`
-        if theirs != ours:
-            raise ValueError(f"{source} holds a {theirs['method']} edit of {', '.join(map(str, theirs['parameters']))}"
-                             f"; this run is {ours['method']} on {', '.join(self.parameters_edited)}")
-        self.delta.load_trainable_state(record["state"])
+        """Restore a checkpoint's edit (rebuilt from its record when `prepare` has not run); refuses one without a
+        trained state, or one of another method or matrix."""
+        restore_edit(self, checkpoint, source)
 
     def changed_entries(self) -> int:
         """Weights the edit changed (the non-zero delta values of a masked edit)."""
-        return (getattr(self.delta, "nonzero_values", None) or self.delta.changed_parameters)()
+        return self.delta.changed_entries()

@@ -32,7 +32,7 @@ def null_space_for(module, datamodule, energy: float) -> NullSpace:
     if not texts:
         raise ValueError("model.train.null_space_energy needs preserved prompts (the bias spec's factual statements "
                          "or cue prompts); the train split has none")
-    size = datamodule.hparams.eval_batch_size
+    size = datamodule.eval_batch_size
     batches = [module.tokenize(texts[i:i + size]) for i in range(0, len(texts), size)]
     with delta.disabled():
         fitted = fit_null_space(module.net, dict(zip([m.parameter for m in delta.masks], delta.layers, strict=True)),
