@@ -247,7 +247,10 @@ class ReportAndExport(Callback):
         rows = completions(pl_module, datamodule_of(trainer), self.n_completions) if self.n_completions else []
         self._lap("completions")
         before: dict = self.before or {}
+        from debias.bias_spec import load_bias_spec
+
         self.report: dict[str, Any] = {"before": before, "after": self.after, "train_seconds": train_seconds,
+                       "bias": load_bias_spec(datamodule_of(trainer).bias).name,  # the axis: the model card's tag
                        "checkpoint": best or "last step", "steps": trainer.global_step, "completions": rows,
                        "before_source": self.before_source, "timings": self.timings}
         if trainer.is_global_zero:

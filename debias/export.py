@@ -2,7 +2,7 @@
 
 Layout of the export directory:
     config.json, model.safetensors, tokenizer files   the merged model (`from_pretrained(dir)`)
-    README.md                                         model card
+    README.md                                         model card (`debias.model_card`)
     adapter/                                          PEFT adapter (masked methods on nn.Linear layers, LoRA)
     debias/mask.safetensors, debias/delta.safetensors  the edit as plain files (masked methods only; several matrices
                                                       with `model.edit.layers`: `JointMask`, `EditRecord`)
@@ -21,6 +21,7 @@ import torch
 
 from debias.config import package_versions
 from debias.io import atomic_dir
+from debias.model_card import model_card
 
 #: An edit value this many times the matrix's largest weight is a blown-up run, not an edit.
 ABSURD = 1000.0
@@ -97,86 +98,6 @@ def _k_per_parameter(mask) -> dict[str, int] | None:
     return {part.parameter: part.k for part in getattr(mask, "parts", (mask,))}
 
 
-def model_card(report: dict) -> str:
-    before, after = report.get("before", {}), report.get("after", {})
-    held_out = ("feature_act", "feature_fire_rate", "lm_loss", "kl", "bias_gap", "cue_margin", "statement_gap",
-                "statement_gap_unseen", "factual_margin")
-    pairs = [(name, before.get(name), after.get(name)) for name in held_out]
-    for suite, names in (("stereoset", ("ss", "abs_ss_minus_50", "lms")),
-                         ("crows_pairs", ("stereo_pct", "abs_pct_minus_50"))):
-        pairs += [(f"{suite}.{name}", before.get(suite, {}).get(name), after.get(suite, {}).get(name))
-                  for name in names]
-    rows = "\n".join(f"| {name} | {b:.4f} | {a:.4f} |" for name, b, a in pairs
-                     if isinstance(b, float) and isinstance(a, float))
-    return f"""---
-base_model: {report['base_model_spec']}
-tags: [debias, sparse-autoencoder, model-editing]
----
-# Debiased {report['base_model_spec']}
-
-Edited with `debias` (method `{report['method']}`): {_what(report)}, trained to remove SAE feature(s)
-{report['features']} at `{report['hook_name']}`. The licence is the base model's.
-{_nothing_changed(report)}
-| held-out metric | before | after |
-|---|---|---|
-{rows}
-{_domains(before, after)}
-Files: merged weights here; {_files(report)}`debias/report.json`.
-{_completions(report)}"""
-
-
-def _domains(before: dict, after: dict) -> str:
-    """The held-out statement gap per attribute domain (with the after-interval), the unseen domains marked."""
-    b_dom, a_dom = before.get("statement_gap_by_domain", {}), after.get("statement_gap_by_domain", {})
-    unseen = set(after.get("unseen_domains", []))
-    rows = [f"| {d}{' (not in train)' if d in unseen else ''} | {b_dom[d]['statement_gap']:.3f} | "
-            f"{a_dom[d]['statement_gap']:.3f} | [{a_dom[d]['statement_gap_ci'][0]:.3f}, "
-            f"{a_dom[d]['statement_gap_ci'][1]:.3f}] |" for d in b_dom if d in a_dom]
-    if not rows:
-        return ""
-    return ("\n| statement gap by domain (held-out) | before | after | after, 95% interval |\n|---|---|---|---|\n"
-            + "\n".join(rows) + "\n")
-
-
-def _what(report: dict) -> str:
-    from debias.edits import registry
-
-    method, where = registry.get(report["method"]), f"`{report['parameter']}` (layer {report['layer']})"
-    if len(report.get("parameters") or []) > 1:
-        split = ", ".join(f"{k} in `{name}`" for name, k in report["k_per_parameter"].items())
-        return (f"only **{report['k']}** of the {report['numel']} entries of the `W_out` of layers {report['layers']} "
-                f"changed ({split}), chosen jointly by the {report['mask_strategy']} mask ({report['method']})")
-    if method.kind == "mask":
-        return (f"only **{report['k']}** of the {report['numel']} entries of {where} changed, chosen by the "
-                f"{report['mask_strategy']} mask ({report['method']})")
-    if method.mask_from == "all":
-        return f"all {report['numel']} entries of {where}"
-    return f"{method.summary} ({report['changed_parameters']} parameters) on {where}"
-
-
-def _nothing_changed(report: dict) -> str:
-    if report.get("changed_entries", 1):
-        return ""
-    return (f"\n**This edit changed nothing**: every trained value is 0 after {report.get('steps')} steps, so this "
-            "checkpoint is the base model.\n")
-
-
-def _files(report: dict) -> str:
-    from debias.edits import registry
-
-    return registry.get(report["method"]).export_files
-
-
-def _completions(report: dict) -> str:
-    rows = report.get("completions") or []
-    if not rows:
-        return ""
-    lines = ["", "Greedy completions of held-out prompts (32 tokens), before → after:", ""]
-    for row in rows:
-        lines.append(f"- *{row['prompt']}* … before: “{row['before'].strip()}” → after: “{row['after'].strip()}”")
-    return "\n".join(lines) + "\n"
-
-
 def export(module, out_dir: str | Path, run: dict, overwrite: bool = False) -> Path:
     """Write the export directory for a trained `DebiasModule` atomically (`debias.io.atomic_dir`); returns its path.
 
@@ -200,7 +121,7 @@ def export(module, out_dir: str | Path, run: dict, overwrite: bool = False) -> P
             save_records(module.delta.records(), tmp / "debias" / "delta.safetensors")
         report = build_report(module, run)
         (tmp / "debias" / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        (tmp / "README.md").write_text(model_card(report))
+        (tmp / "README.md").write_text(str(model_card(report)))
     if report["changed_entries"] == 0:
         print(f"debias: warning: the edit changed nothing (all values are 0 after {report.get('steps')} steps); "
               f"{out} holds the base model", flush=True)
