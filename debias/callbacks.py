@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, Trainer
 
+from debias.dashboards.contexts import DEFAULT_TOKENS
 from debias.evaluation.heldout import HeldOutAggregate, behaviour_metrics, format_table, outcome
 
 
@@ -175,7 +176,8 @@ class ReportAndExport(Callback):
     """
 
     def __init__(self, export_dir: str | None = "runs/export", overwrite: bool = False, suites: bool = False,
-                 completions: int = 4, plots: bool = True):
+                 completions: int = 4, plots: bool = True, dashboards: bool | None = None,
+                 dashboard_tokens: int = DEFAULT_TOKENS):
         """
         Args:
             export_dir: where the export goes (None: no export).
@@ -184,10 +186,17 @@ class ReportAndExport(Callback):
                 (about a minute on SmolLM2, CPU).
             completions: held-out prompts greedily completed (32 tokens) before and after, for the report.
             plots: write `report.png` beside the export.
+            dashboards: with `plots`, also `dashboards.html` (`debias.dashboards`): the chosen latents' and the ten
+                most moved latents' dashboards; None: unless the method's edit is not chosen from SAE latents
+                (`bias_gradient`, `dense`).
+            dashboard_tokens: corpus tokens the dashboards read (top contexts, histograms).
         """
         self.export_dir = export_dir
         self.overwrite = overwrite
         self.suites, self.n_completions, self.plots = suites, completions, plots
+        if dashboard_tokens < 128:
+            raise ValueError(f"export.dashboard_tokens must be >= 128 (one corpus window), got {dashboard_tokens}")
+        self.dashboards, self.dashboard_tokens = dashboards, dashboard_tokens
         self.before: dict | None = None  # set in advance to skip the evaluation of the original model
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
@@ -197,6 +206,13 @@ class ReportAndExport(Callback):
             return
         self.timings: dict[str, float] = {}
         self.clock = time.perf_counter()  # the module's own setup (SAE, features, mask) runs after this hook
+        from debias.edits.registry import get as method_of
+
+        no_sae = method_of(pl_module.edit_args.method).mask_from in ("bias", "all")
+        if self.dashboards and no_sae:
+            raise ValueError(f"export.dashboards is true, but method {pl_module.edit_args.method!r} chooses no SAE "
+                             "latents to show; set export.dashboards false")
+        self.dashboards = self.plots and (self.dashboards if self.dashboards is not None else not no_sae)
         if self.suites:
             from debias.evaluation.evaluate import suite_domain
             from debias.evaluation.suites import shipped_domains
@@ -265,12 +281,27 @@ class ReportAndExport(Callback):
                 self._lap("export")
                 if self.plots:
                     print(f"plots in {self.write_plots(trainer, pl_module, path.parent / 'report.png')}")
+                    if self.dashboards:
+                        print(f"dashboards in {self.write_dashboards(trainer, pl_module, path.parent)}")
                     self._lap("plots")
         self.timings["total"] = sum(self.timings.values())
         if trainer.is_global_zero:
             if self.export_dir:
                 record_timings(self.exported / "debias" / "report.json", self.timings)
             print(f"debias: timings: {format_timings(self.timings, self.before_source)}", flush=True)
+
+    def write_dashboards(self, trainer: Trainer, pl_module: Any, folder: Path) -> Path:
+        from debias import dashboards
+
+        texts = list(datamodule_of(trainer).texts["bias_heldout"])
+        where = (pl_module.net, pl_module.tokenizer, pl_module.sae, pl_module.site)
+        with pl_module.delta.disabled():
+            before = dashboards.heldout_means(*where, texts)
+        title = f"{pl_module.model_id}: {pl_module.edit_args.method} edit of {pl_module.parameter}"
+        page = dashboards.build_page(*where, pl_module.features, texts, before, dashboards.heldout_means(*where, texts),
+                                     title, self.dashboard_tokens, release=pl_module.sae_args.spec,
+                                     sae_id=pl_module.sae_args.sae_id)
+        return dashboards.write_page(page, folder / dashboards.FILENAME)
 
     def write_plots(self, trainer: Trainer, pl_module: Any, out: Path) -> Path:
         from debias.plots import heldout_feature_acts, read_metrics_csv, report_figure

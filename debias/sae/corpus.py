@@ -122,15 +122,21 @@ def non_special_tokens(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def activation_batches(model, site: hooks.HookSite, input_ids: torch.Tensor, batch: int = 16, desc: str = "capture",
+                       autocast: bool = False) -> Iterator[torch.Tensor]:
+    """Hooked activations [b, seq_len, d] (on the model's device) of each batch of input_ids [n_seq, seq_len], with a
+    progress bar; with `autocast`, the forward runs under bfloat16 autocast."""
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(input_ids), batch), desc=desc, unit="batch", file=sys.stderr):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            acts = hooks.forward_until(model, site, input_ids=input_ids[start:start + batch].to(device))
+        yield acts
+
+
 def capture_activations(model, site: hooks.HookSite, input_ids: torch.Tensor, real: torch.Tensor,
                         batch: int = 16, desc: str = "capture", autocast: bool = False) -> torch.Tensor:
     """Hooked activations at real tokens, float32 [n_real, d], for input_ids / real [n_seq, seq_len]; with
     `autocast`, the forward runs under bfloat16 autocast."""
-    device = next(model.parameters()).device
-    chunks = []
-    for start in tqdm(range(0, len(input_ids), batch), desc=desc, unit="batch", file=sys.stderr):
-        ids = input_ids[start:start + batch]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            acts = hooks.forward_until(model, site, input_ids=ids.to(device))
-        chunks.append(acts[real[start:start + batch].to(device)].float().cpu())
+    chunks = [acts[real[i * batch:(i + 1) * batch].to(acts.device)].float().cpu()
+              for i, acts in enumerate(activation_batches(model, site, input_ids, batch, desc, autocast))]
     return torch.cat(chunks)

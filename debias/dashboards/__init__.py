@@ -1,0 +1,34 @@
+"""Feature dashboards: for each chosen latent and each latent the edit moved most, its top-activating corpus
+contexts, activation histogram, decoder logit effects and held-out activation before and after the edit, as one
+self-contained HTML page (`dashboards.html`, beside `report.png`).
+
+Why not `sae-dashboard` (PyPI 0.8.0, read 2026-12-05): it cannot run in this environment or on our models.
+- Its pins exclude ours: `transformers<4.57`, `transformer-lens<3`, `datasets<4`, `safetensors<0.5` (we run
+  transformers 5, transformer-lens 3.9, datasets 5, safetensors 0.8), plus `decode-clt` and `hf-transfer`.
+- It runs a `HookedSAETransformer` (`TransformerLensWrapper` reads `model.hook_dict`, `data_parsing_fns` asserts
+  `isinstance(model, HookedTransformer)`); ours are plain HF models hooked through `debias.models.hooks`.
+- Its page loads d3 and plotly from CDNs (`html_fns.py`), so it is neither offline nor self-contained.
+So the four parts are computed here from the project's corpus, hooks and feature statistics, and drawn as inline
+SVG with no script.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from debias.dashboards.build import Page, build_page, heldout_means
+from debias.dashboards.contexts import DEFAULT_TOKENS
+from debias.dashboards.page import render
+
+FILENAME = "dashboards.html"
+
+__all__ = ["DEFAULT_TOKENS", "FILENAME", "Page", "build_page", "heldout_means", "render", "write_page"]
+
+
+def write_page(page: Page, path: str | Path) -> Path:
+    """Write `page` as one HTML file at `path` (atomically); returns the path."""
+    from debias.io import atomic_write
+
+    path = Path(path)
+    atomic_write(path, render(page))
+    return path
