@@ -80,6 +80,56 @@ def evaluate(pretrained: str | Path, domain: str = "gender", suites: tuple[str, 
             for task, metrics in out["results"].items()}
 
 
+def compare(pretrained: str | Path, domain: str = "gender", limit: int | None = None, batch_size: int = 16,
+            device: str = "cpu", dtype: str = "float32") -> dict[str, dict[str, float]]:
+    """debias's suite numbers beside the harness's on the same items (the first `limit`), in percent, with one
+    column between them that separates convention from implementation: debias's own scorer ranking *summed*
+    log-probabilities with strict wins, as the harness does (on CrowS-Pairs it must equal the harness's
+    `pct_stereotype`; on StereoSet the intersentence items differ by the start token, docs/guide.md)."""
+    import json
+    import tempfile
+
+    from debias.evaluation import suites
+    from debias.models.load import load_model
+
+    theirs = evaluate(pretrained, domain, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
+                      bootstrap_iters=0)
+    loaded = load_model(str(pretrained), dtype=dtype, device=device)
+    model, tok = loaded.model, loaded.tokenizer
+    crows_items = suites.load_crows_pairs(domain=domain)[:limit]
+    set_items = suites.load_stereoset(domain=domain)[:limit]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, items in (("crows.json", crows_items), ("stereoset.json", set_items)):
+            (Path(tmp) / name).write_text(json.dumps(items))
+        crows = suites.crows_pairs(model, tok, Path(tmp) / "crows.json", batch_size, progress=False)
+        stereo = suites.stereoset(model, tok, Path(tmp) / "stereoset.json", batch_size, progress=False)
+        by_item = suites.stereoset(model, tok, Path(tmp) / "stereoset.json", batch_size, progress=False,
+                                   by_target=False)
+    pairs = crows_pairs_dataset(domain)["test"].select(range(len(crows_items)))["choices"]
+    sums = suites.sentence_logprobs(model, tok, [c for pair in pairs for c in pair], batch_size).double().view(-1, 2)
+    docs = stereoset_dataset(domain)["test"].select(range(len(set_items)))
+    texts = [c for choices in docs["choices"] for c in choices]
+    contexts = [ctx for ctx in docs["context"] for _ in range(3)]
+    scores = suites.sentence_logprobs(model, tok, texts, batch_size, contexts).double().view(-1, 3)
+    crows_h, set_h = theirs[f"debias_crows_{domain}"], theirs[f"debias_stereoset_{domain}"]
+    wins = lambda a, b: float((a > b).double().mean())  # noqa: E731 - strict, as the harness counts
+    return {
+        "crows_pairs": {"debias stereo_pct (mean log-prob per token, tie 1/2)": crows["stereo_pct"],
+                        "debias stereo_pct, summed log-probs, strict": 100 * wins(sums[:, 0], sums[:, 1]),
+                        "harness pct_stereotype": 100 * crows_h["pct_stereotype"],
+                        "debias margin (nats per token)": crows["margin"],
+                        "debias mean |summed difference| (nats)": float((sums[:, 0] - sums[:, 1]).abs().mean()),
+                        "harness likelihood_diff (nats)": crows_h["likelihood_diff"], "items": len(crows_items)},
+        "stereoset": {"debias ss (per target, official)": stereo["ss"], "debias ss (per item)": by_item["ss"],
+                      "debias ss, summed log-probs, strict, per item": 100 * wins(scores[:, 0], scores[:, 1]),
+                      "harness ss": 100 * set_h["ss"], "debias lms (per target, official)": stereo["lms"],
+                      "debias lms (per item)": by_item["lms"],
+                      "debias lms, summed log-probs, strict, per item": 50 * (wins(scores[:, 0], scores[:, 2])
+                                                                               + wins(scores[:, 1], scores[:, 2])),
+                      "harness lms": 100 * set_h["lms"], "items": len(set_items)},
+    }
+
+
 # The functions the task YAMLs name (`!function debias.harness.…`).
 
 def crows_pairs_dataset(domain: str = "gender", **_: Any):
@@ -117,3 +167,15 @@ def stereoset_results(doc: dict, results: list) -> dict[str, float]:
     (StereoSet's per-item counts; a tie counts 0, as in its evaluation code)."""
     (stereo, _), (anti, _), (unrelated, _) = results
     return {"ss": float(stereo > anti), "lms": (float(stereo > unrelated) + float(anti > unrelated)) / 2}
+
+
+if __name__ == "__main__":  # python -m debias.harness EXPORT [AXIS [LIMIT]]: `compare` as a table
+    import sys
+
+    if not 2 <= len(sys.argv) <= 4:
+        raise SystemExit("usage: python -m debias.harness EXPORT [AXIS [LIMIT]]")
+    rows = compare(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "gender",
+                   int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    for suite, numbers in rows.items():
+        for name, value in numbers.items():
+            print(f"{suite:12} {name:55} " + (f"{value:10.4f}" if isinstance(value, float) else f"{value:10}"))

@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from debias import harness
 from debias.edits.interventions import SAEClamp, SteeringVector, fit_steering_vector
 from debias.edits.steer_file import load_steer_file, steer_entries, write_steer_file
-from debias.evaluation.suites import load_crows_pairs, sentence_logprobs
 from debias.models import hooks
 from debias.models.tiny import save_tiny_model, tiny_sae_from_spec
 
@@ -38,20 +37,23 @@ def loaded(export_dir):
     return model, AutoTokenizer.from_pretrained(export_dir), hooks.resolve_hook(model, HOOK)
 
 
-def test_shipped_tasks_run_offline_and_crows_agrees_with_debias_scores(export_dir, loaded):
-    results = harness.evaluate(export_dir, "gender", limit=N, bootstrap_iters=0, batch_size=8)
-    assert set(results) == {"debias_crows_gender", "debias_stereoset_gender"}
-    stereoset = results["debias_stereoset_gender"]
-    assert 0 <= stereoset["ss"] <= 1 and 0 <= stereoset["lms"] <= 1
+def test_shipped_tasks_run_offline_and_crows_agrees_with_debias_summed_scores(export_dir):
+    rows = harness.compare(export_dir, "gender", limit=N, batch_size=8)  # runs the harness's hf model on the tasks
+    crows, stereoset = rows["crows_pairs"], rows["stereoset"]
+    assert crows["items"] == stereoset["items"] == N
+    # the same items, scored by debias's own code with the harness's convention: the same numbers
+    assert crows["harness pct_stereotype"] == pytest.approx(crows["debias stereo_pct, summed log-probs, strict"])
+    assert crows["harness likelihood_diff (nats)"] == pytest.approx(crows["debias mean |summed difference| (nats)"],
+                                                                    rel=1e-4)
+    assert crows["harness likelihood_diff (nats)"] > 0
+    for name in ("harness ss", "harness lms", "debias ss (per target, official)"):
+        assert 0 <= stereoset[name] <= 100
 
-    model, tok, _ = loaded  # the same items, scored by debias: summed log-probs after the start token
-    items = load_crows_pairs(domain="gender")[:N]
-    texts = [it["sentence"].replace("[MASK]", it[key]) for key in ("stereo", "anti") for it in items]
-    sums = sentence_logprobs(model, tok, texts).double()
-    diff = sums[:N] - sums[N:]
-    crows = results["debias_crows_gender"]
-    assert crows["likelihood_diff"] == pytest.approx(float(diff.abs().mean()), rel=1e-4)
-    assert crows["pct_stereotype"] == pytest.approx(float((diff > 0).double().mean()))
+
+def test_the_harness_runs_the_religion_tasks_too(export_dir):
+    results = harness.evaluate(export_dir, "religion", limit=2, bootstrap_iters=0)
+    assert set(results) == {"debias_crows_religion", "debias_stereoset_religion"}
+    assert set(results["debias_stereoset_religion"]) >= {"ss", "lms"}
 
 
 def test_every_shipped_axis_has_both_tasks_and_an_unshipped_one_is_refused():
