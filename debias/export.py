@@ -103,22 +103,17 @@ def export(module, out_dir: str | Path, run: dict, overwrite: bool = False) -> P
 
     Merged weights, adapter, mask, delta and report all come from the module's one edit (of every matrix it edits).
     """
-    from debias.edits.sparse import save_records
-
     out = Path(out_dir)
     check_target(out, overwrite)
     check_edit(module)
     with atomic_dir(out, replace=True) as tmp:
         module.net.save_pretrained(tmp, state_dict=merged_state_dict(module))
         module.tokenizer.save_pretrained(tmp)
-        peft_model = getattr(module.delta, "peft_model", None)
-        if peft_model is not None and (module.mask is None or module.mask.strategy != "dense"):
-            peft_model.peft_config["default"].base_model_name_or_path = module.model_path
-            peft_model.save_pretrained(tmp / "adapter")
+        module.delta.save_adapter(tmp / "adapter", module.model_path)
         (tmp / "debias").mkdir()
-        if module.mask is not None and module.mask.strategy != "dense":
-            module.mask.save(tmp / "debias" / "mask.safetensors")
-            save_records(module.delta.records(), tmp / "debias" / "delta.safetensors")
+        if module.delta.saves_delta:
+            module.delta.mask.save(tmp / "debias" / "mask.safetensors")
+            module.delta.record().save(tmp / "debias" / "delta.safetensors")
         report = build_report(module, run)
         (tmp / "debias" / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (tmp / "README.md").write_text(str(model_card(report)))

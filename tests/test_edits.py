@@ -108,24 +108,29 @@ def test_clamping_a_latent_outside_the_sae_is_refused():
 
 
 def test_the_registry_is_the_one_list_of_methods():
-    from typing import get_args
-
     from debias.commands.compare.grid import GRID_METHODS
     from debias.edits import registry
+    from debias.training.args import EditArgs
 
-    assert get_args(registry.MethodName) == tuple(registry.METHODS)  # the CLI's choices are the registry's keys
+    assert registry.check_name("instability") is None and registry.check_name("sparse") is not None
     assert set(GRID_METHODS) == set(registry.METHODS) | set(registry.GRID_VARIANTS)
     assert all(v.method in registry.METHODS for v in registry.GRID_VARIANTS.values())
     with pytest.raises(ValueError, match="unknown method 'sparse'; expected one of"):
         registry.get("sparse")
+    with pytest.raises(ValueError, match=r"model.edit.method must be one of the registered methods \[.*'lora'.*\], "
+                                         r"got 'sparse'"):
+        EditArgs(method="sparse")
 
 
-def test_a_new_method_is_one_registry_entry(monkeypatch, tmp_path):
-    """A method is its builder: registered under an existing name's slot, the module trains what it builds."""
+def test_a_new_method_is_one_registry_call(monkeypatch, tmp_path):
+    """A method is its builder and one `register` call, under a new name: no entry is overwritten, and the name is
+    a valid `model.edit.method` from then on (the config check reads the live table)."""
     from debias.edits import registry
     from debias.edits.mask import InstabilityMask
     from debias.edits.sparse import SparseDelta
 
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))  # the test's entry leaves with the test
+    shipped = dict(registry.METHODS)
     built = []
 
     def first_rows(ctx):  # a toy method: the first k entries of W_out
@@ -134,8 +139,26 @@ def test_a_new_method_is_one_registry_entry(monkeypatch, tmp_path):
         built.append(mask)
         return SparseDelta(ctx.net, mask)
 
-    monkeypatch.setitem(registry.METHODS, "random", registry.Method("random", "mask", first_rows, "first k entries"))
-    module, data = make_module(method="random", k=7), make_data()
+    registry.register(registry.Method("first_rows", "mask", first_rows, "first k entries"))
+    assert {n: m for n, m in registry.METHODS.items() if n != "first_rows"} == shipped
+    with pytest.raises(ValueError, match="'random' is already registered"):
+        registry.register(registry.Method("random", "mask", first_rows, "first k entries"))
+    module, data = make_module(method="first_rows", k=7), make_data()
     make_trainer(tmp_path, max_steps=2).fit(module, datamodule=data)
     assert built and module.mask is built[0] and module.mask.indices.tolist() == list(range(7))
     assert module.changed_entries() > 0
+
+
+def test_a_method_refuses_a_network_through_its_own_entry(monkeypatch):
+    """`Method.check` runs before any SAE build or mask: no method name is tested anywhere."""
+    from debias.edits import registry
+
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
+
+    def refuse(net, site, parameter, args):
+        raise ValueError(f"toy refuses {parameter}")
+
+    registry.register(registry.Method("picky", "weight", registry.METHODS["dense"].build, "dense, but picky",
+                                      check=refuse))
+    with pytest.raises(ValueError, match=r"toy refuses model\.layers\.1\.mlp\.down_proj\.weight"):
+        make_module(method="picky", k=None)

@@ -11,7 +11,7 @@ from conftest import assert_export_consistent, make_data, make_trainer, module_a
 from debias.edits.gradients import feature_gradients
 from debias.edits.joint import compute_joint_mask, joint_top_k
 from debias.edits.mask import InstabilityMask, JointMask, load_masks_for
-from debias.edits.sparse import EditRecord, load_records, save_records
+from debias.edits.record import EditRecord, MatrixDelta
 from debias.models import hooks
 from debias.models.tiny import tiny_model, tiny_sae, tiny_tokenizer
 from debias.training.args import EditArgs
@@ -190,12 +190,10 @@ def test_export_holds_every_matrix_and_reloads_with_the_edited_logits(trained, t
     with torch.no_grad():
         edited = module.net(**tok(["My sister, a carpenter, said that"], return_tensors="pt")).logits
     torch.testing.assert_close(forms["merged"], edited, rtol=1e-5, atol=1e-5)
-    records = load_records(out / "debias" / "delta.safetensors")
-    assert [r.parameter for r in records] == [W1, W2]
-    for record, part in zip(records, module.mask.parts, strict=True):
-        assert torch.equal(record.indices, part.indices) and record.values.numel() == part.k
-    with pytest.raises(ValueError, match="holds the edit of 2 matrices"):
-        EditRecord.load(out / "debias" / "delta.safetensors")
+    record = EditRecord.load(out / "debias" / "delta.safetensors")
+    assert [m.parameter for m in record.matrices] == [W1, W2] and record.features == tuple(module.features)
+    for matrix, part in zip(record.matrices, module.mask.parts, strict=True):
+        assert torch.equal(matrix.indices, part.indices) and matrix.values.numel() == part.k
     saved = InstabilityMask.load(out / "debias" / "mask.safetensors")
     assert isinstance(saved, JointMask) and [p.indices.tolist() for p in saved.parts] == [
         p.indices.tolist() for p in module.mask.parts]
@@ -206,14 +204,15 @@ def test_export_holds_every_matrix_and_reloads_with_the_edited_logits(trained, t
 
 
 def test_one_matrix_delta_keeps_the_old_layout(tmp_path):
-    record = EditRecord(W1, (32, 64), torch.tensor([3, 7]), torch.tensor([0.5, -1.0]))
-    save_records([record], tmp_path / "one.safetensors")
+    record = EditRecord((MatrixDelta(W1, (32, 64), torch.tensor([3, 7]), torch.tensor([0.5, -1.0])),), (4,))
+    record.save(tmp_path / "one.safetensors")
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "one.safetensors"), "pt") as f:
         assert sorted(f.keys()) == ["indices", "values"] and f.metadata()["parameter"] == W1
-    (loaded,) = load_records(tmp_path / "one.safetensors")
-    assert torch.equal(loaded.values, record.values) and EditRecord.load(tmp_path / "one.safetensors").shape == (32, 64)
+    loaded = EditRecord.load(tmp_path / "one.safetensors")
+    assert torch.equal(loaded.matrices[0].values, record.matrices[0].values) and loaded.matrices[0].shape == (32, 64)
+    assert loaded.features == (4,)
 
 
 def test_a_saved_joint_mask_is_reused_and_must_cover_exactly_the_matrices(trained, tmp_path):

@@ -90,7 +90,8 @@ def test_merge_is_the_adapter_forward_and_unmerge_is_bit_exact(family):
     with edit.disabled():
         assert not torch.allclose(_logits(net), adapter, atol=1e-4)
     edit.merge()
-    edit.merge()  # a second merge changes nothing, so unmerge still restores the original
+    with pytest.raises(RuntimeError, match="already merged"):  # refused, so unmerge still restores the original
+        edit.merge()
     assert not torch.equal(base.weight, original["weight"])
     torch.testing.assert_close(_logits(net), adapter, atol=1e-5, rtol=1e-5)
     edit.unmerge()

@@ -56,7 +56,7 @@ def check_untouched(module, report: dict, report_path: Path, model: str) -> None
     edited = report.get("parameters")
     if not (isinstance(edited, list) and edited and all(isinstance(p, str) for p in edited)):
         return
-    others = [name for name in module.delta.changed_names() if name not in edited]
+    others = [name for name in module.delta.base_layers() if name not in edited]  # every weight that differs
     if others:
         raise ValueError(f"{model} differs from base model {module.model_id!r} (named in {report_path}) in "
                          f"{len(others)} weights its edit never touched (e.g. {others[0]}), so that directory holds "

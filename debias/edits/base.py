@@ -1,36 +1,199 @@
-"""The edit a method puts on the network, behind one interface, so that training, evaluation and export need not
-know which method made it; and the context a method's builder receives.
+"""The edit a method puts on the network, behind one contract (`Edit`), so that training, evaluation and export need
+not know which method made it; the shared merge bookkeeping of weight edits (`WeightEdit`); and the context a
+method's builder receives (`EditContext`).
 
-Every edit has `disabled()` (run the original network), `parameters()` (what the optimiser trains),
-`changed_parameters()` (how many numbers the method may change), `trainable_state()` (what a checkpoint keeps)
-and, where the edit is a weight change, `merge()` / `unmerge()` (bit-exact).
+Like PEFT's tuners, an edit wraps layers of the network and keeps a `merged` state; like concept-erasure's fitter and
+eraser, the edit is the stateful, trainable side and `record()` gives the frozen result (`debias.edits.record`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
+from debias.edits.record import EditRecord, MatrixDelta
+
+if TYPE_CHECKING:
+    from debias.edits.mask import Mask
+
+ADAPTER = "default"  # the one adapter name every peft-backed edit uses
+
 
 class Edit(Protocol):
-    """What every method's edit offers (`SparseDelta`, `LoraDelta`, `InferenceEdit`, `StateDiffEdit`)."""
+    """What every method's edit offers (`SparseDelta`, `LoraDelta`, `FeatureProjection`, `InferenceEdit`,
+    `StateDiffEdit`); callers use this and nothing else."""
 
-    def disabled(self) -> contextlib.AbstractContextManager: ...
+    mask: Mask | None
+    """The mask a masked method trains (None: the method has none)."""
+    saves_delta: bool
+    """Whether an export writes the edit as `debias/mask.safetensors` + `debias/delta.safetensors` (a masked edit's
+    few KB); a dense or low-rank edit ships as merged weights and `adapter/`."""
 
-    def parameters(self) -> list[nn.Parameter]: ...
+    @property
+    def merged(self) -> bool:
+        """Whether the edit is folded into the base weights (`merge`)."""
+        ...
 
-    def changed_parameters(self) -> int: ...
+    def disabled(self) -> contextlib.AbstractContextManager:
+        """Inside the block the network is the original model (no second copy)."""
+        ...
 
-    def trainable_state(self) -> dict[str, torch.Tensor]: ...
+    def parameters(self) -> list[nn.Parameter]:
+        """What the optimiser trains ([] for a computed or inference-time edit)."""
+        ...
 
-    def merge(self) -> None: ...
+    def changed_parameters(self) -> int:
+        """How many numbers the method may change."""
+        ...
 
-    def unmerge(self) -> None: ...
+    def changed_entries(self) -> int:
+        """How many weights the edit changed (a masked edit: its non-zero values)."""
+        ...
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps."""
+        ...
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `trainable_state()`; refuses a state of another edit."""
+        ...
+
+    def base_layers(self) -> dict[str, nn.Module]:
+        """{edited parameter: the plain layer that holds it} ({} for an edit of no weight)."""
+        ...
+
+    def merge(self) -> None:
+        """Fold the edit into the base weights; refused (RuntimeError) when merged, and (ValueError, weights left as
+        they were) when the result would not be finite."""
+        ...
+
+    def unmerge(self) -> None:
+        """Undo `merge` bit-exactly; RuntimeError when not merged."""
+        ...
+
+    def scaled(self, alpha: float) -> contextlib.AbstractContextManager:
+        """Inside the block the edit acts at α times its strength (0: the original model); restored exactly after."""
+        ...
+
+    def record(self) -> EditRecord:
+        """What the edit changed, frozen (`debias.edits.record`)."""
+        ...
+
+    def save_adapter(self, directory: Path, base_model: str) -> bool:
+        """Write the edit as a PEFT adapter for `base_model` into `directory`; False (nothing written) where the edit
+        has no adapter form."""
+        ...
+
+
+class WeightEdit:
+    """The merge bookkeeping every weight edit shares, as PEFT's tuner layers keep it: `merged`; `merge` folds the
+    edit into the base layers and checks the result is finite (PEFT's `safe_merge`), refusing a non-finite merge with
+    the weights left as they were; `unmerge` restores the weights `merge` saved, bit-exactly ((w + d) − d is not
+    always w in floating point). A second `merge`, or `unmerge` without `merge`, raises.
+
+    A subclass gives `base_layers()`, `_merge_layers()` (fold into every layer) and `_unmerge_layers()` (reset the
+    layers' own merged state; the saved weights are put back here); `peft_model`, if it has one, is its adapter.
+    """
+
+    mask: Mask | None = None
+    saves_delta = False
+    features: Sequence[int] = ()
+    peft_model: Any = None
+    _saved: dict[str, torch.Tensor] | None = None
+
+    def base_layers(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def _merge_layers(self) -> None:
+        raise NotImplementedError
+
+    def _unmerge_layers(self) -> None:
+        raise NotImplementedError
+
+    def changed_parameters(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def merged(self) -> bool:
+        return self._saved is not None
+
+    def _base_parameters(self) -> dict[str, nn.Parameter]:
+        """{network parameter name: parameter} of every base layer (weight, and bias where it has one)."""
+        return {parameter.removesuffix("weight") + key: p for parameter, layer in self.base_layers().items()
+                for key, p in layer.named_parameters()}
+
+    def _restore(self, saved: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in self._base_parameters().items():
+                p.data.copy_(saved[name])
+
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError(f"the {type(self).__name__} is already merged into its weights; unmerge() before "
+                               "merging again")
+        saved = {name: p.detach().clone() for name, p in self._base_parameters().items()}
+        try:
+            self._merge_layers()
+            if not all(torch.isfinite(p).all() for p in self._base_parameters().values()):
+                raise ValueError("non-finite")
+        except ValueError:  # ours, or peft's safe_merge
+            self._unmerge_layers()
+            self._restore(saved)
+            raise ValueError(f"merging the {type(self).__name__} into {', '.join(self.base_layers())} gives non-finite "
+                             "weights: refused, the weights are left as they were") from None
+        self._saved = saved
+
+    def unmerge(self) -> None:
+        if self._saved is None:
+            raise RuntimeError(f"the {type(self).__name__} is not merged; merge() before unmerge()")
+        self._unmerge_layers()
+        self._restore(self._saved)
+        self._saved = None
+
+    def changed_entries(self) -> int:
+        return self.changed_parameters()
+
+    def record(self) -> EditRecord:
+        """Every base-layer entry the merged edit changes, with merged − original as its value (float32)."""
+        was_merged = self.merged
+        if not was_merged:
+            self.merge()
+        try:
+            assert self._saved is not None  # set by merge
+            matrices = []
+            for name, p in self._base_parameters().items():
+                delta = (p.detach().float() - self._saved[name].float()).flatten()
+                where = delta.nonzero().flatten()
+                matrices.append(MatrixDelta(name, tuple(p.shape), where.cpu(), delta[where].cpu()))
+        finally:
+            if not was_merged:
+                self.unmerge()
+        return EditRecord(tuple(matrices), tuple(int(f) for f in self.features))
+
+    def save_adapter(self, directory: Path, base_model: str) -> bool:
+        if self.peft_model is None:
+            return False
+        self.peft_model.peft_config[ADAPTER].base_model_name_or_path = base_model
+        self.peft_model.save_pretrained(directory)
+        return True
+
+
+@contextlib.contextmanager
+def at_strength(get: Callable[[], float], set_strength: Callable[[float], None], alpha: float):
+    """Inside the block the strength is α × its current value; the saved value is put back after (for edits whose
+    strength is one number: `FeatureProjection`, an `InferenceEdit`'s intervention)."""
+    current = float(get())
+    try:
+        set_strength(alpha * current)
+        yield
+    finally:
+        set_strength(current)
 
 
 @dataclass

@@ -16,7 +16,6 @@ import contextlib
 import math
 
 import torch
-from torch import nn
 
 from debias.config import STEERING_ALPHA, SteeringKind, choices
 from debias.models import hooks
@@ -45,6 +44,10 @@ class Intervention:
     strength = 1.0  # `set_strength`: 1 is the intervention as built, 0 leaves the activations alone
 
     def fn(self, acts: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_strength(self, strength: float) -> None:
+        """Act at `strength` from now on (1: as built, 0: the activations left alone)."""
         raise NotImplementedError
 
     def check(self, model) -> None:
@@ -257,52 +260,3 @@ def build_intervention(method: str, model, tokenizer, sae=None, site: HookSite |
     vector = fit_steering_vector(model, tokenizer, site, female_texts, male_texts, kind)
     info = {"kind": kind, "fitted_on": source, "n_female": len(female_texts), "n_male": len(male_texts)}
     return SteeringVector(site, vector, alpha, info)
-
-
-class InferenceEdit:
-    """An inference-time intervention (`debias.interventions`) held on the network by a forward hook; no weight
-    changes, so it cannot be merged into a checkpoint."""
-
-    def __init__(self, model: nn.Module, intervention):
-        self.model, self.intervention = model, intervention
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(intervention.applied(model))
-
-    @contextlib.contextmanager
-    def disabled(self):
-        self._stack.close()
-        try:
-            yield
-        finally:
-            self._stack = contextlib.ExitStack()
-            self._stack.enter_context(self.intervention.applied(self.model))
-
-    def parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def changed_parameters(self) -> int:
-        return 0
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def merge(self) -> None:
-        raise TypeError(f"{type(self.intervention).__name__} is an inference-time intervention (a forward hook): "
-                        "it changes no weight and cannot become a plain checkpoint")
-
-    unmerge = merge
-
-
-def build_clamp(ctx) -> InferenceEdit:
-    """`sae_clamp`: the run's features held at `clamp_value` through the SAE, error term kept."""
-    return InferenceEdit(ctx.net, SAEClamp(ctx.sae, ctx.site, ctx.features, ctx.args.clamp_value))
-
-
-def build_steering(ctx) -> InferenceEdit:
-    """`steering_vector`: `steering_alpha` · v at the hook, v fitted on the train profession prompts (first vs
-    second group; the run's bias must have two groups)."""
-    check_two_groups(ctx.bias)
-    first, second = ctx.gap_prompts()[:2]
-    vector = fit_steering_vector(ctx.net, ctx.tokenizer, ctx.site, first, second, kind=ctx.args.steering_kind,
-                                 batch_size=ctx.eval_batch_size, max_length=ctx.max_length)
-    return InferenceEdit(ctx.net, SteeringVector(ctx.site, vector, ctx.args.steering_alpha))

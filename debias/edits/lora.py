@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from debias.edits.sparse_layers import ADAPTER
+from debias.edits.base import ADAPTER, WeightEdit
 
 
 def check_lora_rank(rank: int, shape: tuple[int, ...]) -> None:
@@ -16,10 +18,16 @@ def check_lora_rank(rank: int, shape: tuple[int, ...]) -> None:
                          f"got {rank}")
 
 
-class LoraDelta:
+def check_network(net: nn.Module, site, parameter: str, args) -> None:
+    """`lora` refuses a `lora_rank` that does not fit the W_out `parameter`."""
+    check_lora_rank(args.lora_rank, tuple(net.get_parameter(parameter).shape))
+
+
+class LoraDelta(WeightEdit):
     """A peft LoRA adapter (B·A, B initialised to zero) on the module that holds `parameter`."""
 
-    def __init__(self, model: nn.Module, parameter: str, rank: int, alpha: float | None = None):
+    def __init__(self, model: nn.Module, parameter: str, rank: int, alpha: float | None = None,
+                 features: tuple[int, ...] = ()):
         from peft import LoraConfig, get_peft_model
 
         self.module_name = parameter.removesuffix(".weight")
@@ -30,8 +38,7 @@ class LoraDelta:
         config = LoraConfig(target_modules=[self.module_name], r=rank, lora_alpha=int(alpha or rank), lora_dropout=0.0)
         self.peft_model = get_peft_model(model, config)
         self.layer: Any = self.peft_model.get_base_model().get_submodule(self.module_name)  # peft's LoRA Linear
-        self.rank = rank
-        self._saved: torch.Tensor | None = None
+        self.rank, self.features = rank, tuple(features)  # the SAE features it is trained against, for its record
 
     def disabled(self):
         return self.peft_model.disable_adapter()
@@ -65,18 +72,27 @@ class LoraDelta:
         """{edited parameter: the plain layer that holds it}."""
         return {self.parameter: self.layer.base_layer}
 
-    def merge(self) -> None:
-        self._saved = self.layer.base_layer.weight.data.clone()
-        self.layer.merge(adapter_names=[ADAPTER])
+    def _merge_layers(self) -> None:
+        self.layer.merge(safe_merge=True, adapter_names=[ADAPTER])
 
-    def unmerge(self) -> None:
-        """Undo `merge` bit-exactly (restores the saved weight rather than subtracting B·A)."""
-        self.layer.unmerge()
-        if self._saved is not None:
-            self.layer.base_layer.weight.data.copy_(self._saved)
-            self._saved = None
+    def _unmerge_layers(self) -> None:
+        if self.layer.merged:
+            self.layer.unmerge()
+
+    @contextlib.contextmanager
+    def scaled(self, alpha: float) -> Iterator[None]:
+        """peft's `set_scale(adapter, α)` (scaling = α · lora_alpha / r), so the update is α·B·A; the scale is put back
+        after."""
+        if self.merged:
+            raise RuntimeError("the LoRA adapter is merged into W_out; unmerge() before scaling it")
+        saved = dict(self.layer.scaling)
+        try:
+            self.layer.set_scale(ADAPTER, alpha)
+            yield
+        finally:
+            self.layer.scaling.update(saved)
 
 
 def build(ctx) -> LoraDelta:
     """`lora`: a LoRA adapter of `lora_rank` on the run's W_out."""
-    return LoraDelta(ctx.net, ctx.parameter, ctx.args.lora_rank)
+    return LoraDelta(ctx.net, ctx.parameter, ctx.args.lora_rank, features=tuple(ctx.features))

@@ -28,8 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from debias.edits.base import EditContext
-from debias.edits.sparse_layers import ADAPTER
+from debias.edits.base import ADAPTER, EditContext, WeightEdit, at_strength
 from debias.models import hooks
 from debias.models.hooks import HookSite
 
@@ -82,6 +81,11 @@ def check_site(net: nn.Module, site: HookSite, parameter: str) -> None:
                          "on a test forward: the MLP does more after W_out")
 
 
+def check_network(net: nn.Module, site: HookSite, parameter: str, args) -> None:
+    """`feature_projection` refuses an SAE site that is not W_out's output (`check_site`)."""
+    check_site(net, site, parameter)
+
+
 def check_sae(sae) -> None:
     """Raise a one-line ValueError if the SAE's input normalisation moves directions (centring, whitening)."""
     norm = getattr(sae.cfg, "normalize_activations", "none")
@@ -100,7 +104,7 @@ def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:
     return u[:, s > s[0] * 1e-6].contiguous()
 
 
-class FeatureProjection:
+class FeatureProjection(WeightEdit):
     """W_out ← (I − α·P) W_out as a frozen peft LoRA adapter on `parameter`'s module (see the module docstring).
 
     `directions` [n, d_model]: the features' decoder rows. `set_strength(alpha)` moves along α without rebuilding.
@@ -129,7 +133,6 @@ class FeatureProjection:
         self.layer: Any = self.peft_model.get_base_model().get_submodule(self.module_name)  # peft's LoRA Linear
         for p in self.layer.parameters():
             p.requires_grad_(False)
-        self._saved: dict[str, torch.Tensor] | None = None
         self.alpha = 0.0
         self._write_factors(_alpha(alpha))
 
@@ -150,7 +153,7 @@ class FeatureProjection:
 
     def set_strength(self, alpha: float) -> None:
         """Evaluate at strength `alpha` from now on (1: the directions removed, 0: the original W_out)."""
-        if self.layer.merged:
+        if self.merged:
             raise RuntimeError("the projection is merged into W_out; unmerge() before set_strength()")
         self._write_factors(_alpha(alpha))
 
@@ -185,19 +188,16 @@ class FeatureProjection:
         """{edited parameter: the plain layer that holds it}."""
         return {self.parameter: self.layer.base_layer}
 
-    def merge(self) -> None:
-        if self.layer.merged:
-            return
-        self._saved = {name: p.data.clone() for name, p in self.layer.base_layer.named_parameters()}
-        self.layer.merge(adapter_names=[ADAPTER])
+    def _merge_layers(self) -> None:
+        self.layer.merge(safe_merge=True, adapter_names=[ADAPTER])
 
-    def unmerge(self) -> None:
-        """Undo `merge` bit-exactly (restores the saved weight and bias rather than subtracting B·A)."""
-        self.layer.unmerge()
-        if self._saved is not None:
-            for name, p in self.layer.base_layer.named_parameters():
-                p.data.copy_(self._saved[name])
-            self._saved = None
+    def _unmerge_layers(self) -> None:
+        if self.layer.merged:
+            self.layer.unmerge()
+
+    def scaled(self, alpha: float) -> contextlib.AbstractContextManager:
+        """W_out ← (I − α·s·P) W_out inside the block, s the strength as built."""
+        return at_strength(lambda: self.alpha, self.set_strength, alpha)
 
 
 def build(ctx: EditContext) -> FeatureProjection:

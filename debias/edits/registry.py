@@ -1,7 +1,9 @@
-"""One table of methods: name -> how to build its edit, what kind of edit it is, how reports show it.
+"""One table of methods: name -> how to build its edit, what kind of edit it is, what networks it refuses, how
+reports show it. Nothing else in the package names a method.
 
-Adding a method is one `Method` entry here and one module with its builder `build(EditContext) -> Edit`.
-`GRID_VARIANTS` are extra rows of `debias compare`: a method with some of its arguments fixed.
+Adding a method is one module with its builder `build(EditContext) -> Edit` (an `Edit`, `debias.edits.base`) and
+one `register(Method(...))` call; its name is then a valid `model.edit.method`. `GRID_VARIANTS` are extra rows of
+`debias compare`: a method with some of its arguments fixed.
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
-from debias.edits import interventions, lora, projection, sparse
+from debias.edits import inference, lora, projection, sparse
 from debias.edits.base import Edit, EditContext
 
 Kind = Literal["mask", "weight", "inference"]
@@ -31,6 +33,8 @@ class Method:
     # what ranks a mask's entries
     mask_from: Literal["feature", "bias", "random", "feature_effect", "random_features", "all"] | None = None
     export_files: str = ""  # the model card's list of the edit's own files
+    # refuses, before any SAE build or mask, a network the method cannot edit: check(net, site, parameter, args)
+    check: Callable[[Any, Any, str, Any], None] | None = None
 
 
 _SPARSE_FILES = ("`adapter/` (PEFT, where the layer type has it); `debias/delta.safetensors` (indices + values, "
@@ -54,20 +58,35 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "salmon", "random_features", _SPARSE_FILES),
     Method("dense", "weight", sparse.build_dense, "every entry of W_out", "tab:purple", "all"),
     Method("lora", "weight", lora.build, "a peft LoRA adapter (rank `lora_rank`)", "tab:green",
-           export_files="`adapter/` (PEFT LoRA); "),
-    Method("sae_clamp", "inference", interventions.build_clamp,
+           export_files="`adapter/` (PEFT LoRA); ", check=lora.check_network),
+    Method("sae_clamp", "inference", inference.build_clamp,
            "the features clamped to `clamp_value` at the hook, error term kept", "tab:brown"),
-    Method("steering_vector", "inference", interventions.build_steering,
+    Method("steering_vector", "inference", inference.build_steering,
            "`steering_alpha` · v added at the hook (v fitted on train prompts)", "tab:cyan"),
     Method("feature_projection", "weight", projection.build,
            "the features' decoder directions projected out of W_out's output: W_out ← (I − α·P) W_out, "
            "α = `projection_alpha`, no training", "tab:olive",
-           export_files="`adapter/` (PEFT LoRA, rank = number of features); "),
+           export_files="`adapter/` (PEFT LoRA, rank = number of features); ", check=projection.check_network),
 )}
 
-MethodName = Literal["instability", "random", "bias_gradient", "feature_effect", "random_features", "dense", "lora",
-                     "sae_clamp", "steering_vector", "feature_projection"]
-"""The `model.edit.method` choices: the keys of `METHODS` (a test keeps the two equal)."""
+MethodName = str
+"""A `model.edit.method`: a key of `METHODS`, checked against the live table when a config is parsed
+(`check_name`), so a method registered later is as valid as a shipped one."""
+
+
+def register(method: Method) -> Method:
+    """Add `method` to the table (refuses a name taken, so no entry is overwritten); returns it."""
+    if method.name in METHODS or method.name in GRID_VARIANTS:
+        raise ValueError(f"method {method.name!r} is already registered; choose another name")
+    METHODS[method.name] = method
+    return method
+
+
+def check_name(name: object, flag: str = "model.edit.method") -> str | None:
+    """The one-line problem with a method name (None: it is registered), listing the known methods."""
+    if isinstance(name, str) and name in METHODS:
+        return None
+    return f"{flag} must be one of the registered methods {list(METHODS)}, got {name!r}"
 
 
 @dataclass(frozen=True)
@@ -103,12 +122,11 @@ def grid_layers(name: str, sae_layer: int, total: int) -> list[int] | None:
 
 
 def check_network(name: str, net, site, parameter: str, args) -> None:
-    """Refuse, before any SAE build or mask, what method `name` cannot do on this network: a LoRA rank that does not
-    fit W_out, a `feature_projection` hook that is not W_out's output."""
-    if name == "lora":
-        lora.check_lora_rank(args.lora_rank, tuple(net.get_parameter(parameter).shape))
-    if name == "feature_projection":
-        projection.check_site(net, site, parameter)
+    """Refuse, before any SAE build or mask, what method `name` cannot do on this network (its `Method.check`: e.g.
+    a LoRA rank that does not fit W_out, a `feature_projection` hook that is not W_out's output)."""
+    check = get(name).check
+    if check is not None:
+        check(net, site, parameter, args)
 
 
 def get(name: str) -> Method:

@@ -1,98 +1,28 @@
-"""A sparse, trainable delta on the masked entries of one weight (or of several: a `JointMask`), and the frozen record
-of the edit.
+"""A sparse, trainable delta on the masked entries of one weight (or of several: a `JointMask`).
 
 `nn.Linear` weights carry the delta with peft's Super-Tuning tuner (frozen base weight + flat `values` at flat
 `indices`), so the edit saves as an ordinary PEFT adapter. peft refuses GPT-2's `Conv1D` (its weight is stored
-`[in, out]`), so `SparseConv1D` (`debias.edits.sparse_layers`) is a small fallback with the same interface.
+`[in, out]`), so `SparseConv1D` (`debias.edits.sparse_layers`) is a small fallback with the same interface. What the
+edit changed is its `record()` (`debias.edits.record`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from debias.edits.base import ADAPTER, WeightEdit
 from debias.edits.joint import compute_joint_mask
 from debias.edits.mask import InstabilityMask, JointMask, Mask, compute_mask, full_mask, load_masks_for
+from debias.edits.record import EditRecord, MatrixDelta, apply_delta
 from debias.edits.sources import source_gradients, use_random_features
-from debias.edits.sparse_layers import ADAPTER, SparseConv1D, attach_supertuning
+from debias.edits.sparse_layers import SparseConv1D, attach_supertuning
 
-
-@dataclass(frozen=True)
-class EditRecord:
-    """The whole edit of one matrix: `weight.flatten()[indices] += values`.
-
-    `delta.safetensors` of one matrix: tensors `indices` ([k] int64 flat positions) and `values` ([k] float32),
-    metadata `parameter` and `shape` (JSON). Of several (`save_records`): tensors `indices.<parameter>` and
-    `values.<parameter>` per matrix, metadata `parameters` (JSON list) and `shapes` (JSON object: parameter -> shape).
-    """
-
-    parameter: str
-    shape: tuple[int, ...]
-    indices: torch.Tensor  # [k] int64 flat positions
-    values: torch.Tensor  # [k] float32
-
-    def save(self, path: str | Path) -> None:
-        save_file({"indices": self.indices.to(torch.int64).contiguous(), "values": self.values.float().contiguous()},
-                  str(path), metadata={"parameter": self.parameter, "shape": json.dumps(list(self.shape))})
-
-    @classmethod
-    def load(cls, path: str | Path) -> EditRecord:
-        """A one-matrix file (`load_records` reads either kind)."""
-        (record, *more) = load_records(path)
-        if more:
-            raise ValueError(f"{path} holds the edit of {len(more) + 1} matrices; read it with load_records")
-        return record
-
-
-def save_records(records: Sequence[EditRecord], path: str | Path) -> None:
-    """Write the edit of one matrix in the one-matrix layout, of several in the multi-matrix one (`EditRecord`)."""
-    if len(records) == 1:
-        records[0].save(path)
-        return
-    tensors = {}
-    for r in records:
-        tensors[f"indices.{r.parameter}"] = r.indices.to(torch.int64).contiguous()
-        tensors[f"values.{r.parameter}"] = r.values.float().contiguous()
-    meta = {"parameters": json.dumps([r.parameter for r in records]),
-            "shapes": json.dumps({r.parameter: list(r.shape) for r in records})}
-    save_file(tensors, str(path), metadata=meta)
-
-
-def load_records(path: str | Path) -> list[EditRecord]:
-    """The matrices' edits in a `delta.safetensors` of either layout."""
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
-    if "parameters" not in meta:
-        return [EditRecord(meta["parameter"], tuple(json.loads(meta["shape"])), tensors["indices"], tensors["values"])]
-    shapes = json.loads(meta["shapes"])
-    return [EditRecord(name, tuple(shapes[name]), tensors[f"indices.{name}"], tensors[f"values.{name}"])
-            for name in json.loads(meta["parameters"])]
-
-
-def apply_delta(model: nn.Module, path: str | Path) -> nn.Module:
-    """Add a saved `delta.safetensors` (one matrix or several) to `model`'s weights in place (no peft needed); every
-    shape is checked before any weight changes. Returns the model."""
-    records = load_records(path)
-    for record in records:
-        weight = model.get_parameter(record.parameter)
-        if tuple(weight.shape) != record.shape:
-            raise ValueError(f"delta is for {record.parameter} of shape {record.shape}, model has "
-                             f"{tuple(weight.shape)}")
-    with torch.no_grad():
-        for record in records:
-            weight = model.get_parameter(record.parameter)
-            weight.view(-1).index_add_(0, record.indices.to(weight.device), record.values.to(weight))
-    return model
+__all__ = ["EditRecord", "MatrixDelta", "SparseDelta", "apply_delta", "build_dense", "build_masked"]
 
 
 def _hold_fillers(k: int):
@@ -106,12 +36,15 @@ def _hold_fillers(k: int):
     return hook
 
 
-class SparseDelta:
+class SparseDelta(WeightEdit):
     """Attach a trainable sparse delta at `mask`'s entries of `model` (each matrix of a `JointMask`: one layer per
-    matrix); everything else stays frozen. The entries of a matrix are trained in that layer's value slots 0..k-1."""
+    matrix); everything else stays frozen. The entries of a matrix are trained in that layer's value slots 0..k-1.
+    `dense`: the mask is every entry (`build_dense`), so the edit ships as merged weights only (no mask, delta or
+    adapter files)."""
 
-    def __init__(self, model: nn.Module, mask: Mask):
-        self.mask = mask
+    def __init__(self, model: nn.Module, mask: Mask, dense: bool = False):
+        self.mask: Mask | None = mask
+        self.saves_delta = not dense
         self.masks: list[InstabilityMask] = list(mask.parts) if isinstance(mask, JointMask) else [mask]
         names = [m.parameter.removesuffix(".weight") for m in self.masks]
         bases = [model.get_submodule(name) for name in names]
@@ -122,21 +55,18 @@ class SparseDelta:
             raise TypeError(f"{[m.parameter for m in self.masks]} mix nn.Linear and Conv1D layers; one kind only")
         for p in model.parameters():
             p.requires_grad_(False)
-        self.peft_model: Any = None
+        self.features = tuple(self.masks[0].features)
         self.layers: list[Any]  # peft's Super-Tuning Linear, or SparseConv1D, one per matrix
-        self._saved: list[torch.Tensor] | None = None
         if isinstance(bases[0], nn.Linear):
             self.peft_model = attach_supertuning(model, self.masks)
             self.layers = [self.peft_model.base_model.model.get_submodule(name) for name in names]
             self.slots: list[nn.Parameter] = [layer.supertuning_values[ADAPTER] for layer in self.layers]
-            self._where = [layer.supertuning_indices[ADAPTER].to(torch.int64) for layer in self.layers]
         else:
             self.layers = [SparseConv1D(base, m.indices) for base, m in zip(bases, self.masks, strict=True)]
             for name, layer in zip(names, self.layers, strict=True):
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, layer)
             self.slots = [layer.values for layer in self.layers]
-            self._where = [m.indices for m in self.masks]
         for m, slot in zip(self.masks, self.slots, strict=True):
             if slot.numel() > m.k:
                 slot.register_hook(_hold_fillers(m.k))
@@ -155,7 +85,7 @@ class SparseDelta:
     def _only(self, what: str) -> int:
         if len(self.masks) != 1:
             raise AttributeError(f"{what}: this delta spans {len(self.masks)} matrices; ask per matrix "
-                                 "(values_of, base_layers, records)")
+                                 "(values_of, base_layers, record)")
         return 0
 
     def _key(self, kind: str, mask: InstabilityMask) -> str:
@@ -181,9 +111,9 @@ class SparseDelta:
         return list(self.slots)
 
     def changed_parameters(self) -> int:
-        return self.mask.k
+        return sum(m.k for m in self.masks)
 
-    def nonzero_values(self) -> int:
+    def changed_entries(self) -> int:
         """How many of the k trained values are not 0 (the entries the edit changed)."""
         return sum(int((self.values_of(m.parameter) != 0).sum()) for m in self.masks)
 
@@ -214,31 +144,40 @@ class SparseDelta:
                 slot.zero_()
                 slot[: m.k].copy_(state[self._key("values", m)].to(slot))
 
-    def merge(self) -> None:
-        """Fold the delta into the base weights (the adapter then runs the plain layers)."""
-        self._saved = []
-        for layer, where in zip(self.layers, self._where, strict=True):
-            flat = layer.base_layer.weight.data.view(-1)
-            self._saved.append(flat[where.to(flat.device)].clone())
-            layer.merge()
-
-    def unmerge(self) -> None:
-        """Undo `merge` bit-exactly: (w + v) − v is not always w in floating point, so restore the saved entries."""
+    def _merge_layers(self) -> None:
         for layer in self.layers:
-            layer.unmerge()
-        if self._saved is not None:
-            for layer, where, saved in zip(self.layers, self._where, self._saved, strict=True):
-                flat = layer.base_layer.weight.data.view(-1)
-                flat[where.to(flat.device)] = saved
-            self._saved = None
+            layer.merge(safe_merge=True, adapter_names=[ADAPTER])
 
-    def records(self) -> list[EditRecord]:
-        """The edit of each matrix (`save_records` writes them as `delta.safetensors`)."""
-        return [EditRecord(m.parameter, m.shape, m.indices.clone(), self.values_of(m.parameter).detach().float().cpu()
-                           .clone()) for m in self.masks]
+    def _unmerge_layers(self) -> None:
+        for layer in self.layers:
+            if layer.merged:
+                layer.unmerge()
+
+    def save_adapter(self, directory, base_model: str) -> bool:
+        """The Super-Tuning adapter (`nn.Linear` layers; none for `Conv1D`, nor for a dense edit: every entry)."""
+        return self.saves_delta and super().save_adapter(directory, base_model)
+
+    @contextlib.contextmanager
+    def scaled(self, alpha: float) -> Iterator[None]:
+        """Every trained value × α, so the weight is W + α·Δ; the values are put back after."""
+        if self.merged:
+            raise RuntimeError("the sparse delta is merged into W_out; unmerge() before scaling it")
+        saved = [slot.detach().clone() for slot in self.slots]
+        try:
+            with torch.no_grad():
+                for slot in self.slots:
+                    slot.mul_(alpha)
+            yield
+        finally:
+            with torch.no_grad():
+                for slot, values in zip(self.slots, saved, strict=True):
+                    slot.copy_(values)
 
     def record(self) -> EditRecord:
-        return self.records()[self._only("record")]
+        """The k trained values of each matrix at its mask's indices, exactly."""
+        return EditRecord(tuple(MatrixDelta(m.parameter, m.shape, m.indices.clone(),
+                                            self.values_of(m.parameter).detach().float().cpu().clone())
+                                for m in self.masks), tuple(self.features))
 
     def base_layers(self) -> dict[str, nn.Module]:
         """{edited parameter: the plain layer that holds it}."""
@@ -283,4 +222,4 @@ def build_masked(ctx, source: str) -> SparseDelta:
 def build_dense(ctx) -> SparseDelta:
     """`dense`: the sparse delta with every entry of W_out in its mask."""
     meta = ctx.mask_meta()
-    return SparseDelta(ctx.net, full_mask(ctx.net, meta.pop("parameter"), **meta))
+    return SparseDelta(ctx.net, full_mask(ctx.net, meta.pop("parameter"), **meta), dense=True)

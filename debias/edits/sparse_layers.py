@@ -11,9 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from debias.edits.base import ADAPTER
 from debias.edits.mask import InstabilityMask
 
-ADAPTER = "default"
+__all__ = ["ADAPTER", "SparseConv1D", "attach_supertuning"]
+
 
 
 class SparseConv1D(nn.Module):
@@ -39,7 +41,8 @@ class SparseConv1D(nn.Module):
         out = torch.addmm(self.base_layer.bias, x.reshape(-1, x.shape[-1]), weight)
         return out.reshape(*x.shape[:-1], weight.shape[-1])
 
-    def merge(self) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold the values into the weight (peft's layer signature; `SparseDelta` checks the result is finite)."""
         if not self.merged:
             weight = self.base_layer.weight.data
             weight.view(-1).scatter_add_(0, self.indices, self.values.data.to(weight))

@@ -79,7 +79,7 @@ def _attach(module, data, cell: Cell, out: Path, shared: Shared) -> dict:
     before = shared.before if shared.before is not None else evaluate_original(module, data)[0]
     report = {"before": before, "after": evaluate_model(module, data, edited=True),
               "completions": completions(module, data), "steps": 0,
-              "intervention": module.delta.intervention.describe(),
+              "intervention": module.delta.describe(),
               "checkpoint": "none: an inference-time intervention (a forward hook) cannot become a plain "
                             "checkpoint; evaluated in-process"}
     (out / cell.name).mkdir(parents=True, exist_ok=True)

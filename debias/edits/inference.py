@@ -1,0 +1,98 @@
+"""The edit of an inference-time method (`sae_clamp`, `steering_vector`): an intervention (`debias.edits.
+interventions`) held on the network by a forward hook. No weight changes, so it is never merged into a checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from debias.edits.base import at_strength
+from debias.edits.interventions import Intervention, SAEClamp, SteeringVector, check_two_groups, fit_steering_vector
+from debias.edits.record import EditRecord
+
+if TYPE_CHECKING:
+    from debias.edits.mask import Mask
+
+
+class InferenceEdit:
+    """`intervention` applied to every forward of `model` until `disabled()`; `features`: the SAE features it acts
+    on (none for a steering vector)."""
+
+    mask: Mask | None = None
+    saves_delta = False
+    merged = False  # nothing to merge: see `merge`
+
+    def __init__(self, model: nn.Module, intervention: Intervention, features: tuple[int, ...] = ()):
+        self.model, self.intervention, self.features = model, intervention, tuple(int(f) for f in features)
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(intervention.applied(model))
+
+    @contextlib.contextmanager
+    def disabled(self):
+        self._stack.close()
+        try:
+            yield
+        finally:
+            self._stack = contextlib.ExitStack()
+            self._stack.enter_context(self.intervention.applied(self.model))
+
+    def parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def changed_parameters(self) -> int:
+        return 0
+
+    def changed_entries(self) -> int:
+        return 0
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.intervention.method} has no trainable state; the checkpoint holds "
+                             f"{sorted(state)[:4]}")
+
+    def base_layers(self) -> dict[str, nn.Module]:
+        return {}
+
+    def merge(self) -> None:
+        raise TypeError(f"{type(self.intervention).__name__} is an inference-time intervention (a forward hook): "
+                        "it changes no weight and cannot become a plain checkpoint")
+
+    unmerge = merge
+
+    def scaled(self, alpha: float) -> contextlib.AbstractContextManager:
+        """The intervention at α times its strength (`SAEClamp`: acts + s·(clamped − acts); `SteeringVector`:
+        s · alpha · v)."""
+        return at_strength(lambda: self.intervention.strength, self.intervention.set_strength, alpha)
+
+    def record(self) -> EditRecord:
+        """No weight changed; the features it acts on."""
+        return EditRecord((), self.features)
+
+    def save_adapter(self, directory: Path, base_model: str) -> bool:
+        return False
+
+    def describe(self) -> dict:
+        """The intervention's method and parameters (JSON-serialisable), for reports."""
+        return self.intervention.describe()
+
+
+def build_clamp(ctx) -> InferenceEdit:
+    """`sae_clamp`: the run's features held at `clamp_value` through the SAE, error term kept."""
+    return InferenceEdit(ctx.net, SAEClamp(ctx.sae, ctx.site, ctx.features, ctx.args.clamp_value), ctx.features)
+
+
+def build_steering(ctx) -> InferenceEdit:
+    """`steering_vector`: `steering_alpha` · v at the hook, v fitted on the train profession prompts (first vs
+    second group; the run's bias must have two groups)."""
+    check_two_groups(ctx.bias)
+    first, second = ctx.gap_prompts()[:2]
+    vector = fit_steering_vector(ctx.net, ctx.tokenizer, ctx.site, first, second, kind=ctx.args.steering_kind,
+                                 batch_size=ctx.eval_batch_size, max_length=ctx.max_length)
+    return InferenceEdit(ctx.net, SteeringVector(ctx.site, vector, ctx.args.steering_alpha))
