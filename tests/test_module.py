@@ -161,7 +161,7 @@ def _logits(module, text="My sister, a carpenter, said that"):
         return module.eval()(module.tokenize([text]))
 
 
-def test_load_from_checkpoint_rebuilds_the_edit_without_the_data(tmp_path):
+def test_load_from_checkpoint_rebuilds_the_edit_without_the_data(tmp_path, recwarn):
     """Features chosen at fit time, the mask, groups and targets come back from the checkpoint alone."""
     from debias.training.module import DebiasModule
 
@@ -169,7 +169,9 @@ def test_load_from_checkpoint_rebuilds_the_edit_without_the_data(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=4)
     trainer.fit(module, datamodule=make_data())
     trainer.save_checkpoint(tmp_path / "fit.ckpt")
+    recwarn.clear()
     reloaded = DebiasModule.load_from_checkpoint(tmp_path / "fit.ckpt", weights_only=True)
+    assert not [w for w in recwarn if "not in the checkpoint" in str(w.message)]  # the frozen net is not saved
     assert reloaded.features == module.features and reloaded.feature_selection == module.feature_selection
     assert (reloaded.groups, reloaded.targets, reloaded.bias_spec) == (module.groups, module.targets, "gender")
     assert torch.equal(reloaded.mask.indices, module.mask.indices) and reloaded.k == module.k

@@ -285,6 +285,9 @@ class DebiasModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.load_edit_state(checkpoint, source="the checkpoint")
+        # The frozen network is the base model's, loaded by __init__, not the checkpoint's: its own weights stand in
+        # for it, so Lightning's load_state_dict finds every key and warns of none missing.
+        checkpoint["state_dict"] = {**self.state_dict(), **checkpoint.get("state_dict", {})}
 
     def load_edit_state(self, checkpoint: dict, source: str) -> None:
         """Restore a checkpoint's edit (rebuilt from its record when `prepare` has not run); refuses one without a
