@@ -267,6 +267,10 @@ def test_a_datamodule_missing_protocol_members_is_named():
     with pytest.raises(TypeError, match=r"^Partial is not a DebiasData \(debias.training.protocol\): it lacks bias, "
                                         r"prompt_dir, eval_batch_size, require_items, gap_texts, val_sets$"):
         make_module().prepare(Partial())
+    from debias.training.protocol import check_data
+
+    with pytest.raises(TypeError, match=r"call Trainer.fit\(module, datamodule=...\)"):
+        check_data(None)
 
 
 def test_validation_metrics_is_exported():

@@ -114,7 +114,7 @@ class DebiasModule(LightningModule):
         return real_token_mask(batch["input_ids"], batch["attention_mask"], self.tokenizer.bos_token_id)
 
     def setup(self, stage: str) -> None:
-        self.prepare(getattr(self.trainer, "datamodule", None))  # set by Trainer.fit(datamodule=...)
+        self.prepare(check_data(getattr(self.trainer, "datamodule", None)))  # set by Trainer.fit(datamodule=...)
 
     def prepare(self, datamodule: DebiasData) -> None:
         """Build the SAE if needed, choose features, build the method's edit from `datamodule`'s train texts and

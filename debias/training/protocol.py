@@ -1,7 +1,9 @@
 """`DebiasData`: what `DebiasModule` reads from the DataModule it trains beside (`DebiasDataModule` is one).
 
 Any `LightningDataModule` with these members works with `Trainer.fit(module, datamodule=...)`; the module checks
-them in `setup` and names what is missing. Texts are raw strings (no chat template); the module tokenises them.
+them in `setup` and names what is missing, so each must exist before `setup` (the containers empty). Texts are raw
+strings (no chat template); the module tokenises them. `ValidationMetrics` and the held-out evaluation
+(`debias.evaluation`) read more: `DebiasDataModule`'s arguments (`hparams`) and its held-out sets (`loaders`).
 """
 
 from __future__ import annotations
