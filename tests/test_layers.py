@@ -18,7 +18,8 @@ LAYERS = [
     ("debias.edits",),
     ("debias.training",),
     ("debias.evaluation",),
-    ("debias.callbacks", "debias.export", "debias.plots", "debias.dashboards"),
+    ("debias.callbacks", "debias.export", "debias.model_card", "debias.harness", "debias.plots",
+     "debias.dashboards"),
     ("debias.commands",),
     ("debias",),  # the public API re-exports from every layer
 ]
