@@ -208,10 +208,11 @@ class ReportAndExport(Callback):
         self.clock = time.perf_counter()  # the module's own setup (SAE, features, mask) runs after this hook
         from debias.edits.registry import get as method_of
 
-        no_sae = method_of(pl_module.edit_args.method).mask_from in ("bias", "all")
+        method = getattr(getattr(pl_module, "edit_args", None), "method", None)  # tests call hooks with no module
+        no_sae = method is not None and method_of(method).mask_from in ("bias", "all")
         if self.dashboards and no_sae:
-            raise ValueError(f"export.dashboards is true, but method {pl_module.edit_args.method!r} chooses no SAE "
-                             "latents to show; set export.dashboards false")
+            raise ValueError(f"export.dashboards is true, but method {method!r} chooses no SAE latents to show; set "
+                             "export.dashboards false")
         self.dashboards = self.plots and (self.dashboards if self.dashboards is not None else not no_sae)
         if self.suites:
             from debias.evaluation.evaluate import suite_domain
@@ -282,26 +283,16 @@ class ReportAndExport(Callback):
                 if self.plots:
                     print(f"plots in {self.write_plots(trainer, pl_module, path.parent / 'report.png')}")
                     if self.dashboards:
-                        print(f"dashboards in {self.write_dashboards(trainer, pl_module, path.parent)}")
+                        from debias.dashboards import write_for_module
+
+                        texts = list(datamodule_of(trainer).texts["bias_heldout"])
+                        print(f"dashboards in {write_for_module(pl_module, texts, path.parent, self.dashboard_tokens)}")
                     self._lap("plots")
         self.timings["total"] = sum(self.timings.values())
         if trainer.is_global_zero:
             if self.export_dir:
                 record_timings(self.exported / "debias" / "report.json", self.timings)
             print(f"debias: timings: {format_timings(self.timings, self.before_source)}", flush=True)
-
-    def write_dashboards(self, trainer: Trainer, pl_module: Any, folder: Path) -> Path:
-        from debias import dashboards
-
-        texts = list(datamodule_of(trainer).texts["bias_heldout"])
-        where = (pl_module.net, pl_module.tokenizer, pl_module.sae, pl_module.site)
-        with pl_module.delta.disabled():
-            before = dashboards.heldout_means(*where, texts)
-        title = f"{pl_module.model_id}: {pl_module.edit_args.method} edit of {pl_module.parameter}"
-        page = dashboards.build_page(*where, pl_module.features, texts, before, dashboards.heldout_means(*where, texts),
-                                     title, self.dashboard_tokens, release=pl_module.sae_args.spec,
-                                     sae_id=pl_module.sae_args.sae_id)
-        return dashboards.write_page(page, folder / dashboards.FILENAME)
 
     def write_plots(self, trainer: Trainer, pl_module: Any, out: Path) -> Path:
         from debias.plots import heldout_feature_acts, read_metrics_csv, report_figure

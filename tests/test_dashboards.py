@@ -20,7 +20,7 @@ from debias.dashboards.contexts import Context, corpus_view
 from debias.dashboards.logits import decoder_logits, logit_effects
 from debias.models import hooks
 from debias.models.tiny import tiny_model, tiny_sae, tiny_tokenizer
-from debias.prompts import load_gap_prompts
+from debias.prompts import default_prompt_dir, load_gap_prompts
 
 HOOK = "blocks.1.hook_mlp_out"
 CHOSEN = [3, 4]
@@ -258,9 +258,13 @@ def test_fit_and_features_write_the_page(tmp_path, capsys):
     assert all(set(parts) == set(PARTS) for parts in boards.values())
     assert "dashboards in" in capsys.readouterr().out
 
-    out = tmp_path / "features"
+    out, prompts = tmp_path / "features", tmp_path / "prompts"
+    prompts.mkdir()
+    for path in default_prompt_dir().glob("*.txt"):  # four lines of each file: a quick selection
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        (prompts / path.name).write_text("\n".join(lines[:4]) + "\n")
     features_command("tiny-llama", sae=f"tiny:{HOOK}", n=2, n_select=1, out=str(out), corpus_passages=0,
-                     dashboard_tokens=512, edited=str(tmp_path / "run" / "export"))
+                     dashboard_tokens=512, edited=str(tmp_path / "run" / "export"), prompt_dir=str(prompts))
     report = json.loads((tmp_path / "run" / "export" / "debias" / "report.json").read_text())
     again = Sections((out / dashboards.FILENAME).read_text()).boards
     assert list(again)[0] == report["features"][0] and len(again) == 11

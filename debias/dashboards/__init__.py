@@ -22,7 +22,8 @@ from debias.dashboards.page import render
 
 FILENAME = "dashboards.html"
 
-__all__ = ["DEFAULT_TOKENS", "FILENAME", "Page", "build_page", "heldout_means", "render", "write_page"]
+__all__ = ["DEFAULT_TOKENS", "FILENAME", "Page", "build_page", "heldout_means", "render", "write_for_module",
+           "write_page"]
 
 
 def write_page(page: Page, path: str | Path) -> Path:
@@ -32,3 +33,15 @@ def write_page(page: Page, path: str | Path) -> Path:
     path = Path(path)
     atomic_write(path, render(page))
     return path
+
+
+def write_for_module(module, texts: list[str], folder: str | Path, n_tokens: int = DEFAULT_TOKENS) -> Path:
+    """`folder/dashboards.html` for a prepared `DebiasModule`: its chosen features and the latents its edit moved
+    most on `texts` (the held-out bias prompts), before = the same network with the edit disabled."""
+    where = (module.net, module.tokenizer, module.sae, module.site)
+    with module.delta.disabled():
+        before = heldout_means(*where, texts)
+    page = build_page(*where, module.features, texts, before, heldout_means(*where, texts),
+                      f"{module.model_id}: {module.edit_args.method} edit of {module.parameter}", n_tokens,
+                      release=module.sae_args.spec, sae_id=module.sae_args.sae_id)
+    return write_page(page, Path(folder) / FILENAME)
