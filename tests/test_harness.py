@@ -144,9 +144,11 @@ def test_steer_files_that_cannot_be_written_are_refused(loaded, tmp_path):
         steer_entries(object(), model)
     with pytest.raises(ValueError, match=r"\.pt or \.pth"):
         write_steer_file(SteeringVector(site, torch.ones(32), 1.0), model, tmp_path / "steer.safetensors")
+    with pytest.raises(ValueError, match="steering vector has dimension 4"):
+        steer_entries(SteeringVector(site, torch.ones(4), 1.0), model)
     mlp_in = hooks.resolve_hook(model, "blocks.1.mlp.hook_post")  # an input, and not the output of any module
     with pytest.raises(ValueError, match="edits module outputs"):
-        steer_entries(SteeringVector(mlp_in, torch.ones(4), 1.0), model)
+        steer_entries(SteeringVector(mlp_in, torch.ones(model.config.intermediate_size), 1.0), model)
     (tmp_path / "other.pt").write_bytes(b"not a pickle")
     with pytest.raises(Exception):  # noqa: B017 - torch's own unpickling error
         load_steer_file(tmp_path / "other.pt")

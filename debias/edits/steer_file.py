@@ -78,6 +78,7 @@ def hookpoint(model, site) -> str:
 def steer_entries(edit, model) -> dict[str, dict]:
     """{hookpoint: entry} in the harness's format for `edit` on `model` (the HF model it hooks)."""
     found = intervention_of(edit)
+    found.check(model)  # the vector / SAE fits the hooked tensor, as when debias applies it
     meta = {**found.describe(), "strength": float(found.strength)}
     if isinstance(found, SteeringVector):
         shift = (found.strength * found.alpha) * found.vector.float()  # the tensor SteeringVector.fn adds
