@@ -257,6 +257,9 @@ def test_fit_and_features_write_the_page(tmp_path, capsys):
     assert list(boards)[0] == 3 and len(boards) == 11  # the chosen feature and the ten the edit moved most
     assert all(set(parts) == set(PARTS) for parts in boards.values())
     assert "dashboards in" in capsys.readouterr().out
+    report = json.loads((tmp_path / "run" / "export" / "debias" / "report.json").read_text())
+    held = boards[3]["heldout"]["#text"]  # the report's feature_act, read the same way (real tokens, same cut)
+    assert f"{report['before']['feature_act']:.4g}" in held and f"{report['after']['feature_act']:.4g}" in held
 
     out, prompts = tmp_path / "features", tmp_path / "prompts"
     prompts.mkdir()
@@ -265,7 +268,6 @@ def test_fit_and_features_write_the_page(tmp_path, capsys):
         (prompts / path.name).write_text("\n".join(lines[:4]) + "\n")
     features_command("tiny-llama", sae=f"tiny:{HOOK}", n=2, n_select=1, out=str(out), corpus_passages=0,
                      dashboard_tokens=512, edited=str(tmp_path / "run" / "export"), prompt_dir=str(prompts))
-    report = json.loads((tmp_path / "run" / "export" / "debias" / "report.json").read_text())
     again = Sections((out / dashboards.FILENAME).read_text()).boards
     assert list(again)[0] == report["features"][0] and len(again) == 11
     assert "after" in again[3]["heldout"]["#text"]

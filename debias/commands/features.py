@@ -164,14 +164,16 @@ def _dashboards(loaded, sae_module, site, features: list[int], texts: list[str],
     from debias.models.load import load_model
 
     where = (loaded.model, loaded.tokenizer, sae_module, site)
-    before, after, title = dashboards.heldout_means(*where, texts, batch_size), None, f"{loaded.model_id} · SAE latents"
+    cut = (report or {}).get("config", {}).get("train", {}).get("max_length", 64)  # the report's own cut
+    before, after = dashboards.heldout_means(*where, texts, batch_size, cut), None
+    title = f"{loaded.model_id} · SAE latents"
     if edited is not None and report is not None:
         if (report.get("hook_name"), report.get("base_model_spec")) != (site.hook_name, loaded.model_id):
             raise ValueError(f"--edited {edited!r} edits {report.get('base_model_spec')!r} at "
                              f"{report.get('hook_name')!r}; expected {loaded.model_id!r} at {site.hook_name!r}")
         model = load_model(edited).model
         after = dashboards.heldout_means(model, loaded.tokenizer, sae_module, hooks.resolve_hook(model, site.hook_name),
-                                         texts, batch_size)
+                                         texts, batch_size, cut)
         features, title = report["features"], f"{loaded.model_id} · {report.get('method')} edit ({edited})"
     page = dashboards.build_page(*where, features, texts, before, after, title, n_tokens, release=release,
                                  sae_id=sae_id)

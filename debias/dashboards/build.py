@@ -39,9 +39,12 @@ class Page:
     dashboards: list[Dashboard]
 
 
-def heldout_means(model, tokenizer, sae, site: hooks.HookSite, texts: list[str], batch_size: int = 16) -> torch.Tensor:
-    """[d_sae] mean activation of every latent over the real tokens of `texts` (the held-out bias prompts)."""
-    return activation_stats(model, tokenizer, sae, site, texts, batch_size=batch_size)["mean_act"]
+def heldout_means(model, tokenizer, sae, site: hooks.HookSite, texts: list[str], batch_size: int = 16,
+                  max_length: int = 64) -> torch.Tensor:
+    """[d_sae] mean activation of every latent over the real tokens of `texts` (the held-out bias prompts), each
+    cut at `max_length` tokens (a run's `model.train.max_length` gives the report's `feature_act`)."""
+    stats = activation_stats(model, tokenizer, sae, site, texts, batch_size=batch_size, max_length=max_length)
+    return stats["mean_act"]
 
 
 def moved_most(before: torch.Tensor, after: torch.Tensor, exclude: list[int], n: int = 10) -> list[int]:
