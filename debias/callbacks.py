@@ -187,8 +187,8 @@ class ReportAndExport(Callback):
             completions: held-out prompts greedily completed (32 tokens) before and after, for the report.
             plots: write `report.png` beside the export.
             dashboards: with `plots`, also `dashboards.html` (`debias.dashboards`): the chosen latents' and the ten
-                most moved latents' dashboards; None: unless the method's edit is not chosen from SAE latents
-                (`bias_gradient`, `dense`).
+                most moved latents' dashboards; None: unless the run uses no SAE (`bias_gradient` or `dense` with
+                no feature or ablation term).
             dashboard_tokens: corpus tokens the dashboards read (top contexts, histograms).
         """
         self.export_dir = export_dir
@@ -209,10 +209,12 @@ class ReportAndExport(Callback):
         from debias.edits.registry import get as method_of
 
         method = getattr(getattr(pl_module, "edit_args", None), "method", None)  # tests call hooks with no module
-        no_sae = method is not None and method_of(method).mask_from in ("bias", "all")
+        weights: Any = getattr(pl_module, "objective", None)
+        no_sae = (method is not None and method_of(method).mask_from in ("bias", "all")
+                  and not (weights.feature or weights.ablation))  # neither the mask nor the loss reads the SAE
         if self.dashboards and no_sae:
-            raise ValueError(f"export.dashboards is true, but method {method!r} chooses no SAE latents to show; set "
-                             "export.dashboards false")
+            raise ValueError(f"export.dashboards is true, but this run uses no SAE (method {method!r}, no feature or "
+                             "ablation term): no latents to show; set export.dashboards false")
         self.dashboards = self.plots and (self.dashboards if self.dashboards is not None else not no_sae)
         if self.suites:
             from debias.evaluation.evaluate import suite_domain

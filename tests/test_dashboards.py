@@ -230,15 +230,22 @@ def test_bad_input_gets_a_one_line_error(tiny, tmp_path):
         dashboards.build_page(model, tok, sae, site, [1], ["x"], before, None, "t", n_tokens=10)
     with pytest.raises(ValueError, match=r"export.dashboard_tokens must be >= 128 .*got 5"):
         ReportAndExport(dashboard_tokens=5)
+    def run(method: str, feature: float = 0.0, ablation: float = 0.0):
+        return SimpleNamespace(edit_args=SimpleNamespace(method=method),
+                               objective=SimpleNamespace(feature=feature, ablation=ablation))
+
     for method in ("bias_gradient", "dense"):
-        module = SimpleNamespace(edit_args=SimpleNamespace(method=method))
-        with pytest.raises(ValueError, match=f"method '{method}' chooses no SAE latents"):
-            ReportAndExport(export_dir=None, dashboards=True).setup(None, module, "fit")
-        quiet = ReportAndExport(export_dir=None)  # the default: off for such a method, no error
-        quiet.setup(None, module, "fit")
+        with pytest.raises(ValueError, match=f"this run uses no SAE \\(method '{method}', no feature or ablation"):
+            ReportAndExport(export_dir=None, dashboards=True).setup(None, run(method), "fit")
+        quiet = ReportAndExport(export_dir=None)  # the default: off for such a run, no error
+        quiet.setup(None, run(method), "fit")
         assert quiet.dashboards is False
+        for weights in ({"feature": 1.0}, {"ablation": 0.5}):  # the default config: bias_gradient + feature term
+            shown = ReportAndExport(export_dir=None)
+            shown.setup(None, run(method, **weights), "fit")
+            assert shown.dashboards is True
     on = ReportAndExport(export_dir=None, plots=False)
-    on.setup(None, SimpleNamespace(edit_args=SimpleNamespace(method="instability")), "fit")
+    on.setup(None, run("instability", feature=1.0), "fit")
     assert on.dashboards is False  # the page goes beside report.png: no plots, no page
 
 
