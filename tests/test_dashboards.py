@@ -278,6 +278,8 @@ def test_fit_and_features_write_the_page(tmp_path, capsys):
     again = Sections((out / dashboards.FILENAME).read_text()).boards
     assert list(again)[0] == report["features"][0] and len(again) == 11
     assert "after" in again[3]["heldout"]["#text"]
+    for part in ("contexts", "histogram", "logits"):  # both describe the original model: fit reads it edit disabled
+        assert again[3][part] == boards[3][part], part
     with pytest.raises(FileNotFoundError, match="not an export of `debias fit`"):
         features_command("tiny-llama", sae=f"tiny:{HOOK}", out=str(out), edited=str(tmp_path))
 

@@ -37,11 +37,12 @@ def write_page(page: Page, path: str | Path) -> Path:
 
 def write_for_module(module, texts: list[str], folder: str | Path, n_tokens: int = DEFAULT_TOKENS) -> Path:
     """`folder/dashboards.html` for a prepared `DebiasModule`: its chosen features and the latents its edit moved
-    most on `texts` (the held-out bias prompts), before = the same network with the edit disabled."""
+    most on `texts` (the held-out bias prompts); "before", and the corpus contexts and histograms, come from the
+    same network with the edit disabled (the model the SAE describes)."""
     where, cut = (module.net, module.tokenizer, module.sae, module.site), module.train_args.max_length
+    after = heldout_means(*where, texts, max_length=cut)
     with module.delta.disabled():
-        before = heldout_means(*where, texts, max_length=cut)
-    page = build_page(*where, module.features, texts, before, heldout_means(*where, texts, max_length=cut),
-                      f"{module.model_id}: {module.edit_args.method} edit of {module.parameter}", n_tokens,
-                      release=module.sae_args.spec, sae_id=module.sae_args.sae_id)
+        page = build_page(*where, module.features, texts, heldout_means(*where, texts, max_length=cut), after,
+                          f"{module.model_id}: {module.edit_args.method} edit of {module.parameter}", n_tokens,
+                          release=module.sae_args.spec, sae_id=module.sae_args.sae_id)
     return write_page(page, Path(folder) / FILENAME)
