@@ -35,6 +35,7 @@ class Method:
     export_files: str = ""  # the model card's list of the edit's own files
     # refuses, before any SAE build or mask, a network the method cannot edit: check(net, site, parameter, args)
     check: Callable[[Any, Any, str, Any], None] | None = None
+    ranked: bool = False  # a low-rank adapter: `debias compare` makes a cell per rank (`--lora_ranks`)
 
 
 _SPARSE_FILES = ("`adapter/` (PEFT, where the layer type has it); `debias/delta.safetensors` (indices + values, "
@@ -58,7 +59,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "salmon", "random_features", _SPARSE_FILES),
     Method("dense", "weight", sparse.build_dense, "every entry of W_out", "tab:purple", "all"),
     Method("lora", "weight", lora.build, "a peft LoRA adapter (rank `lora_rank`)", "tab:green",
-           export_files="`adapter/` (PEFT LoRA); ", check=lora.check_network),
+           export_files="`adapter/` (PEFT LoRA); ", check=lora.check_network, ranked=True),
     Method("sae_clamp", "inference", inference.build_clamp,
            "the features clamped to `clamp_value` at the hook, error term kept", "tab:brown"),
     Method("steering_vector", "inference", inference.build_steering,

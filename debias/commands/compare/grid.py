@@ -112,7 +112,7 @@ def plan(methods: list[str], counts: list[int], default_k: int, seeds: list[int]
             for k in counts:
                 for seed in runs:
                     cells.append(Cell(cell_name(method, k, seed), method, k, seed))
-        elif method == "lora":
+        elif registry.grid_entry(method)[0].ranked:
             cells += [Cell(cell_name(method, seed=s, rank=r), method, seed=s, rank=r) for r in lora_ranks for s in runs]
         elif kind(method) != "inference":
             cells += [Cell(cell_name(method, seed=s), method, seed=s) for s in runs]
@@ -149,13 +149,11 @@ def cell_overrides(cell: Cell, features: list[int], mask_path: Path | None,
 
 def grid_masks(module, datamodule, cells: list[Cell], out: Path) -> dict[str, Path]:
     """Every mask the grid needs, from one feature gradient and one gap gradient (the expensive passes)."""
-    from debias.edits.mask import STRATEGIES, compute_mask, feature_gradient, gap_gradient, mask_from_scores
+    from debias.edits.mask import compute_mask, feature_gradient, gap_gradient
 
     needed = {(c.method, c.k, c.seed) for c in cells if shares_mask(c.method)}
     batches = [module.tokenize(b) for b in datamodule.mask_batches()]
-    net, weight = module.net, module.net.get_parameter(module.parameter).detach().cpu()
-    meta = dict(parameter=module.parameter, layer=module.site.layer, hook_name=module.site.hook_name,
-                features=tuple(module.features), model_id=module.model_id)
+    net = module.net
     grads, source = {}, {m: registry.grid_entry(m)[0].mask_from for m, _, _ in needed}
     if "feature" in source.values():
         grads["feature"] = feature_gradient(net, module.sae, module.site, module.parameter, batches, module.features,
@@ -170,18 +168,17 @@ def grid_masks(module, datamodule, cells: list[Cell], out: Path) -> dict[str, Pa
         mask_from = source[method]
         if k is None:  # `plan` gives every mask cell a k
             raise ValueError(f"grid cell {name}: a mask method needs an entry count k")
-        if mask_from == "random":
-            if seed is None:  # `plan` gives every random cell a seed
-                raise ValueError(f"grid cell {name}: the random mask needs a seed")
-            mask = compute_mask(net, module.sae, module.site, module.parameter, [], module.features, k,
-                                strategy="random", seed=seed, extra={"method": "random"}, model_id=module.model_id)
-        else:
-            if mask_from is None:
-                raise ValueError(f"grid cell {name}: method {method!r} has no mask_from in debias.edits.registry")
-            strategy = registry.grid_entry(method)[1].get("mask_strategy", "gradient")
-            scores = STRATEGIES[strategy](grads[mask_from], weight, 0)
-            mask = mask_from_scores(scores, k, strategy=strategy,
-                                    extra={"method": method, "mask_from": mask_from}, **meta)
+        if mask_from == "random" and seed is None:  # `plan` gives every random cell a seed
+            raise ValueError(f"grid cell {name}: the random mask needs a seed")
+        if mask_from is None or mask_from not in ("random", *grads):
+            raise ValueError(f"grid cell {name}: method {method!r} ranks by {mask_from!r}, not a gradient the grid "
+                             "shares")
+        fixed = registry.grid_entry(method)[1]
+        strategy = "random" if mask_from == "random" else fixed.get("mask_strategy", "gradient")
+        # the one mask builder `debias fit` uses too (`debias.edits.sparse.build_masked`), on the shared gradient
+        mask = compute_mask(net, module.sae, module.site, module.parameter, batches, module.features, k,
+                            strategy=strategy, seed=seed or 0, grad=grads.get(mask_from), progress=False,
+                            extra={"method": method, "mask_from": mask_from}, model_id=module.model_id)
         paths[name] = out / "masks" / f"{name}.safetensors"
         mask.save(paths[name])
     return paths
