@@ -217,6 +217,8 @@ def test_bad_input_gets_a_one_line_error(tiny, tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"templates_heldout.txt \(the dashboards' held-out prompts; --dashboards"):
         features_command("tiny-llama", sae=f"tiny:{HOOK}", prompt_dir=str(tmp_path), out=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="--edited 'x' is shown on the dashboards page; it needs --dashboards true"):
+        features_command("tiny-llama", sae=f"tiny:{HOOK}", dashboards=False, edited="x", out=str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"--dashboard_tokens must be >= 128 \(one corpus window\), got 3"):
         features_command("tiny-llama", sae=f"tiny:{HOOK}", dashboard_tokens=3, out=str(tmp_path / "out"))
 

@@ -105,6 +105,8 @@ def features_command(base_model: str = "smollm2-135m", sae: str | None = None, s
     from debias.models.load import load_model
     from debias.sae.load import check_sae_fits, sae_hook_name
 
+    if edited is not None and not dashboards:
+        raise ValueError(f"--edited {edited!r} is shown on the dashboards page; it needs --dashboards true")
     heldout, report = _dashboard_inputs(prompt_dir, dashboard_tokens, edited) if dashboards else ([], None)
     loaded = load_model(base_model)
     model, tok = loaded.model, loaded.tokenizer

