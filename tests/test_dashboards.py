@@ -228,6 +228,8 @@ def test_bad_input_gets_a_one_line_error(tiny, tmp_path):
         dashboards.build_page(model, tok, None, site, [1], ["x"], before, None, "t")
     with pytest.raises(ValueError, match="at least one chosen latent"):
         dashboards.build_page(model, tok, sae, site, [], ["x"], before, None, "t")
+    with pytest.raises(ValueError, match=r"SAE feature index 64 out of range: the SAE has d_sae=64"):
+        dashboards.build_page(model, tok, sae, site, [1, 64], ["x"], before, None, "t")
     with pytest.raises(ValueError, match="dashboard_tokens must be at least seq_len=128"):
         dashboards.build_page(model, tok, sae, site, [1], ["x"], before, None, "t", n_tokens=10)
     with pytest.raises(ValueError, match=r"export.dashboard_tokens must be >= 128 .*got 5"):

@@ -11,6 +11,7 @@ from debias.dashboards.contexts import DEFAULT_TOKENS, CorpusView, corpus_latent
 from debias.dashboards.logits import LogitEffects, logit_effects
 from debias.features.rank import activation_stats
 from debias.models import hooks
+from debias.sae.load import check_features
 
 NEURONPEDIA = "https://neuronpedia.org"  # sae_lens.analysis.neuronpedia_integration's domain (that module loads .env)
 
@@ -74,12 +75,13 @@ def build_page(model, tokenizer, sae, site: hooks.HookSite, features: list[int],
                n_moved: int = 10, release: str | None = None, sae_id: str | None = None) -> Page:
     """A dashboard for each of `features` and (with `after`) the `n_moved` other latents whose mean activation on
     `texts` (the held-out bias prompts: before / after [d_sae], `heldout_means`) the edit moved most; their corpus
-    view is read from `n_tokens` tokens of the SAE build's corpus."""
+    view is read from `n_tokens` tokens of the project's SAE corpus (`contexts.corpus_latents`)."""
     if sae is None:
         raise ValueError("feature dashboards need an SAE; this run has none")
-    features = [int(f) for f in features]
     if not features:
         raise ValueError("feature dashboards need at least one chosen latent, got none")
+    check_features(sae, list(features))
+    features = [int(f) for f in features]
     moved = moved_most(before, after, features, n_moved) if after is not None else []
     latents = features + moved
     ids, real, z = corpus_latents(model, tokenizer, sae, site, latents, n_tokens)
