@@ -142,10 +142,10 @@ def test_moved_most_excludes_the_chosen_and_the_unmoved():
     assert moved_most(before, after, exclude=[0], n=10) == [1, 4, 2]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
 def test_logit_effects_read_the_direction_through_the_final_norm(family):
     model, tok = tiny_model(family), tiny_tokenizer()
-    norm = model.model.norm if family == "llama" else model.transformer.ln_f
+    norm = model.transformer.ln_f if family == "gpt2" else model.model.norm
     with torch.no_grad():  # a gain far from 1 (and a LayerNorm bias) that a missing fold would show
         norm.weight.copy_(torch.rand(norm.weight.shape, generator=torch.Generator().manual_seed(1)) * 4)
         if getattr(norm, "bias", None) is not None:
@@ -155,6 +155,8 @@ def test_logit_effects_read_the_direction_through_the_final_norm(family):
     if family == "gpt2":  # LayerNorm centres, scales by the std and adds a bias that no direction owns
         d = d - d.mean(-1, keepdim=True)
         folded = d / (d.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt() * norm.weight
+    elif family == "gemma2":  # Gemma's RMSNorm scales by (1 + w)
+        folded = d / (d.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt() * (1 + norm.weight)
     else:
         folded = d / (d.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).sqrt() * norm.weight
     expected = folded @ model.get_output_embeddings().weight.T
@@ -196,8 +198,10 @@ def test_page_is_self_contained(built):
     assert hrefs and all(h.startswith("#latent-") for h in hrefs)  # a project SAE: no Neuronpedia link
 
 
-def test_public_release_latents_link_to_neuronpedia(tiny):
-    model, tok, _, site = tiny
+def test_public_release_latents_link_to_neuronpedia():
+    model, tok = tiny_model("gemma2"), tiny_tokenizer()  # Gemma Scope's path: hook_mlp_out after the post-MLP norm
+    site = hooks.resolve_hook(model, HOOK, tok)
+    assert site.module_name.endswith("post_feedforward_layernorm")
     release, sae_id = "gemma-scope-2b-pt-mlp-canonical", "layer_12/width_16k/canonical"
     assert neuronpedia_base(tiny_sae(32, HOOK), release, sae_id) == "https://neuronpedia.org/gemma-2-2b/12-gemmascope-mlp-16k"
     assert neuronpedia_base(tiny_sae(32, HOOK), "/some/dir", None) is None
