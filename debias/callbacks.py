@@ -63,7 +63,7 @@ class ValidationMetrics(Callback):
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
     def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
-        if datamodule_of(trainer).hparams.prompt_dir is not None:
+        if datamodule_of(trainer).prompt_dir is not None:
             monitored = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/score"]
             if monitored:
                 raise ValueError("a ModelCheckpoint monitors val/score, which needs the bias spec's validation split; "

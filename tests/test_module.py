@@ -222,9 +222,10 @@ def test_base_model_is_required():
 
 def test_module_trains_beside_any_datamodule_meeting_the_protocol(tmp_path):
     """A DataModule that is not a DebiasDataModule and has no hyper-parameters: the `DebiasData` members and its
-    loaders are all the module reads."""
+    loaders are all the module and `ValidationMetrics` read."""
     from lightning.pytorch import LightningDataModule
 
+    from debias import ValidationMetrics
     from debias.training.protocol import DebiasData, protocol_members
 
     class Minimal(LightningDataModule):
@@ -246,8 +247,11 @@ def test_module_trains_beside_any_datamodule_meeting_the_protocol(tmp_path):
     assert isinstance(make_data(), DebiasData)
     module, data = make_module(), Minimal(make_data())
     assert isinstance(data, DebiasData) and not data.hparams
-    make_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2).fit(module, datamodule=data)
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/score", mode="min")
+    make_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, enable_checkpointing=True,
+                 callbacks=[ValidationMetrics(cue_limit=8), best]).fit(module, datamodule=data)
     assert module.changed_entries() > 0 and module.groups == ("female", "male") and module.bias_spec == "gender"
+    assert best.best_model_path and torch.isfinite(best.best_model_score)  # val/score was logged and monitored
 
 
 def test_a_datamodule_missing_protocol_members_is_named():

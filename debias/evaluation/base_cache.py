@@ -67,13 +67,14 @@ def cache_key(module, datamodule, suites: bool, cue_limit: int | None) -> dict |
         return None
     datamodule.setup("fit")
     hp = {k: v for k, v in datamodule.hparams.items() if k != "seed"}  # the training order: no held-out number
-    prompt_dir = Path(hp["prompt_dir"]) if hp.get("prompt_dir") else default_prompt_dir()
+    hp.update(bias=datamodule.bias, prompt_dir=datamodule.prompt_dir)  # a DebiasData's own, hparams or not
+    prompt_dir = Path(hp["prompt_dir"]) if hp["prompt_dir"] else default_prompt_dir()
     data = {"settings": hp, "texts": digest({k: datamodule.texts[k] for k in sorted(datamodule.texts)}),
             "prompt_files": dir_hashes(prompt_dir)}
-    if not hp.get("prompt_dir"):  # the held-out gap and cue prompts come from the bias spec
+    if not hp["prompt_dir"]:  # the held-out gap and cue prompts come from the bias spec
         from debias.bias_spec import load_bias_spec
 
-        spec = load_bias_spec(hp.get("bias", "gender")).path
+        spec = load_bias_spec(hp["bias"]).path
         data["bias_spec"] = {spec.name: file_hashes([spec])[str(spec)]}
     if suites:
         from debias.evaluation.suites import BENCHMARK_DIR

@@ -35,7 +35,7 @@ def suite_domain(datamodule) -> str:
     """The suites' subset for the data's bias: the spec's name ("gender", "religion")."""
     from debias.bias_spec import load_bias_spec
 
-    return load_bias_spec(datamodule.hparams["bias"]).name
+    return load_bias_spec(datamodule.bias).name
 
 
 def suite_scores(module, edited: bool = True, progress: bool = False, domain: str = "gender") -> dict:
@@ -53,7 +53,7 @@ def completions(module, datamodule, n: int = 4, max_new_tokens: int = 32) -> lis
     from debias.evaluation.generate import report_completions
     from debias.prompts import heldout_completion_prompts
 
-    prompts = heldout_completion_prompts(datamodule.hparams.prompt_dir, n, bias=datamodule.hparams.bias)
+    prompts = heldout_completion_prompts(datamodule.prompt_dir, n, bias=datamodule.bias)
     print(f"debias: completing {len(prompts)} held-out prompts ({max_new_tokens} tokens, before and after)",
           file=sys.stderr, flush=True)
     return report_completions(module.net, module.tokenizer, prompts, lambda: edit_context(module, False),

@@ -4,6 +4,7 @@ the original, the bias gap and the explicit-cue margin, aggregated with torchmet
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,6 +70,20 @@ class HeldOutAggregate:
                 "kl": float(self.kl.compute())}
 
 
+def split_metrics(module, datamodule, split: str, edited: bool = True,
+                  each_batch: Callable[[], object] = lambda: None) -> dict[str, float]:
+    """Feature act and firing rate, LM loss, perplexity and KL of the edited (or original) model over `split`'s bias
+    and neutral loaders (`datamodule.loaders(split)`): the one loop `debias fit`'s final evaluation and `debias
+    compare`'s points run (during `fit`, Lightning's validation loop feeds the same `HeldOutAggregate`)."""
+    agg = HeldOutAggregate(len(module.features), module.device)
+    for kind, loader in datamodule.loaders(split):
+        for texts in loader:
+            with edit_context(module, edited):
+                agg.update(kind, module.evaluate_batch(texts, kind))
+            each_batch()
+    return agg.compute()
+
+
 def evaluate_heldout(module: DebiasModule, datamodule, edited: bool = True, cue_limit: int | None = 256,
                      progress: str | None = None) -> dict:
     """Held-out metrics of the edited model (or, with `edited=False`, of the original one).
@@ -76,19 +91,12 @@ def evaluate_heldout(module: DebiasModule, datamodule, edited: bool = True, cue_
     The explicit-cue margin uses a seeded subset of `cue_limit` held-out cue prompts, balanced over cue gender
     and pro/anti-stereotypical profession (None: all of them). `progress`: a label for a progress bar.
     """
-    agg = HeldOutAggregate(len(module.features), module.device)
     was_training = module.training
     module.eval()
-    loaders = datamodule.loaders("heldout")
-    bar = tqdm(total=sum(len(loader) for _, loader in loaders) + 1, desc=f"{progress}: held-out",
-               disable=progress is None, unit="batch")
+    bar = tqdm(total=sum(len(loader) for _, loader in datamodule.loaders("heldout")) + 1,
+               desc=f"{progress}: held-out", disable=progress is None, unit="batch")
     try:
-        for kind, loader in loaders:
-            for texts in loader:
-                with edit_context(module, edited):
-                    agg.update(kind, module.evaluate_batch(texts, kind))
-                bar.update()
-        metrics = agg.compute()
+        metrics = split_metrics(module, datamodule, "heldout", edited, each_batch=bar.update)
         bar.set_description(f"{progress}: bias gap and cues")
         metrics.update(behaviour_metrics(module, datamodule, edited, cue_limit))
         bar.update()
@@ -111,10 +119,10 @@ def behaviour_metrics(module, datamodule, edited: bool, cue_limit: int | None, s
     from debias.evaluation.sentence_metrics import factual_margin, statement_gap
     from debias.statements import load_factual, load_statements
 
-    hp = datamodule.hparams
-    gap_prompts = load_gap_prompts(split, hp.prompt_dir, bias=hp["bias"])
-    cue_prompts = load_cue_prompts(split, hp.prompt_dir, limit=cue_limit, bias=hp["bias"])
-    spec = load_bias_spec(hp["bias"]) if hp.prompt_dir is None else None
+    prompt_dir, bias = datamodule.prompt_dir, datamodule.bias
+    gap_prompts = load_gap_prompts(split, prompt_dir, bias=bias)
+    cue_prompts = load_cue_prompts(split, prompt_dir, limit=cue_limit, bias=bias)
+    spec = load_bias_spec(bias) if prompt_dir is None else None
     spec = spec if spec is not None and spec.subjects else None  # the sentence-level rows need statements
     with torch.no_grad(), edit_context(module, edited):
         gap = bias_gap(module.net, module.tokenizer, gap_prompts, n_boot=n_boot)
@@ -122,7 +130,7 @@ def behaviour_metrics(module, datamodule, edited: bool, cue_limit: int | None, s
         if spec is not None:
             statements = statement_gap(module.net, module.tokenizer, load_statements(split, spec), n_boot=n_boot,
                                        unseen=spec.domains_only_in(split) if split == "heldout" else ())
-            factual = factual_margin(module.net, module.tokenizer, load_factual(split, hp["bias"]), n_boot=n_boot)
+            factual = factual_margin(module.net, module.tokenizer, load_factual(split, bias), n_boot=n_boot)
     out = {"bias_gap": gap["bias_gap"], "bias_gap_ci": gap["bias_gap_ci"],
            "cue_margin": cue["cue_margin"], "cue_margin_ci": cue["cue_margin_ci"], "cue_followed": cue["cue_followed"],
            "gap_per_profession": gap.get("per_profession", {})}

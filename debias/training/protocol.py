@@ -2,8 +2,8 @@
 
 Any `LightningDataModule` with these members works with `Trainer.fit(module, datamodule=...)`; the module checks
 them in `setup` and names what is missing, so each must exist before `setup` (the containers empty). Texts are raw
-strings (no chat template); the module tokenises them. `ValidationMetrics` and the held-out evaluation
-(`debias.evaluation`) read more: `DebiasDataModule`'s arguments (`hparams`) and its held-out sets (`loaders`).
+strings (no chat template); the module tokenises them. `ValidationMetrics` needs nothing more; the held-out
+evaluation (`debias.evaluation`, `ReportAndExport`) also reads `loaders("heldout")` and the held-out texts.
 """
 
 from __future__ import annotations
