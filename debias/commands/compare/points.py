@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from debias.edits.scaling import scaled
-from debias.evaluation.heldout import HeldOutAggregate, behaviour_metrics, edit_context, gap_reduction
+from debias.evaluation.heldout import behaviour_metrics, gap_reduction, split_metrics
 from debias.io import atomic_write_json, non_finite, read_json_object
 
 
@@ -22,13 +22,8 @@ def validation_metrics(module, datamodule, callback, edited: bool = True, origin
     its `cue_limit` and `score`) logs them during `fit` (without the `val/` prefix): feature act and firing rate,
     LM loss, KL on the validation neutral text and, with the bias spec's validation prompts, the bias gap, the cue
     margin (and the statement gap and factual margin); `score` when the `original` model's metrics are given."""
-    agg = HeldOutAggregate(len(module.features), module.device)
     with module.fastpath.active() if module.fastpath is not None else contextlib.nullcontext():
-        for kind, loader in datamodule.loaders("validation"):
-            for texts in loader:
-                with edit_context(module, edited):
-                    agg.update(kind, module.evaluate_batch(texts, kind))
-        metrics = agg.compute()
+        metrics = split_metrics(module, datamodule, "validation", edited)
         if datamodule.hparams.prompt_dir is None:
             behaviour = behaviour_metrics(module, datamodule, edited, callback.cue_limit, "validation", n_boot=1)
             metrics.update({k: v for k, v in behaviour.items() if isinstance(v, float)})
