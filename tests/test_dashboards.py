@@ -17,7 +17,8 @@ import torch
 from debias import dashboards
 from debias.dashboards.build import moved_most, neuronpedia_base
 from debias.dashboards.contexts import Context, corpus_view
-from debias.dashboards.logits import decoder_logits, logit_effects
+from debias.dashboards.logits import logit_effects
+from debias.features.rank import decoder_logits, top_promoted_tokens
 from debias.models import hooks
 from debias.models.tiny import tiny_model, tiny_sae, tiny_tokenizer
 from debias.prompts import default_prompt_dir, load_gap_prompts
@@ -164,6 +165,7 @@ def test_logit_effects_read_the_direction_through_the_final_norm(family):
     torch.testing.assert_close(got, expected.detach(), rtol=1e-4, atol=1e-5)
     raw = sae.W_dec[[2, 5]] @ model.get_output_embeddings().weight.T
     assert not torch.equal(got[0].topk(10).indices, raw[0].topk(10).indices)  # the fold changes the ranking
+    assert top_promoted_tokens(model, tok, sae, [2, 5], k=3)[5] == [tok.decode([int(i)]) for i in got[1].topk(3).indices]
     effects = logit_effects(model, tok, sae, [2, 5], k=3)[2]
     assert [v for _, v in effects.top] == pytest.approx(got[0].topk(3).values.tolist())
     assert [v for _, v in effects.bottom] == pytest.approx(got[0].topk(3, largest=False).values.tolist())

