@@ -1,4 +1,4 @@
-"""What a masked method's entries are ranked by, for the sources (`Method.mask_from`) whose gradient the mask does
+"""What a masked method's entries are ranked by, for the `Method.mask_from` values whose gradient the mask does
 not compute itself: the train gap's own (`bias`) or through the features only (`feature_effect`); and the
 `random_features` control, which ranks by the feature gradient of latents drawn in place of the run's features.
 """
@@ -13,13 +13,13 @@ from debias.edits.gradients import gap_gradients
 from debias.edits.mask import JointMask, Mask
 
 
-def source_gradients(ctx: EditContext, source: str, parameters: list[str]) -> list[torch.Tensor] | None:
-    """The gradients `source` ranks `parameters` by; None where they are the run's features' own (`feature`,
-    `random_features`: `debias.edits.mask.entry_scores` computes them) or there are none (`random`)."""
-    if source == "bias":
+def mask_from_gradients(ctx: EditContext, mask_from: str, parameters: list[str]) -> list[torch.Tensor] | None:
+    """The gradients `mask_from` (`Method.mask_from`) ranks `parameters` by; None where they are the run's features'
+    own (`feature`, `random_features`: `debias.edits.mask.entry_scores` computes them) or there are none (`random`)."""
+    if mask_from == "bias":
         return gap_gradients(ctx.net, ctx.tokenizer, parameters, ctx.gap_prompts(), None, ctx.eval_batch_size,
                              targets=ctx.bias)
-    if source == "feature_effect":
+    if mask_from == "feature_effect":
         return feature_effect_gradients(ctx.net, ctx.tokenizer, ctx.sae, ctx.site, parameters, ctx.gap_prompts(),
                                         ctx.features, ctx.eval_batch_size, targets=ctx.bias)
     return None

@@ -19,7 +19,7 @@ from debias.edits.base import ADAPTER, WeightEdit
 from debias.edits.joint import compute_joint_mask
 from debias.edits.mask import InstabilityMask, JointMask, Mask, compute_mask, full_mask, load_masks_for
 from debias.edits.record import EditRecord, MatrixDelta, apply_delta
-from debias.edits.sources import source_gradients, use_random_features
+from debias.edits.sources import mask_from_gradients, use_random_features
 from debias.edits.sparse_layers import SparseConv1D, attach_supertuning
 
 __all__ = ["EditRecord", "MatrixDelta", "SparseDelta", "apply_delta", "build_dense", "build_masked"]
@@ -191,8 +191,8 @@ class SparseDelta(WeightEdit):
         return self.layers[self._only("base_layer")].base_layer
 
 
-def build_masked(ctx, source: str) -> SparseDelta:
-    """The masked edit of a run: `mask_path`'s mask, or the top-k entries ranked by `source` ("feature": the SAE
+def build_masked(ctx, mask_from: str) -> SparseDelta:
+    """The masked edit of a run: `mask_path`'s mask, or the top-k entries ranked by `mask_from` ("feature": the SAE
     feature(s)' gradient; "bias": the train gap's own gradient; "feature_effect": the train gap's gradient through
     the feature(s) only, `debias.edits.feature_effect`; "random_features": "feature" with the features replaced by as
     many live latents drawn at random, `debias.edits.sources`; "random": seeded random scores); over the W_out of every
@@ -201,14 +201,14 @@ def build_masked(ctx, source: str) -> SparseDelta:
     given = ctx.preset_mask
     if given is None and args.mask_path:
         given = load_masks_for(args.mask_path, {p: tuple(ctx.net.get_parameter(p).shape) for p in parameters})
-    drawn = use_random_features(ctx, given) if source == "random_features" else {}
+    drawn = use_random_features(ctx, given) if mask_from == "random_features" else {}
     if given is not None:
         mask = given
     else:
-        grads = source_gradients(ctx, source, parameters)
-        strategy = "random" if source == "random" else args.mask_strategy
+        grads = mask_from_gradients(ctx, mask_from, parameters)
+        strategy = "random" if mask_from == "random" else args.mask_strategy
         common: dict[str, Any] = dict(strategy=strategy, seed=args.seed, bos_token_id=ctx.tokenizer.bos_token_id,
-                                      extra={"method": args.method, "mask_from": source, **drawn},
+                                      extra={"method": args.method, "mask_from": mask_from, **drawn},
                                       model_id=ctx.model_id, sae_id=ctx.sae_name)
         if len(parameters) > 1:
             mask = compute_joint_mask(ctx.net, ctx.sae, ctx.site, parameters, ctx.edited_layers(), ctx.mask_batches,
