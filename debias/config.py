@@ -12,10 +12,6 @@ SteeringKind = Literal["mean_diff", "probe"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 DEFAULT_MODEL = "smollm2-135m"
-STEERING_ALPHA = -9.55
-"""Default coefficient of the unit steering vector: minus the length of the train mean difference between female-
-and male-stereotyped contexts at SmolLM2's blocks.24.hook_mlp_out (it moves the one group's mean onto the other's).
-Other models and hooks need their own value."""
 
 
 def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:

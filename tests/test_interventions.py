@@ -10,6 +10,7 @@ from debias.edits.interventions import (
     SAEClamp,
     SteeringVector,
     build_intervention,
+    fit_steering,
     fit_steering_vector,
     mean_activations,
 )
@@ -116,6 +117,26 @@ def test_fitted_vector_is_unit_and_points_female(setup, kind):
     assert float((female @ v).min()) > float((male @ v).max())  # separates the two groups, female on the + side
     if kind == "mean_diff":
         torch.testing.assert_close(v, torch.nn.functional.normalize(female.mean(0) - male.mean(0), dim=0))
+
+
+@pytest.mark.parametrize("kind", ["mean_diff", "probe"])
+def test_the_calibrated_strength_moves_the_female_average_onto_the_male_one_along_v(setup, kind):
+    """No constant of one model: α = −(μ_female − μ_male)·v is measured on the model and hook at hand."""
+    model, tok, site, _ = setup
+    v, alpha = fit_steering(model, tok, site, FEMALE, MALE, kind=kind)
+    female, male = (mean_activations(model, tok, site, t).mean(0) for t in (FEMALE, MALE))
+    assert alpha < 0 and math.isclose(alpha, -float((female - male) @ v), rel_tol=1e-5)
+    if kind == "mean_diff":
+        assert math.isclose(alpha, -float((female - male).norm()), rel_tol=1e-5)
+    with torch.no_grad(), SteeringVector(site, v, alpha).applied(model):
+        steered = mean_activations(model, tok, site, FEMALE).mean(0)
+    assert abs(float((steered - male) @ v)) < 1e-4 * float(female.norm())
+    given = build_intervention("steering_vector", model, tok, site=site, alpha=2.0, female_texts=FEMALE,
+                               male_texts=MALE, kind=kind)
+    calibrated = build_intervention("steering_vector", model, tok, site=site, female_texts=FEMALE, male_texts=MALE,
+                                    kind=kind)
+    assert given.alpha == 2.0 and math.isclose(calibrated.alpha, alpha, rel_tol=1e-6)
+    assert calibrated.describe()["alpha_from"].startswith("calibrated")
 
 
 def test_identical_groups_have_no_direction(setup):

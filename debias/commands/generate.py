@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from debias.config import DEFAULT_MODEL, STEERING_ALPHA, DType, SteeringKind, choices
+from debias.config import DEFAULT_MODEL, DType, SteeringKind, choices
 from debias.edits import registry
 from debias.evaluation.generate import _check_sampling, complete
 from debias.prompts import default_prompts
@@ -21,6 +21,8 @@ def _check_command(intervention, features, value, alpha, steering, dtype, max_ne
     if intervention == "sae_clamp" and not features:
         errors.append("--intervention sae_clamp needs --features (SAE latent indices to clamp)")
     for name, number in (("value", value), ("alpha", alpha)):
+        if name == "alpha" and number is None:  # calibrated on the model (`fit_steering`)
+            continue
         if not (isinstance(number, (int, float)) and math.isfinite(number)):
             errors.append(f"{name} must be a finite number, got {number!r}")
     if errors:
@@ -48,7 +50,7 @@ def generate_command(model: str = DEFAULT_MODEL, prompt: list[str] | None = None
                      intervention: Literal["sae_clamp", "steering_vector"] | None = None, sae: str | None = None,
                      sae_id: str | None = None,
                      hook_name: str | None = None, features: list[int] | None = None, value: float = 0.0,
-                     alpha: float = STEERING_ALPHA, steering: SteeringKind = "mean_diff",
+                     alpha: float | None = None, steering: SteeringKind = "mean_diff",
                      dtype: DType = "float32") -> list[str]:
     """Complete prompts with a model (optionally under an inference-time intervention); print and return them.
 
@@ -71,8 +73,8 @@ def generate_command(model: str = DEFAULT_MODEL, prompt: list[str] | None = None
         value: value the clamped latents are set to (0 = ablation).
         alpha: steering strength: acts + alpha * v at every token, v the unit female-minus-male direction fitted on
             the TRAIN profession prompts (female- vs male-stereotyped professions; held-out prompts never used).
-            Negative alpha steers towards the male side. The default (`debias.config.STEERING_ALPHA`) is minus
-            the length of that train mean difference at blocks.24.hook_mlp_out of SmolLM2.
+            Negative alpha steers towards the male side. None (the default): calibrated on this model and hook,
+            -(mean female - mean male) . v over those prompts (minus the mean difference's length for `mean_diff`).
         steering: how v is fitted: `mean_diff` (difference of mean activations) or `probe` (linear SVM).
         dtype: model dtype (float32, bfloat16, float16).
     """

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from debias.edits.base import at_strength
-from debias.edits.interventions import Intervention, SAEClamp, SteeringVector, check_two_groups, fit_steering_vector
+from debias.edits.interventions import Intervention, SAEClamp, SteeringVector, check_two_groups, fit_steering
 from debias.edits.record import EditRecord
 
 if TYPE_CHECKING:
@@ -90,9 +90,12 @@ def build_clamp(ctx) -> InferenceEdit:
 
 def build_steering(ctx) -> InferenceEdit:
     """`steering_vector`: `steering_alpha` · v at the hook, v fitted on the train profession prompts (first vs
-    second group; the run's bias must have two groups)."""
+    second group; the run's bias must have two groups); no `steering_alpha`: the strength calibrated on this model
+    and layer (`fit_steering`: the first group's average moved onto the second's along v)."""
     check_two_groups(ctx.bias)
     first, second = ctx.gap_prompts()[:2]
-    vector = fit_steering_vector(ctx.net, ctx.tokenizer, ctx.site, first, second, kind=ctx.args.steering_kind,
-                                 batch_size=ctx.eval_batch_size, max_length=ctx.max_length)
-    return InferenceEdit(ctx.net, SteeringVector(ctx.site, vector, ctx.args.steering_alpha))
+    vector, calibrated = fit_steering(ctx.net, ctx.tokenizer, ctx.site, first, second, kind=ctx.args.steering_kind,
+                                      batch_size=ctx.eval_batch_size, max_length=ctx.max_length)
+    given = ctx.args.steering_alpha
+    info = {"alpha_from": "given" if given is not None else "calibrated: -(mean_first - mean_second) . v"}
+    return InferenceEdit(ctx.net, SteeringVector(ctx.site, vector, calibrated if given is None else given, info))

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from debias.config import STEERING_ALPHA, SteeringKind, choices
+from debias.config import SteeringKind, choices
 from debias.models import hooks
 from debias.models.hooks import HookSite
 from debias.sae.ops import clamp
@@ -195,11 +195,13 @@ def _probe_direction(female: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(probe.coef_[0]).float()
 
 
-def fit_steering_vector(model, tokenizer, site: HookSite, female_texts: list[str], male_texts: list[str],
-                        kind: str = "mean_diff", batch_size: int = 16, max_length: int = 64) -> torch.Tensor:
-    """A unit direction [d_model] at `site`, oriented female minus male.
+def fit_steering(model, tokenizer, site: HookSite, female_texts: list[str], male_texts: list[str],
+                 kind: str = "mean_diff", batch_size: int = 16, max_length: int = 64) -> tuple[torch.Tensor, float]:
+    """A unit direction v [d_model] at `site`, oriented female (first group) minus male (second), and the strength
+    calibrated on this model and layer: α = −(μ_female − μ_male)·v, which moves the female texts' average activation
+    onto the male ones' along v (for `mean_diff`, minus the length of the mean difference).
 
-    `mean_diff`: mean over female texts of the token-averaged activation minus the same over male texts.
+    `mean_diff`: v is the mean over female texts of the token-averaged activation minus the same over male texts.
     `probe`: the weight vector of a linear SVM (scikit-learn LinearSVC) separating the token-averaged activations
     of female (label 1) from male (label 0) texts (a concept activation vector, Kim et al. 2018).
     Raises ValueError when the direction is numerically zero (e.g. identical text groups).
@@ -211,9 +213,18 @@ def fit_steering_vector(model, tokenizer, site: HookSite, female_texts: list[str
     female = mean_activations(model, tokenizer, site, female_texts, batch_size, max_length)
     male = mean_activations(model, tokenizer, site, male_texts, batch_size, max_length)
     scale = float(torch.cat([female, male]).norm(dim=1).mean())
+    difference = female.mean(dim=0) - male.mean(dim=0)
     if kind == "mean_diff":
-        return _unit(female.mean(dim=0) - male.mean(dim=0), scale, "the mean-difference vector")
-    return _unit(_probe_direction(female, male), 1.0, "the probe direction")
+        vector = _unit(difference, scale, "the mean-difference vector")
+    else:
+        vector = _unit(_probe_direction(female, male), 1.0, "the probe direction")
+    return vector, -float(difference @ vector)
+
+
+def fit_steering_vector(model, tokenizer, site: HookSite, female_texts: list[str], male_texts: list[str],
+                        kind: str = "mean_diff", batch_size: int = 16, max_length: int = 64) -> torch.Tensor:
+    """The unit direction of `fit_steering` alone."""
+    return fit_steering(model, tokenizer, site, female_texts, male_texts, kind, batch_size, max_length)[0]
 
 
 def check_two_groups(bias) -> None:
@@ -228,12 +239,13 @@ def check_two_groups(bias) -> None:
 
 
 def build_intervention(method: str, model, tokenizer, sae=None, site: HookSite | None = None,
-                       features: list[int] | None = None, value: float = 0.0, alpha: float = STEERING_ALPHA,
+                       features: list[int] | None = None, value: float = 0.0, alpha: float | None = None,
                        kind: str = "mean_diff", female_texts: list[str] | None = None,
                        male_texts: list[str] | None = None, bias: str = "gender") -> Intervention:
     """`sae_clamp` (needs `sae` and `features`) or `steering_vector` (fitted with `kind` on `female_texts` vs
     `male_texts`, the first vs the second group; default: the TRAIN prompts of `load_gap_prompts("train",
-    bias=bias)`, female- vs male-stereotyped for gender; a steering vector needs a two-group bias).
+    bias=bias)`, female- vs male-stereotyped for gender; a steering vector needs a two-group bias), at `alpha`
+    (None: calibrated on this model and layer, `fit_steering`).
     `site` defaults to the SAE's hook site."""
     if method not in METHODS:
         raise ValueError(f"unknown intervention {method!r}; expected one of {METHODS}")
@@ -247,7 +259,8 @@ def build_intervention(method: str, model, tokenizer, sae=None, site: HookSite |
         if sae is None:
             raise ValueError("sae_clamp needs an SAE")
         return SAEClamp(sae, site, list(features or []), value)
-    alpha = _finite("steering alpha", alpha)
+    if alpha is not None:
+        alpha = _finite("steering alpha", alpha)
     if kind not in STEERING_KINDS:
         raise ValueError(f"unknown steering vector kind {kind!r}; expected one of {STEERING_KINDS}")
     source = "given texts"
@@ -257,6 +270,7 @@ def build_intervention(method: str, model, tokenizer, sae=None, site: HookSite |
 
         gap = load_gap_prompts("train", bias=bias)
         female_texts, male_texts, source = gap.female, gap.male, "train profession prompts"
-    vector = fit_steering_vector(model, tokenizer, site, female_texts, male_texts, kind)
-    info = {"kind": kind, "fitted_on": source, "n_female": len(female_texts), "n_male": len(male_texts)}
-    return SteeringVector(site, vector, alpha, info)
+    vector, calibrated = fit_steering(model, tokenizer, site, female_texts, male_texts, kind)
+    info = {"kind": kind, "fitted_on": source, "n_female": len(female_texts), "n_male": len(male_texts),
+            "alpha_from": "given" if alpha is not None else "calibrated: -(mean_female - mean_male) . v"}
+    return SteeringVector(site, vector, calibrated if alpha is None else alpha, info)

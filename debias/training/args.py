@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-from debias.config import STEERING_ALPHA, DType, MaskStrategy, SteeringKind
+from debias.config import DType, MaskStrategy, SteeringKind
 from debias.edits import registry
 from debias.edits.registry import MethodName
 from debias.sae.build import SAETrainSettings
@@ -117,8 +117,10 @@ class EditArgs:
     """Rank of the lora adapter."""
     clamp_value: float = 0.0
     """The value sae_clamp holds the features at (0: ablation)."""
-    steering_alpha: float = STEERING_ALPHA
-    """Coefficient of the unit steering vector v (v points from male- to female-stereotyped contexts)."""
+    steering_alpha: float | None = None
+    """Coefficient of the unit steering vector v (v points from male- to female-stereotyped contexts); None: calibrated
+    on this model and layer, −(mean female − mean male)·v over the train prompts (moves the female-stereotyped
+    contexts' average onto the male one along v)."""
     steering_kind: SteeringKind = "mean_diff"
     """How v is fitted on the train profession prompts: mean_diff or probe (LinearSVC)."""
     projection_alpha: float = 1.0
@@ -144,7 +146,7 @@ class EditArgs:
         if self.mask_path is not None and not Path(self.mask_path).is_file():
             problems.append(f"model.edit.mask_path={self.mask_path!r}: no such file")
         for name in ("clamp_value", "steering_alpha", "projection_alpha"):
-            if not _finite(getattr(self, name)):
+            if getattr(self, name) is not None and not _finite(getattr(self, name)):
                 problems.append(f"model.edit.{name} must be finite, got {getattr(self, name)}")
         _raise("model.edit", problems)
 
