@@ -154,6 +154,7 @@ def test_another_model_scales_between_base_and_edited_and_is_restored():
     original = state[name].clone()
     state[name].view(-1)[:4] += 2.0
     edit = StateDiffEdit(base, state)
+    assert [name for name in CONTRACT if not hasattr(edit, name)] == []
     with scaled(edit, 0.5):
         torch.testing.assert_close(base.get_parameter(name).view(-1)[:4], original.view(-1)[:4] + 1.0)
     assert torch.equal(base.get_parameter(name), state[name])
