@@ -23,7 +23,11 @@ Kind = Literal["mask", "weight", "inference"]
 class Method:
     """A method: `mask` (a sparse delta on k chosen entries), `weight` (another weight edit: trained, or computed
     with no parameters to train, as `feature_projection`) or `inference` (a forward hook, nothing trained, no
-    checkpoint)."""
+    checkpoint).
+
+    What a method can do is declared here (needs a mask: `kind`; the networks it refuses: `check`; a rank sweep:
+    `ranked`; its export files: `export_files`) or, where it depends on the network it was built on, by its edit
+    (`Edit.save_adapter`: no adapter on GPT-2's `Conv1D`; `Edit.scaled`; `Edit.saves_delta`)."""
 
     name: str
     kind: Kind
