@@ -44,10 +44,12 @@ class DebiasModule(LightningModule):
     """Train (or apply) one method's edit of the SAE layer's `W_out` (`debias.edits.registry`); a masked method's may
     span the `W_out` of several layers (`model.edit.layers`, `parameters_edited`)."""
 
-    def __init__(self, base_model: str, dtype: str = "float32", sae: SAEArgs | dict[str, Any] | None = None,
-                 edit: EditArgs | dict[str, Any] | None = None,
-                 objective: ObjectiveWeights | dict[str, Any] | None = None,
-                 train: TrainArgs | dict[str, Any] | None = None):
+    # The groups are annotated as their dataclasses only, though a dict of their fields is accepted at run time
+    # (`as_group`): with `| dict` in the signature, jsonargparse would take a mistyped key as a plain dict instead of
+    # refusing it while parsing, with the key and a hint.
+    def __init__(self, base_model: str, dtype: str = "float32", sae: SAEArgs | None = None,
+                 edit: EditArgs | None = None, objective: ObjectiveWeights | None = None,
+                 train: TrainArgs | None = None):
         """
         Args:
             base_model: hub id, local HF directory, or a spec (`smollm2-135m`, `tiny-llama`, ...).
