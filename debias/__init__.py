@@ -10,6 +10,23 @@ Names are imported on first use (PEP 562), so `import debias` and `debias --help
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what mypy and IDEs see; at run time `__getattr__` imports each name on first use
+    from debias.callbacks import ValidationMetrics as ValidationMetrics
+    from debias.edits.mask import InstabilityMask as InstabilityMask
+    from debias.edits.record import EditRecord as EditRecord
+    from debias.edits.record import apply_delta as apply_delta
+    from debias.edits.registry import METHODS as METHODS
+    from debias.evaluation.evaluate import evaluate_model as evaluate_model
+    from debias.models.load import load_model as load_model
+    from debias.training.args import EditArgs as EditArgs
+    from debias.training.args import SAEArgs as SAEArgs
+    from debias.training.args import TrainArgs as TrainArgs
+    from debias.training.data import DebiasDataModule as DebiasDataModule
+    from debias.training.module import DebiasModule as DebiasModule
+    from debias.training.objective import ObjectiveWeights as ObjectiveWeights
+    from debias.training.protocol import DebiasData as DebiasData
 
 _EXPORTS = {
     "DebiasModule": "debias.training.module",
@@ -21,8 +38,8 @@ _EXPORTS = {
     "TrainArgs": "debias.training.args",
     "ObjectiveWeights": "debias.training.objective",
     "InstabilityMask": "debias.edits.mask",
-    "EditRecord": "debias.edits.sparse",
-    "apply_delta": "debias.edits.sparse",
+    "EditRecord": "debias.edits.record",
+    "apply_delta": "debias.edits.record",
     "METHODS": "debias.edits.registry",
     "load_model": "debias.models.load",
     "evaluate_model": "debias.evaluation.evaluate",
