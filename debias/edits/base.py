@@ -68,6 +68,13 @@ class Edit(Protocol):
         """{edited parameter: the plain layer that holds it} ({} for an edit of no weight)."""
         ...
 
+    def given_weights(self) -> list[str] | None:
+        """Names (as in the network's `named_parameters()`) of the weights the edit changes where they were given
+        rather than chosen by a method: another model's weights that differ (`StateDiffEdit`, `debias eval`), which
+        may sit in any layer, so the fast path checks them. None for a method's edit, which changes only the run's
+        edited `W_out` matrices (or no weight at all)."""
+        ...
+
     def merge(self) -> None:
         """Fold the edit into the base weights; refused (RuntimeError) when merged, and (ValueError, weights left as
         they were) when the result would not be finite."""
@@ -158,6 +165,9 @@ class WeightEdit:
 
     def changed_entries(self) -> int:
         return self.changed_parameters()
+
+    def given_weights(self) -> list[str] | None:
+        return None  # a method's edit: only the run's edited W_out matrices
 
     def record(self) -> EditRecord:
         """Every base-layer entry the merged edit changes, with merged − original as its value (float32)."""

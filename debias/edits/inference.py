@@ -60,6 +60,9 @@ class InferenceEdit:
     def base_layers(self) -> dict[str, nn.Module]:
         return {}
 
+    def given_weights(self) -> None:
+        return None  # no weight changes
+
     def merge(self) -> None:
         raise TypeError(f"{type(self.intervention).__name__} is an inference-time intervention (a forward hook): "
                         "it changes no weight and cannot become a plain checkpoint")

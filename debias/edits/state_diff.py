@@ -58,6 +58,10 @@ class StateDiffEdit:
         """Names (in `model.named_parameters()`) of the weights that differ from the base model's."""
         return sorted(self.changed)
 
+    def given_weights(self) -> list[str]:
+        """Every weight that differs: another model's differences may sit in any layer."""
+        return self.changed_names()
+
     def changed_parameters(self) -> int:
         return sum(int((base != new).sum()) for base, new in self.changed.values())
 

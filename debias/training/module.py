@@ -21,7 +21,6 @@ from debias.edits import registry
 from debias.edits.base import EditContext
 from debias.edits.joint import edited_matrices
 from debias.edits.mask import Mask, resolve_k
-from debias.edits.state_diff import StateDiffEdit
 from debias.models import hooks
 from debias.models.scoring import real_token_mask, target_ids
 from debias.training.args import EditArgs, SAEArgs, TrainArgs, as_group, check_dtype
@@ -171,15 +170,17 @@ class DebiasModule(LightningModule):
         """Hold `edit` (debias.edits) on the network; training and evaluation go through it.
 
         The fast path caches the input of layer L, the lowest edited one: methods edit `W_out` of layers >= L only,
-        and another model (`StateDiffEdit`, `debias eval`) gets it when all the weights that differ sit there.
+        and an edit of given weights (`Edit.given_weights`: another model, `debias eval`) gets it when all the
+        weights that differ sit there.
         """
         self.delta = edit
         self.mask = edit.mask
         if self.mask is not None:
             self.k = self.mask.k  # a loaded mask (`mask_path`) brings its own k
         upstream: list[str] = []  # weights below layer L that differ: methods leave them alone, another model may not
-        if isinstance(edit, StateDiffEdit):
-            upstream = upstream_of(self.net, self.parameters_edited[0], edit.changed_names())
+        given = edit.given_weights()
+        if given is not None:
+            upstream = upstream_of(self.net, self.parameters_edited[0], given)
             more = f" and {len(upstream) - 1} more" if len(upstream) > 1 else ""
             if upstream:
                 say(f"evaluation on the full path ({upstream[0]}{more} differs; the fast path needs every "
