@@ -259,6 +259,14 @@ def test_bad_input_gets_a_one_line_error(tiny, tmp_path):
     assert on.dashboards is False  # the page goes beside report.png: no plots, no page
 
 
+def test_the_title_names_every_matrix_the_edit_spans():
+    one = dashboards.edit_title("m", "instability", ["model.layers.1.mlp.down_proj.weight"], [1])
+    several = dashboards.edit_title("m", "bias_gradient", [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 2)],
+                                    [0, 2])
+    assert one == "m: instability edit of model.layers.1.mlp.down_proj.weight"
+    assert several == "m: bias_gradient edit of W_out of layers 0, 2"
+
+
 def test_fit_and_features_write_the_page(tmp_path, capsys):
     from conftest import make_data, make_module, make_trainer
 

@@ -22,8 +22,8 @@ from debias.dashboards.page import render
 
 FILENAME = "dashboards.html"
 
-__all__ = ["DEFAULT_TOKENS", "FILENAME", "Page", "build_page", "heldout_means", "render", "write_for_module",
-           "write_page"]
+__all__ = ["DEFAULT_TOKENS", "FILENAME", "Page", "build_page", "edit_title", "heldout_means", "render",
+           "write_for_module", "write_page"]
 
 
 def write_page(page: Page, path: str | Path) -> Path:
@@ -35,6 +35,12 @@ def write_page(page: Page, path: str | Path) -> Path:
     return path
 
 
+def edit_title(model_id: str, method: str, parameters: list[str], layers: list[int]) -> str:
+    """The page's title: the model, the method and every matrix the edit spans (a multi-layer mask names its layers)."""
+    where = parameters[0] if len(parameters) == 1 else "W_out of layers " + ", ".join(map(str, layers))
+    return f"{model_id}: {method} edit of {where}"
+
+
 def write_for_module(module, texts: list[str], folder: str | Path, n_tokens: int = DEFAULT_TOKENS) -> Path:
     """`folder/dashboards.html` for a prepared `DebiasModule`: its chosen features and the latents its edit moved
     most on `texts` (the held-out bias prompts); "before", and the corpus contexts and histograms, come from the
@@ -43,6 +49,7 @@ def write_for_module(module, texts: list[str], folder: str | Path, n_tokens: int
     after = heldout_means(*where, texts, max_length=cut)
     with module.delta.disabled():
         page = build_page(*where, module.features, texts, heldout_means(*where, texts, max_length=cut), after,
-                          f"{module.model_id}: {module.edit_args.method} edit of {module.parameter}", n_tokens,
+                          edit_title(module.model_id, module.edit_args.method, module.parameters_edited,
+                                     module.layers_edited), n_tokens,
                           release=module.sae_args.spec, sae_id=module.sae_args.sae_id)
     return write_page(page, Path(folder) / FILENAME)
