@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,18 @@ def record_timings(report_path: Path, timings: dict[str, float]) -> None:
     atomic_write(report_path, json.dumps(report, indent=2, default=str))
 
 
+@dataclass
+class EvaluationArgs:
+    """What `debias fit` evaluates before and after training, beside the held-out metrics (YAML: `evaluate:`; the CLI
+    hands these to `ReportAndExport`)."""
+
+    suites: bool = False
+    """Also score CrowS-Pairs and StereoSet (the bias's domain: gender, religion) before and after (about a minute on
+    SmolLM2, CPU)."""
+    completions: int = 4
+    """Held-out prompts greedily completed (32 tokens) before and after, for the report (0: none)."""
+
+
 class ReportAndExport(Callback):
     """Evaluates the original model before `fit`, the edited one after, prints both and exports the edit.
 
@@ -182,9 +195,7 @@ class ReportAndExport(Callback):
         Args:
             export_dir: where the export goes (None: no export).
             overwrite: replace a non-empty export directory.
-            suites: also score CrowS-Pairs and StereoSet (the bias's domain: gender, religion) before and after
-                (about a minute on SmolLM2, CPU).
-            completions: held-out prompts greedily completed (32 tokens) before and after, for the report.
+            suites, completions: `EvaluationArgs` (YAML: `evaluate.suites`, `evaluate.completions`).
             plots: write `report.png` beside the export.
             dashboards: with `plots`, also `dashboards.html` (`debias.dashboards`): the chosen latents' and the ten
                 most moved latents' dashboards; None: unless the run uses no SAE (`bias_gradient` or `dense` with
@@ -198,6 +209,10 @@ class ReportAndExport(Callback):
             raise ValueError(f"export.dashboard_tokens must be >= 128 (one corpus window), got {dashboard_tokens}")
         self.dashboards, self.dashboard_tokens = dashboards, dashboard_tokens
         self.before: dict | None = None  # set in advance to skip the evaluation of the original model
+
+    def evaluate_with(self, evaluation: EvaluationArgs) -> None:
+        """Take the suites and completions switches from `evaluation` (the CLI's `evaluate:` group)."""
+        self.suites, self.n_completions = evaluation.suites, evaluation.completions
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         """Before `fit` trains (and before the module computes its mask), refuse an export directory that would
@@ -222,8 +237,8 @@ class ReportAndExport(Callback):
 
             domain, shipped = suite_domain(datamodule_of(trainer)), shipped_domains("stereoset")
             if domain not in shipped:
-                raise ValueError(f"export.suites is true, but the suites ship no {domain!r} subset (shipped: "
-                                 f"{list(shipped)}); set export.suites false for this bias")
+                raise ValueError(f"evaluate.suites is true, but the suites ship no {domain!r} subset (shipped: "
+                                 f"{list(shipped)}); set evaluate.suites false for this bias")
         if not self.export_dir:
             return
         from debias.export import check_target

@@ -86,7 +86,8 @@ def build_report(module, run: dict) -> dict:
         "changed_entries": module.changed_entries(),
         "feature_selection": module.feature_selection,
         "numel": module.numel,
-        "mask_strategy": module.mask.strategy if module.mask is not None else None, "seed": module.edit_args.seed,
+        "mask_strategy": module.mask.strategy if module.mask is not None else None,
+        "mask_seed": module.edit_args.mask_seed,
         "config": hp, **run, **environment(),
     }
 

@@ -3,9 +3,9 @@
     python scripts/seeds.py configs/smollm2.yaml --out runs/seeds/instability
     python scripts/seeds.py configs/smollm2.yaml --out runs/seeds/random --seeds 0 1 2 -- --model.edit.method random
 
-Each seed is one `debias fit` in its own process, with `seed_everything`, `data.seed` (the order of the training
-data) and `model.edit.seed` (the random mask, where there is one) set to it; the exported step is the one the
-config's `ModelCheckpoint` chooses on the validation split. Runs go to OUT/seedN (logs, checkpoints, export); a
+Each seed is one `debias fit` in its own process, with `seed_everything`, `data.shuffle_seed` (the order of the
+training data) and `model.edit.mask_seed` (the random mask, where there is one) set to it; the exported step is the
+one the config's `ModelCheckpoint` chooses on the validation split. Runs go to OUT/seedN (logs, checkpoints, export); a
 seed whose export already holds a report is not rerun, so an interrupted sweep resumes. OUT/summary.json holds
 every seed's numbers and their mean and sd, OUT/summary.md the table.
 """
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if not report_path.is_file():
             print(f"seeds: seed {seed} -> {run}", flush=True)
             command = [sys.executable, "-m", "debias", "fit", "--config", args.config, f"--seed_everything={seed}",
-                       f"--data.seed={seed}", f"--model.edit.seed={seed}",
+                       f"--data.shuffle_seed={seed}", f"--model.edit.mask_seed={seed}",
                        f"--trainer.logger.init_args.save_dir={run}", f"--export.export_dir={run / 'export'}",
                        "--export.overwrite=true", *extra]
             if subprocess.call(command) != 0:

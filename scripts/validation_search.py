@@ -6,7 +6,7 @@ at every validation, and the step `val/score` picks. Held-out prompts and the su
 Each variant is a list of `debias fit` overrides (`VARIANTS` below, or `--extra NAME='["--a=1", ...]'`); of the
 trainer's, only `--trainer.max_steps=N` applies (40 by default; a validation every 10 steps). Results
 are appended to `OUT/results.jsonl` as they finish, so a stopped search resumes where it was; `--seeds 0,1,2` reruns
-each variant with other data orders (`seed_everything` and `data.seed`).
+each variant with other data orders (`seed_everything` and `data.shuffle_seed`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ LAYERS4 = "--model.edit.layers=[18,21,24,27]"
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "layers4": [LAYERS4],
-    "layers4_k8847": [LAYERS4, "--model.edit.k=8847"],
+    "layers4_k8847": [LAYERS4, "--model.edit.entries=8847"],
     "base_nullspace": ["--model.train.null_space_energy=0.99"],
     "layers4_nullspace": [LAYERS4, "--model.train.null_space_energy=0.99"],
     "layers4_bias_gradient": [LAYERS4, "--model.edit.method=bias_gradient"],
@@ -39,7 +39,7 @@ def run_variant(config: str, overrides: list[str], seed: int, out: Path) -> dict
 
     steps = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("--trainer.max_steps=")] or [40]
     overrides = [o for o in overrides if not o.startswith("--trainer.max_steps=")]  # this script's own Trainer
-    seeded = [*overrides, f"--seed_everything={seed}", f"--data.seed={seed}"]
+    seeded = [*overrides, f"--seed_everything={seed}", f"--data.shuffle_seed={seed}"]
     module, data = configured(config, seeded)
     seed_everything(seed)
     history: list[dict] = []

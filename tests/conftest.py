@@ -27,20 +27,23 @@ def one_thread():
 
 
 GROUPS = {"sae": ("sae_id", "build", "features", "n_features", "feature_target"),
-          "edit": ("method", "fraction", "k", "mask_strategy", "mask_path", "seed", "lora_rank", "clamp_value",
-                   "steering_alpha", "steering_kind", "layers", "projection_alpha"),
+          "edit": ("method", "fraction", "entries", "mask_strategy", "mask_path", "mask_seed", "layers", "options"),
           "train": ("lr", "max_length", "cache_activations", "cache_budget_mb", "null_space_energy")}
+#: The tests' shorthand for two `model.edit` fields: `k=` (the mask's entry count), `seed=` (its seed).
+SHORTHAND = {"k": "entries", "seed": "mask_seed"}
 
 
 def module_args(**overrides) -> dict:
-    """`DebiasModule` keyword arguments from flat test overrides (`k=5`, `sae="tiny:..."`, `lr=0.1`)."""
+    """`DebiasModule` keyword arguments from flat test overrides (`k=5`, `sae="tiny:..."`, `lr=0.1`,
+    `options={"lora": {"rank": 2}}`)."""
     from debias.training.args import EditArgs, SAEArgs, TrainArgs
 
     flat = dict(sae="tiny:blocks.1.hook_mlp_out", features=[3], k=40, lr=0.05, max_length=32)
     flat.update(overrides)
+    flat = {SHORTHAND.get(key, key): value for key, value in flat.items()}
     masked = (None, "instability", "random", "bias_gradient", "feature_effect", "random_features")
-    if flat.get("method") not in masked and "k" not in overrides:
-        flat["k"] = None
+    if flat.get("method") not in masked and "k" not in overrides and "entries" not in overrides:
+        flat["entries"] = None
     grouped = {name: {key: flat.pop(key) for key in keys if key in flat} for name, keys in GROUPS.items()}
     grouped["sae"]["spec"] = flat.pop("sae")
     return {"sae": SAEArgs(**grouped["sae"]), "edit": EditArgs(**grouped["edit"]),

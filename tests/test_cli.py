@@ -104,7 +104,7 @@ def test_mask_command_writes_exactly_k(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     main(["mask", str(ROOT / "configs/tiny.yaml"), "--out", "m.safetensors",
-          "--overrides", '["--model.edit.k=17", "--model.edit.fraction=null"]'])
+          "--overrides", '["--model.edit.entries=17", "--model.edit.fraction=null"]'])
     assert InstabilityMask.load(tmp_path / "m.safetensors").k == 17
     assert "rows_touched" in capsys.readouterr().out
 

@@ -31,11 +31,12 @@ def test_a_cell_gets_the_grid_s_mask_or_its_own_k_and_a_seed_orders_its_data():
 
     shared = cell_overrides(Cell("random-k20-seed1", "random", 20, 1), [3], Path("masks/random-k20-seed1.safetensors"))
     assert "--model.edit.mask_path=masks/random-k20-seed1.safetensors" in shared
-    assert {"--model.edit.seed=1", "--data.seed=1"} <= set(shared) and not any("edit.k=" in a for a in shared)
+    assert {"--model.edit.mask_seed=1", "--data.shuffle_seed=1"} <= set(shared)
+    assert not any("edit.entries=" in a for a in shared)
     own = [m for m in GRID_METHODS if kind(m) == "mask" and not shares_mask(m)]  # ranked by what the grid lacks
     for method in own:
         args = cell_overrides(Cell(f"{method}-k20", method, 20), [3], None)
-        assert "--model.edit.k=20" in args and not any("mask_path" in a for a in args)
+        assert "--model.edit.entries=20" in args and not any("mask_path" in a for a in args)
 
 
 def test_by_default_every_one_matrix_mask_runs_once_per_seed():
@@ -161,7 +162,7 @@ def test_the_multilayer_row_spans_the_sae_layer_and_those_below_inside_the_model
         grid_layers("instability_3layers", 0, 3)
     assert not shares_mask("instability_3layers")  # its cell ranks its own joint mask, with the grid's total k
     args = cell_overrides(Cell("instability_3layers-k20", "instability_3layers", 20), [3], None, [0, 1])
-    assert {"--model.edit.method=instability", "--model.edit.layers=[0, 1]", "--model.edit.k=20"} <= set(args)
+    assert {"--model.edit.method=instability", "--model.edit.layers=[0, 1]", "--model.edit.entries=20"} <= set(args)
 
 
 def test_a_multilayer_cell_trains_one_joint_mask_of_the_grid_s_k(tmp_path):

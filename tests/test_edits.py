@@ -40,7 +40,7 @@ def test_lora_rank_larger_than_the_matrix_is_refused():
     with pytest.raises(ValueError, match=r"LoRA rank must be in \[1, 32\].*got 33"):
         LoraDelta(tiny_model("llama"), "model.layers.1.mlp.down_proj.weight", rank=33)
     with pytest.raises(ValueError, match="LoRA rank"):
-        make_module(method="lora", k=None, lora_rank=10_000)
+        make_module(method="lora", k=None, options={"lora": {"rank": 10_000}})
 
 
 def test_state_diff_edit_swaps_only_the_changed_weights():
@@ -76,7 +76,7 @@ def test_weight_methods_train_and_keep_the_original_reachable(method, tmp_path):
 
 @pytest.mark.parametrize("method", ["sae_clamp", "steering_vector"])
 def test_inference_methods_hook_the_network_and_have_nothing_to_train(method):
-    module, data = make_module(method=method, k=None, steering_alpha=4.0), make_data()
+    module, data = make_module(method=method, k=None, options={"steering_vector": {"alpha": 4.0}}), make_data()
     module.prepare(data)
     batch = module.tokenize(data.texts["neutral_heldout"][:2])
     edited = module(batch)
@@ -92,10 +92,11 @@ def test_inference_methods_hook_the_network_and_have_nothing_to_train(method):
 
 def test_method_arguments_are_checked_together():
     with pytest.raises(ValueError) as err:
-        make_module(method="dense", k=5, steering_alpha=math.nan, steering_kind="pca")
+        make_module(method="dense", k=5, options={"steering_vector": {"alpha": math.nan, "kind": "pca"}})
     message = str(err.value)
-    assert "model.edit.k=5 was given, but method 'dense' has no mask" in message
-    assert "steering_alpha must be finite, got nan" in message and "'pca'" in message
+    assert "model.edit.entries=5 was given, but method 'dense' has no mask" in message
+    assert "model.edit.options.steering_vector.alpha must be a finite number or null, got nan" in message
+    assert "'pca'" in message
     with pytest.raises(ValueError, match=r"model.edit.method must be one of .*'instability'.*got 'sparse'"):
         make_module(method="sparse")
     with pytest.raises(ValueError, match="a random mask is method: random"):

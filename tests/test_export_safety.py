@@ -29,7 +29,7 @@ def fitted(tmp_path_factory):
     os.chdir(tmp)
     try:
         main(["fit", "--config", TINY, "--trainer.max_steps=6", "--trainer.val_check_interval=6",
-              "--export.export_dir=export", "--export.plots=false", "--export.completions=0",
+              "--export.export_dir=export", "--export.plots=false", "--evaluate.completions=0",
               "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath=ckpt",
               "--trainer.callbacks.save_last=true"])
     finally:

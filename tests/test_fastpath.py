@@ -10,7 +10,7 @@ from conftest import make_data, make_module, make_trainer
 from debias.training.cache import FastPath, stochastic
 from debias.training.objective import ObjectiveWeights
 
-ALL_TERMS = ObjectiveWeights(feature=1.0, ablation=1.0, bias=1.0, kl=1.0, cue_kl=1.0)
+ALL_TERMS = ObjectiveWeights(feature=1.0, ablation=1.0, gap=1.0, kl=1.0, cue_kl=1.0)
 
 
 def _module(base_model, hook, objective=ALL_TERMS, **overrides):

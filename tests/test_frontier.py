@@ -326,7 +326,7 @@ def test_the_seed_draws_the_random_mask_and_orders_the_data(grid):
     assert not torch.equal(masks[0], masks[1])
     for seed in (0, 1):
         overrides = json.loads((out / "cells" / f"random-k20-seed{seed}.json").read_text())["cell"]["overrides"]
-        assert f"--data.seed={seed}" in overrides and f"--model.edit.seed={seed}" in overrides
+        assert f"--data.shuffle_seed={seed}" in overrides and f"--model.edit.mask_seed={seed}" in overrides
 
 
 @pytest.mark.parametrize("damage", ["{\"a\": 1}", "[1, 2, 3]", "{\"cell\": {\"overrides\": 3}}"])

@@ -160,11 +160,11 @@ def test_an_unknown_method_is_one_line_listing_the_registered_ones(capsys):
                                    f"the registered methods {list(registry.METHODS)}, got 'sparse'"]
 
 
-# ----- 6: model.edit.seed alone -----
+# ----- 6: model.edit.mask_seed alone -----
 def test_edit_seed_alone_builds():
-    cli = build_cli(["--config", TINY, "--model.edit.seed=1"], run=False)
+    cli = build_cli(["--config", TINY, "--model.edit.mask_seed=1"], run=False)
     model, data = dict(cli.model.hparams), dict(cli.datamodule.hparams)
-    assert cli.model.edit_args.seed == 1 and data["seed"] == 0
+    assert cli.model.edit_args.mask_seed == 1 and data["shuffle_seed"] == 0
     # Lightning's check before logging: a key in both hparams must have one value (flat hparams had `seed` twice)
     assert all(model[key] == data[key] for key in set(model) & set(data))
 
@@ -172,7 +172,7 @@ def test_edit_seed_alone_builds():
 # ----- one real fit (logger on, edit seed 1, export kept), then what may run after it -----
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """A tiny fit with `--model.edit.seed=1`, a CSV logger and a non-empty export with overwrite false."""
+    """A tiny fit with `--model.edit.mask_seed=1`, a CSV logger and a non-empty export with overwrite false."""
     out = tmp_path_factory.mktemp("fitted")
     config = yaml.safe_load(Path(TINY).read_text())
     config["trainer"].update(max_steps=2, val_check_interval=1.0, check_val_every_n_epoch=1, limit_val_batches=0,
@@ -182,7 +182,7 @@ def fitted(tmp_path_factory):
     config["export"] = {"export_dir": str(out / "export"), "overwrite": False, "completions": 0, "plots": False}
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    main(["fit", "--config", str(path), "--model.edit.seed=1"])
+    main(["fit", "--config", str(path), "--model.edit.mask_seed=1"])
     (ckpt,) = (out / "runs").rglob("*.ckpt")
     return path, ckpt, out
 
@@ -190,7 +190,8 @@ def fitted(tmp_path_factory):
 def test_fit_with_edit_seed_alone_runs_and_records_it(fitted):
     _, ckpt, out = fitted
     saved = torch.load(ckpt, weights_only=True)
-    assert saved["hyper_parameters"]["edit"]["seed"] == 1 and saved["datamodule_hyper_parameters"]["seed"] == 0
+    assert saved["hyper_parameters"]["edit"]["mask_seed"] == 1
+    assert saved["datamodule_hyper_parameters"]["shuffle_seed"] == 0
     assert (out / "export" / "debias" / "report.json").is_file()
 
 
@@ -205,7 +206,7 @@ def test_ckpt_path_with_another_method_is_refused(fitted, capsys):
     config, ckpt, _ = fitted
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--model.edit.method=random",
-              "--model.edit.seed=1"])
+              "--model.edit.mask_seed=1"])
     lines = error_lines(capsys)
     assert exit_.value.code == 2 and len(lines) == 1
     assert lines[0].startswith(f"debias: error: --ckpt_path {ckpt} was trained with model.edit.method='instability'; "
@@ -223,8 +224,8 @@ def test_ckpt_path_with_the_same_arguments_proceeds_with_a_note(fitted, monkeypa
 
     monkeypatch.setattr(DebiasCLI, "instantiate_classes", stop)
     with pytest.raises(Parsed) as parsed:
-        build_cli(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--model.edit.seed=1"])
-    assert parsed.value.args[0]["seed"] == 1 and parsed.value.args[0]["method"] == "instability"
+        build_cli(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--model.edit.mask_seed=1"])
+    assert parsed.value.args[0]["mask_seed"] == 1 and parsed.value.args[0]["method"] == "instability"
     assert "mid-epoch checkpoint does not repeat an uninterrupted run exactly" in capsys.readouterr().err
 
 
@@ -232,15 +233,15 @@ def test_checkpoint_differences_list_every_key_with_both_values(tmp_path):
     from debias.commands.fit import check_checkpoint_hparams
 
     ckpt = tmp_path / "x.ckpt"
-    saved = {"base_model": "tiny-llama", "edit": {"method": "instability", "seed": 0, "k": None},
+    saved = {"base_model": "tiny-llama", "edit": {"method": "instability", "mask_seed": 0, "entries": None},
              "sae": {"build": None}}
     torch.save({"hyper_parameters": saved}, ckpt)
-    current = {"base_model": "tiny-llama", "edit": {"method": "random", "seed": 2, "k": None},
+    current = {"base_model": "tiny-llama", "edit": {"method": "random", "mask_seed": 2, "entries": None},
                "sae": {"build": {"hook_name": "blocks.1.hook_mlp_out"}}}
     with pytest.raises(ValueError) as err:
         check_checkpoint_hparams(str(ckpt), current)
     assert str(err.value).startswith(
-        f"--ckpt_path {ckpt} was trained with model.edit.method='instability' and model.edit.seed=0 and "
+        f"--ckpt_path {ckpt} was trained with model.edit.method='instability' and model.edit.mask_seed=0 and "
         "model.sae.build=None; this run has 'random' and 2 and {'hook_name': 'blocks.1.hook_mlp_out'} (")
     check_checkpoint_hparams(str(ckpt), json.loads(json.dumps(saved)))  # equal: proceeds
     (tmp_path / "text.ckpt").write_text("not a checkpoint")

@@ -146,7 +146,7 @@ def test_checkpoint_state_covers_every_matrix_and_refuses_other_layers(trained, 
 
 
 def test_fast_path_equals_plain_path_for_a_two_layer_mask():
-    terms = ObjectiveWeights(feature=1.0, ablation=1.0, bias=1.0, kl=1.0, cue_kl=1.0)
+    terms = ObjectiveWeights(feature=1.0, ablation=1.0, gap=1.0, kl=1.0, cue_kl=1.0)
     data = make_data(max_texts=8)
     module = _module([1, 2], method="random", objective=terms)
     module.prepare(data)
@@ -273,7 +273,7 @@ def test_methods_without_a_mask_refuse_layers(method):
     with pytest.raises(ValueError, match=rf"model.edit.layers=\[1, 2\] was given, but method '{method}' edits the SAE "
                                          r"layer's W_out only \(layers applies to \['instability', 'random', "
                                          r"'bias_gradient', 'feature_effect', 'random_features'\]\)"):
-        EditArgs(method=method, k=None, layers=[1, 2])
+        EditArgs(method=method, entries=None, layers=[1, 2])
 
 
 def test_one_layer_other_than_the_saes_is_refused():

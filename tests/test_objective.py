@@ -14,9 +14,9 @@ def _term(module, data, name):
         return float(module.loss_terms(batch)[name])
 
 
-@pytest.mark.parametrize("name", ["feature", "ablation", "bias"])
+@pytest.mark.parametrize("name", ["feature", "ablation", "gap"])
 def test_each_term_lowers_its_own_quantity(name, tmp_path):
-    weights = dict(feature=0.0, ablation=0.0, bias=0.0, kl=0.0)
+    weights = dict(feature=0.0, ablation=0.0, gap=0.0, kl=0.0)
     weights[name] = 1.0
     data = make_data()
     module = make_module(objective=ObjectiveWeights(**weights), k=400, lr=0.05)

@@ -141,8 +141,8 @@ def test_a_centring_sae_and_a_bad_alpha_are_refused_before_anything_is_built():
     check_sae(tiny_sae(32, "blocks.1.hook_mlp_out", normalize_activations="constant_norm_rescale"))
     from debias.training.args import EditArgs
 
-    with pytest.raises(ValueError, match=r"model.edit.projection_alpha must be finite, got inf"):
-        EditArgs(method="feature_projection", k=None, projection_alpha=math.inf)
+    with pytest.raises(ValueError, match=r"model.edit.options.feature_projection.alpha must be a finite number, got inf"):
+        EditArgs(method="feature_projection", options={"feature_projection": {"alpha": math.inf}})
     with pytest.raises(ValueError, match=r"^feature_projection needs .*blocks.1.hook_resid_post is the output"):
         make_module(method="feature_projection", sae="tiny:blocks.1.hook_resid_post")
 

@@ -107,9 +107,9 @@ def test_two_builds_with_the_same_seed_match(built, lm, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert again["explained_variance"] == metrics["explained_variance"]
 
-    other = train_sae(*lm, settings(seed=1, epochs=0.5), tmp_path / "c", model_id="tiny-llama")
+    other = train_sae(*lm, settings(sae_seed=1, epochs=0.5), tmp_path / "c", model_id="tiny-llama")
     assert not torch.equal(load_file(tmp_path / "c" / "sae_weights.safetensors")["W_enc"], first["W_enc"])
-    assert other["settings"]["seed"] == 1
+    assert other["settings"]["sae_seed"] == 1
 
 
 def test_ensure_sae_builds_once_then_reuses(lm, tmp_path, monkeypatch):
@@ -122,7 +122,7 @@ def test_ensure_sae_builds_once_then_reuses(lm, tmp_path, monkeypatch):
     assert path == sae_cache_path("tiny-llama", cheap) and path.is_relative_to(tmp_path / "saes")
     assert ensure_sae(*lm, "tiny-llama", cheap) == path
     assert len(calls) == 1
-    assert sae_cache_path("tiny-llama", settings(seed=1)) != sae_cache_path("tiny-llama", settings())
+    assert sae_cache_path("tiny-llama", settings(sae_seed=1)) != sae_cache_path("tiny-llama", settings())
 
 
 def test_an_sae_built_on_other_weights_of_the_same_model_path_is_built_again(tmp_path, monkeypatch, capsys):

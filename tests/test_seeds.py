@@ -13,7 +13,7 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, str(ROOT / "scripts" / "seeds.py"), str(ROOT / "configs" / "tiny.yaml"), "--out",
            str(out), "--seeds", "0", "1", "--", "--trainer.max_steps=4", "--export.plots=false",
-           "--export.completions=0", *extra]
+           "--evaluate.completions=0", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=out.parent)
 
 

@@ -7,6 +7,7 @@ A bad key or value raises `ConfigError` (jsonargparse's message) instead of prin
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 import sys
@@ -17,7 +18,8 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from debias.callbacks import ReportAndExport, ValidationMetrics
+from debias.callbacks import EvaluationArgs, ReportAndExport, ValidationMetrics
+from debias.config import moved
 from debias.io import load_weights_only
 from debias.training.data import DebiasDataModule
 from debias.training.module import DebiasModule
@@ -78,7 +80,17 @@ class DebiasCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ValidationMetrics, "metrics")
-        parser.add_lightning_class_args(ReportAndExport, "export")
+        # What is evaluated before and after is its own group, `evaluate:` (`EvaluationArgs`), which `ReportAndExport`
+        # runs: its `suites` and `completions` are no keys of `export` (as `add_lightning_class_args` would make them)
+        # and are handed over in `instantiate_trainer`.
+        parser.callback_keys.append("export")
+        parser.add_class_arguments(ReportAndExport, "export", fail_untyped=False, sub_configs=True,
+                                   skip={"suites", "completions"})
+        parser.add_class_arguments(EvaluationArgs, "evaluate")
+
+    def instantiate_trainer(self, **kwargs):
+        self._get(self.config_init, "export").evaluate_with(self._get(self.config_init, "evaluate"))
+        return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:
         """LightningCLI's, without its warning about `args` given beside `sys.argv` (`debias` passes them on)."""
@@ -118,7 +130,43 @@ def build_cli(args: list[str] | None, run: bool = True) -> DebiasCLI:
     except ArgumentError as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(None, str(err)) from err
+        raise ConfigError(None, moved_key(str(err)) or str(err)) from err
+
+
+def moved_key(message: str) -> str | None:
+    """`debias.config.moved`'s one line when jsonargparse's `message` refuses a key that was renamed or moved (issue
+    #24), with the value given where the message shows it; None for any other message."""
+    unknown = re.search(r"Group '([\w.]+)' does not accept option '(\w+)'", message)
+    if unknown:
+        return moved(f"{unknown[1]}.{unknown[2]}")
+    flag = re.search(r"unrecognized arguments: --([\w.]+)(?:[= ](\S+))?", message)
+    if flag:
+        return moved(flag[1], flag[2])
+    where, key = "", None
+    for line in message.splitlines():
+        line = line.strip()
+        nested = re.fullmatch(r'Parser key "([^"]+)":.*', line)
+        if nested and key is None:  # nested keys are relative to the enclosing one ("model.sae", then "build")
+            where = nested[1] if not where or nested[1].startswith(where + ".") else f"{where}.{nested[1]}"
+        option = re.fullmatch(r"Option '(\w+)' is not accepted", line)
+        if option and key is None:
+            key = option[1]
+        given = re.fullmatch(r"Given value: (.*)", line)
+        if given and key is not None:
+            return moved(f"{where}.{key}", _given(given[1], key))
+    return moved(f"{where}.{key}") if key is not None else None
+
+
+def _given(text: str, key: str) -> object:
+    """The value of `key` in jsonargparse's `Given value: ...` (a dict, or a `NestedArg` of a flag); None if unread."""
+    nested = re.fullmatch(r"NestedArg\(key='(\w+)', val='(.*)'\)", text)
+    if nested:
+        return nested[2] if nested[1] == key else None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+    return value.get(key) if isinstance(value, dict) else None
 
 
 #: Lightning's console lines that say nothing about the run: its advertising tips ("💡 Tip: ... litlogger") and the

@@ -219,6 +219,7 @@ class EditContext:
     features: list[int]
     k: int | None
     args: Any  # debias.training.args.EditArgs
+    options: Any  # the method's options (its `registry.Method.options` dataclass, e.g. `LoraOptions`); None: none
     texts: dict[str, list[str]]  # the DataModule's train texts (bias_train, gap_female_train, ...)
     mask_batches: list[dict[str, torch.Tensor]]  # tokenised train bias prompts
     eval_batch_size: int = 16

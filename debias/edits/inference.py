@@ -4,12 +4,15 @@ interventions`) held on the network by a forward hook. No weight changes, so it 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from debias.config import SteeringKind, choices
+from debias.edits import options
 from debias.edits.base import at_strength
 from debias.edits.interventions import Intervention, SAEClamp, SteeringVector, check_two_groups, fit_steering
 from debias.edits.record import EditRecord
@@ -86,19 +89,48 @@ class InferenceEdit:
         return self.intervention.describe()
 
 
+@dataclass
+class ClampOptions:
+    """`model.edit.options: {sae_clamp: {...}}`."""
+
+    value: float = 0.0
+    """The value the features are held at (0: ablation)."""
+
+    def __post_init__(self):
+        options.refuse(options.finite("value", self.value))
+
+
+@dataclass
+class SteeringOptions:
+    """`model.edit.options: {steering_vector: {...}}`."""
+
+    alpha: float | None = None
+    """Coefficient of the unit steering vector v (v points from the second group's stereotyped contexts to the
+    first's: gender, from male to female); None: calibrated on this model and layer, −(mean first − mean second)·v
+    over the train prompts (moves the first group's average onto the second's along v)."""
+    kind: SteeringKind = "mean_diff"
+    """How v is fitted on the train profession prompts: mean_diff or probe (LinearSVC)."""
+
+    def __post_init__(self):
+        kinds = list(choices(SteeringKind))
+        options.refuse(options.finite("alpha", self.alpha, optional=True),
+                       f"kind must be one of {kinds}, got {self.kind!r}"
+                       if self.kind not in kinds else None)
+
+
 def build_clamp(ctx) -> InferenceEdit:
-    """`sae_clamp`: the run's features held at `clamp_value` through the SAE, error term kept."""
-    return InferenceEdit(ctx.net, SAEClamp(ctx.sae, ctx.site, ctx.features, ctx.args.clamp_value), ctx.features)
+    """`sae_clamp`: the run's features held at `options.value` (`ClampOptions`) through the SAE, error term kept."""
+    return InferenceEdit(ctx.net, SAEClamp(ctx.sae, ctx.site, ctx.features, ctx.options.value), ctx.features)
 
 
 def build_steering(ctx) -> InferenceEdit:
-    """`steering_vector`: `steering_alpha` · v at the hook, v fitted on the train profession prompts (first vs
-    second group; the run's bias must have two groups); no `steering_alpha`: the strength calibrated on this model
-    and layer (`fit_steering`: the first group's average moved onto the second's along v)."""
+    """`steering_vector`: `options.alpha` · v at the hook (`SteeringOptions`), v fitted on the train profession
+    prompts (first vs second group; the run's bias must have two groups); no alpha: the strength calibrated on this
+    model and layer (`fit_steering`: the first group's average moved onto the second's along v)."""
     check_two_groups(ctx.bias)
     first, second = ctx.gap_prompts()[:2]
-    vector, calibrated = fit_steering(ctx.net, ctx.tokenizer, ctx.site, first, second, kind=ctx.args.steering_kind,
+    vector, calibrated = fit_steering(ctx.net, ctx.tokenizer, ctx.site, first, second, kind=ctx.options.kind,
                                       batch_size=ctx.eval_batch_size, max_length=ctx.max_length)
-    given = ctx.args.steering_alpha
+    given = ctx.options.alpha
     info = {"alpha_from": "given" if given is not None else "calibrated: -(mean_first - mean_second) . v"}
     return InferenceEdit(ctx.net, SteeringVector(ctx.site, vector, calibrated if given is None else given, info))

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from debias.edits import options
 from debias.edits.base import ADAPTER, WeightEdit
+
+
+@dataclass
+class LoraOptions:
+    """`model.edit.options: {lora: {...}}`."""
+
+    rank: int = 8
+    """Rank of the adapter on W_out: at most the matrix's smaller side (checked once the model is loaded)."""
+
+    def __post_init__(self):
+        whole = isinstance(self.rank, int) and not isinstance(self.rank, bool)
+        options.refuse(f"rank must be an integer >= 1, got {self.rank!r}" if not whole or self.rank < 1 else None)
 
 
 def check_lora_rank(rank: int, shape: tuple[int, ...]) -> None:
@@ -18,9 +32,9 @@ def check_lora_rank(rank: int, shape: tuple[int, ...]) -> None:
                          f"got {rank}")
 
 
-def check_network(net: nn.Module, site, parameter: str, args) -> None:
-    """`lora` refuses a `lora_rank` that does not fit the W_out `parameter`."""
-    check_lora_rank(args.lora_rank, tuple(net.get_parameter(parameter).shape))
+def check_network(net: nn.Module, site, parameter: str, options: LoraOptions) -> None:
+    """`lora` refuses a rank (`options.rank`) that does not fit the W_out `parameter`."""
+    check_lora_rank(options.rank, tuple(net.get_parameter(parameter).shape))
 
 
 class LoraDelta(WeightEdit):
@@ -94,5 +108,5 @@ class LoraDelta(WeightEdit):
 
 
 def build(ctx) -> LoraDelta:
-    """`lora`: a LoRA adapter of `lora_rank` on the run's W_out."""
-    return LoraDelta(ctx.net, ctx.parameter, ctx.args.lora_rank, features=tuple(ctx.features))
+    """`lora`: a LoRA adapter of rank `options.rank` (`LoraOptions`) on the run's W_out."""
+    return LoraDelta(ctx.net, ctx.parameter, ctx.options.rank, features=tuple(ctx.features))

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from debias.edits import options
 from debias.edits.base import ADAPTER, EditContext, WeightEdit, at_strength
 from debias.models import hooks
 from debias.models.hooks import HookSite
@@ -81,7 +83,7 @@ def check_site(net: nn.Module, site: HookSite, parameter: str) -> None:
                          "on a test forward: the MLP does more after W_out")
 
 
-def check_network(net: nn.Module, site: HookSite, parameter: str, args) -> None:
+def check_network(net: nn.Module, site: HookSite, parameter: str, method_options: Any) -> None:
     """`feature_projection` refuses an SAE site that is not W_out's output (`check_site`)."""
     check_site(net, site, parameter)
 
@@ -200,9 +202,21 @@ class FeatureProjection(WeightEdit):
         return at_strength(lambda: self.alpha, self.set_strength, alpha)
 
 
+@dataclass
+class ProjectionOptions:
+    """`model.edit.options: {feature_projection: {...}}`."""
+
+    alpha: float = 1.0
+    """Strength α of W_out ← (I − α·P) W_out: 1 removes the decoder directions, 0 is the identity."""
+
+    def __post_init__(self):
+        options.refuse(options.finite("alpha", self.alpha))
+
+
 def build(ctx: EditContext) -> FeatureProjection:
-    """`feature_projection`: the run's features' decoder directions projected out of W_out at `projection_alpha`."""
+    """`feature_projection`: the run's features' decoder directions projected out of W_out at `options.alpha`
+    (`ProjectionOptions`)."""
     check_site(ctx.net, ctx.site, ctx.parameter)
     check_sae(ctx.sae)
     directions = ctx.sae.W_dec.detach()[list(ctx.features)]
-    return FeatureProjection(ctx.net, ctx.parameter, directions, ctx.args.projection_alpha, ctx.features)
+    return FeatureProjection(ctx.net, ctx.parameter, directions, ctx.options.alpha, ctx.features)

@@ -1,9 +1,10 @@
 """One table of methods: name -> how to build its edit, what kind of edit it is, what networks it refuses, how
 reports show it. Nothing else in the package names a method.
 
-Adding a method is one module with its builder `build(EditContext) -> Edit` (an `Edit`, `debias.edits.base`) and
-one `register(Method(...))` call; its name is then a valid `model.edit.method`. `GRID_VARIANTS` are extra rows of
-`debias compare`: a method with some of its arguments fixed.
+Adding a method is one module with its builder `build(EditContext) -> Edit` (an `Edit`, `debias.edits.base`) and,
+if it takes options, their dataclass beside it (`lora.LoraOptions`), and one `register(Method(...))` call; its name is
+then a valid `model.edit.method`, and its options valid `model.edit.options: {NAME: {...}}` (`debias.edits.options`).
+`GRID_VARIANTS` are extra rows of `debias compare`: a method with some of its arguments fixed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
-from debias.edits import inference, lora, projection, sparse
+from debias.edits import inference, lora, options, projection, sparse
 from debias.edits.base import Edit, EditContext
 
 Kind = Literal["mask", "weight", "inference"]
@@ -25,8 +26,9 @@ class Method:
     with no parameters to train, as `feature_projection`) or `inference` (a forward hook, nothing trained, no
     checkpoint).
 
-    What a method can do is declared here (needs a mask: `kind`; the networks it refuses: `check`; a rank sweep:
-    `ranked`; its export files: `export_files`) or, where it depends on the network it was built on, by its edit
+    What a method can do is declared here (needs a mask: `kind`; its own options: `options`, a dataclass beside its
+    builder, built from `model.edit.options`; the networks it refuses: `check`; a rank sweep: `ranked`; its export
+    files: `export_files`) or, where it depends on the network it was built on, by its edit
     (`Edit.save_adapter`: no adapter on GPT-2's `Conv1D`; `Edit.scaled`; `Edit.saves_delta`)."""
 
     name: str
@@ -37,9 +39,10 @@ class Method:
     # what ranks a mask's entries
     mask_from: Literal["feature", "bias", "random", "feature_effect", "random_features", "all"] | None = None
     export_files: str = ""  # the model card's list of the edit's own files
-    # refuses, before any SAE build or mask, a network the method cannot edit: check(net, site, parameter, args)
+    # refuses, before any SAE build or mask, a network the method cannot edit: check(net, site, parameter, options)
     check: Callable[[Any, Any, str, Any], None] | None = None
-    ranked: bool = False  # a low-rank adapter: `debias compare` makes a cell per rank (`--lora_ranks`)
+    ranked: bool = False  # a low-rank adapter (its options have `rank`): `debias compare` makes a cell per rank
+    options: type | None = None  # the dataclass of its `model.edit.options` (None: it takes none)
 
 
 _SPARSE_FILES = ("`adapter/` (PEFT, where the layer type has it); `debias/delta.safetensors` (indices + values, "
@@ -62,16 +65,19 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "instability with the features replaced by as many live latents drawn at random (seeded): a control",
            "salmon", "random_features", _SPARSE_FILES),
     Method("dense", "weight", sparse.build_dense, "every entry of W_out", "tab:purple", "all"),
-    Method("lora", "weight", lora.build, "a peft LoRA adapter (rank `lora_rank`)", "tab:green",
-           export_files="`adapter/` (PEFT LoRA); ", check=lora.check_network, ranked=True),
+    Method("lora", "weight", lora.build, "a peft LoRA adapter (rank: `options.rank`)", "tab:green",
+           export_files="`adapter/` (PEFT LoRA); ", check=lora.check_network, ranked=True, options=lora.LoraOptions),
     Method("sae_clamp", "inference", inference.build_clamp,
-           "the features clamped to `clamp_value` at the hook, error term kept", "tab:brown"),
+           "the features clamped to `options.value` at the hook, error term kept", "tab:brown",
+           options=inference.ClampOptions),
     Method("steering_vector", "inference", inference.build_steering,
-           "`steering_alpha` · v added at the hook (v fitted on train prompts)", "tab:cyan"),
+           "`options.alpha` · v added at the hook (v fitted on train prompts)", "tab:cyan",
+           options=inference.SteeringOptions),
     Method("feature_projection", "weight", projection.build,
            "the features' decoder directions projected out of W_out's output: W_out ← (I − α·P) W_out, "
-           "α = `projection_alpha`, no training", "tab:olive",
-           export_files="`adapter/` (PEFT LoRA, rank = number of features); ", check=projection.check_network),
+           "α = `options.alpha`, no training", "tab:olive",
+           export_files="`adapter/` (PEFT LoRA, rank = number of features); ", check=projection.check_network,
+           options=projection.ProjectionOptions),
 )}
 
 MethodName = str
@@ -126,12 +132,20 @@ def grid_layers(name: str, sae_layer: int, total: int) -> list[int] | None:
     return layers
 
 
-def check_network(name: str, net, site, parameter: str, args) -> None:
+def check_network(name: str, net, site, parameter: str, method_options) -> None:
     """Refuse, before any SAE build or mask, what method `name` cannot do on this network (its `Method.check`: e.g.
-    a LoRA rank that does not fit W_out, a `feature_projection` hook that is not W_out's output)."""
+    a LoRA rank that does not fit W_out, a `feature_projection` hook that is not W_out's output); `method_options`:
+    its options (`parse_options`)."""
     check = get(name).check
     if check is not None:
-        check(net, site, parameter, args)
+        check(net, site, parameter, method_options)
+
+
+def parse_options(name: str, given) -> tuple[Any, list[str]]:
+    """(method `name`'s options dataclass, built from its entry of `given` (`model.edit.options`, keyed by method) or
+    its defaults, None for a method without options; the problems of every entry, one line each: a method that takes
+    no options, a key its options lack, naming the methods that take it, or a bad value)."""
+    return options.build(name, given, {n: m.options for n, m in METHODS.items()})
 
 
 def get(name: str) -> Method:

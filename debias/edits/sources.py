@@ -26,7 +26,7 @@ def mask_from_gradients(ctx: EditContext, mask_from: str, parameters: list[str])
 
 
 def use_random_features(ctx: EditContext, given: Mask | None) -> dict:
-    """`random_features`: replace the run's features by as many live latents drawn at random, seeded by `seed`
+    """`random_features`: replace the run's features by as many live latents drawn at random, seeded by `mask_seed`
     (`debias.features.select.random_live_features`), or by a given mask's own when random_features drew them; returns
     what the mask records. The list changes in place: it is the module's own (`DebiasModule.prepare` passes it), so
     the objective, the feature metrics and the report use the drawn latents too."""
@@ -41,6 +41,6 @@ def use_random_features(ctx: EditContext, given: Mask | None) -> dict:
         return {}
     record: dict = {}
     ctx.features[:] = random_live_features(ctx.net, ctx.sae, ctx.site, ctx.mask_batches, len(ctx.features),
-                                           ctx.args.seed, ctx.tokenizer.bos_token_id, exclude=list(ctx.features),
+                                           ctx.args.mask_seed, ctx.tokenizer.bos_token_id, exclude=list(ctx.features),
                                            record=record)
     return record

@@ -207,7 +207,7 @@ def build_masked(ctx, mask_from: str) -> SparseDelta:
     else:
         grads = mask_from_gradients(ctx, mask_from, parameters)
         strategy = "random" if mask_from == "random" else args.mask_strategy
-        common: dict[str, Any] = dict(strategy=strategy, seed=args.seed, bos_token_id=ctx.tokenizer.bos_token_id,
+        common: dict[str, Any] = dict(strategy=strategy, seed=args.mask_seed, bos_token_id=ctx.tokenizer.bos_token_id,
                                       extra={"method": args.method, "mask_from": mask_from, **drawn},
                                       model_id=ctx.model_id, sae_id=ctx.sae_name)
         if len(parameters) > 1:

@@ -66,7 +66,7 @@ def cache_key(module, datamodule, suites: bool, cue_limit: int | None) -> dict |
     if files is None:
         return None
     datamodule.setup("fit")
-    hp = {k: v for k, v in datamodule.hparams.items() if k != "seed"}  # the training order: no held-out number
+    hp = {k: v for k, v in datamodule.hparams.items() if k != "shuffle_seed"}  # the training order: no held-out number
     hp.update(bias=datamodule.bias, prompt_dir=datamodule.prompt_dir)  # a DebiasData's own, hparams or not
     prompt_dir = Path(hp["prompt_dir"]) if hp["prompt_dir"] else default_prompt_dir()
     data = {"settings": hp, "texts": digest({k: datamodule.texts[k] for k in sorted(datamodule.texts)}),

@@ -46,7 +46,7 @@ class SAETrainSettings:
     seq_len: int = 128
     lr: float = 1e-3
     batch_size: int = 1024  # tokens per SAE step (more steps beat bigger batches at this budget)
-    seed: int = 0
+    sae_seed: int = 0  # seeds the SAE's initial weights and the order of its training batches
     val_tokens: int = 16_384  # validation tokens for explained variance, L0, dead fraction
     ce_tokens: int = 4_096  # the first ones of those also get the three full forwards of CE-loss-recovered
     capture_batch: int = 16  # sequences per model forward
@@ -85,6 +85,8 @@ class SAETrainSettings:
     def key(self) -> str:
         """Hash of the settings; the bias prompt file counts by content, not path."""
         fields = dataclasses.asdict(self)
+        # `sae_seed` was `seed` (issue #24): hashed under its old name, so every cached build keeps its key
+        fields["seed"] = fields.pop("sae_seed")
         if self.compute_dtype == "float32":  # added later: builds from before it keep their key
             del fields["compute_dtype"]
         if self.bias_prompt_file is not None:
@@ -126,7 +128,7 @@ def fit_topk_sae(acts: torch.Tensor, settings: SAETrainSettings, model_name: str
     cfg.metadata.context_size = settings.seq_len
     cfg.metadata.prepend_bos = prepend_bos
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(settings.sae_seed)
         sae = TopKTrainingSAE(cfg)
     scale = acts.shape[1] ** 0.5 / acts.norm(dim=-1).mean().item()
     with torch.no_grad():
@@ -139,7 +141,7 @@ def fit_topk_sae(acts: torch.Tensor, settings: SAETrainSettings, model_name: str
         dead_feature_window=max(1, DEAD_WINDOW_TOKENS // settings.batch_size), feature_sampling_window=steps + 1,
         device="cpu", autocast=settings.compute_dtype == "bfloat16",
     )
-    trainer = SAETrainer(trainer_cfg, sae, _batches(acts, settings.batch_size, settings.seed))
+    trainer = SAETrainer(trainer_cfg, sae, _batches(acts, settings.batch_size, settings.sae_seed))
     trainer.activation_scaler.scaling_factor = scale  # folded into the weights at the end of fit()
     trainer.fit()
     return sae, trainer

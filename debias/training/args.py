@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-from debias.config import DType, MaskStrategy, SteeringKind
+from debias.config import DType, MaskStrategy, moved
 from debias.edits import registry
 from debias.edits.registry import MethodName
 from debias.sae.build import SAETrainSettings
@@ -52,7 +52,8 @@ def as_group(cls: type[Group], value: Any, name: str) -> Group:
     known = [f.name for f in fields(cls)]  # type: ignore[arg-type]  # cls is one of the dataclasses here
     unknown = [key for key in value if key not in known]
     if unknown:
-        raise ValueError(f"{name} has no key {unknown[0]!r}; expected some of {known}")
+        raise ValueError(moved(f"{name}.{unknown[0]}", value[unknown[0]])
+                         or f"{name} has no key {unknown[0]!r}; expected some of {known}")
     return cls(**value)
 
 
@@ -92,7 +93,8 @@ class SAEArgs:
 
 @dataclass
 class EditArgs:
-    """What is edited, and how (`debias.edits.registry.METHODS`)."""
+    """What is edited, and how (`debias.edits.registry.METHODS`): the fields every method shares, and the chosen
+    method's own `options` (a dataclass registered with it)."""
 
     method: MethodName = "instability"
     """instability | random | bias_gradient | feature_effect | random_features (masked sparse deltas on the SAE
@@ -100,54 +102,48 @@ class EditArgs:
     (inference-time hooks, nothing trained), feature_projection (the features' decoder directions projected out of
     W_out: computed, not trained)."""
     fraction: float | None = 0.01
-    """Share of W_out's entries a masked method trains: k = max(1, floor(fraction × numel)), numel of all `layers`."""
-    k: int | None = None
-    """Number of entries a masked method trains; overrides `fraction`."""
+    """Share of W_out's entries a masked method trains: entries = max(1, floor(fraction × numel)), numel of all
+    `layers`."""
+    entries: int | None = None
+    """Number of W_out entries a masked method trains (the mask's k); overrides `fraction`."""
     layers: list[int] | None = None
-    """Masked methods only: the layers whose W_out one mask spans, e.g. [18, 21, 24, 27], ranked jointly (the top k of
-    all their entries; k and fraction count the entries of all of them). None: the SAE's layer alone."""
+    """Masked methods only: the layers whose W_out one mask spans, e.g. [18, 21, 24, 27], ranked jointly (the top
+    entries of all of them; `entries` and `fraction` count the entries of all of them). None: the SAE's layer alone."""
     mask_strategy: MaskStrategy = "gradient"
     """How instability, bias_gradient, feature_effect and random_features rank entries by their gradient g: |g| or
     |g · w|."""
     mask_path: str | None = None
     """Use this saved mask (`debias mask`) instead of computing one; it brings its own k."""
-    seed: int = 0
-    """Seed of the random mask, and of the latents random_features draws."""
-    lora_rank: int = 8
-    """Rank of the lora adapter."""
-    clamp_value: float = 0.0
-    """The value sae_clamp holds the features at (0: ablation)."""
-    steering_alpha: float | None = None
-    """Coefficient of the unit steering vector v (v points from male- to female-stereotyped contexts); None: calibrated
-    on this model and layer, −(mean female − mean male)·v over the train prompts (moves the female-stereotyped
-    contexts' average onto the male one along v)."""
-    steering_kind: SteeringKind = "mean_diff"
-    """How v is fitted on the train profession prompts: mean_diff or probe (LinearSVC)."""
-    projection_alpha: float = 1.0
-    """Strength of feature_projection, W_out ← (I − α·P) W_out: 1 removes the decoder directions, 0 is the identity."""
+    mask_seed: int = 0
+    """Seed of the mask's random draws: the entries of `random`, and the latents `random_features` draws."""
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each method's own options, keyed by method and checked against its registered dataclass
+    (`registry.Method.options`, `debias.edits.options`); the run's method uses its entry, `debias compare` the others'.
+    lora: {rank: 8}; sae_clamp: {value: 0.0}; steering_vector: {alpha: null (calibrated), kind: mean_diff | probe};
+    feature_projection: {alpha: 1.0}; the other methods take none. Omitted keys keep their defaults."""
 
     def __post_init__(self):
         problems = [p + (" (a random mask is method: random)" if "mask_strategy" in p else "")
                     for p in _choices("model.edit", self)]
         problems += [p for p in [registry.check_name(self.method)] if p]  # the live table: registered methods count
         masked = registry.names("mask")
-        if self.method in registry.METHODS and self.method not in masked and self.k is not None:
-            problems.append(f"model.edit.k={self.k} was given, but method {self.method!r} has no mask "
-                            f"(k applies to {list(masked)})")
-        if self.k is None and self.fraction is None:
-            problems.append("give model.edit.fraction or model.edit.k")
-        if self.k is not None and self.k < 1:
-            problems.append(f"model.edit.k must be >= 1, got {self.k}")
-        if self.k is None and self.fraction is not None and not (_finite(self.fraction) and 0 < self.fraction <= 1):
+        if self.method in registry.METHODS and self.method not in masked and self.entries is not None:
+            problems.append(f"model.edit.entries={self.entries} was given, but method {self.method!r} has no mask "
+                            f"(entries applies to {list(masked)})")
+        if self.entries is None and self.fraction is None:
+            problems.append("give model.edit.fraction or model.edit.entries")
+        if self.entries is not None and self.entries < 1:
+            problems.append(f"model.edit.entries must be >= 1, got {self.entries}")
+        if self.entries is None and self.fraction is not None and not (_finite(self.fraction)
+                                                                       and 0 < self.fraction <= 1):
             problems.append(f"model.edit.fraction must be in (0, 1], got {self.fraction}")
         problems += _layer_problems(self.method, self.layers)
-        if self.lora_rank < 1:
-            problems.append(f"model.edit.lora_rank must be >= 1, got {self.lora_rank}")
         if self.mask_path is not None and not Path(self.mask_path).is_file():
             problems.append(f"model.edit.mask_path={self.mask_path!r}: no such file")
-        for name in ("clamp_value", "steering_alpha", "projection_alpha"):
-            if getattr(self, name) is not None and not _finite(getattr(self, name)):
-                problems.append(f"model.edit.{name} must be finite, got {getattr(self, name)}")
+        self.method_options: Any = None  # the method's options dataclass, built from `options` (None: it takes none)
+        if self.method in registry.METHODS:
+            self.method_options, option_problems = registry.parse_options(self.method, self.options)
+            problems += option_problems
         _raise("model.edit", problems)
 
     @property

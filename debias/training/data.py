@@ -57,7 +57,7 @@ class DebiasDataModule(LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         max_texts: int | None = None,
-        seed: int = 0,
+        shuffle_seed: int = 0,
         cda_pairs: int = 512,
     ):
         """
@@ -76,7 +76,7 @@ class DebiasDataModule(LightningDataModule):
             batch_size: texts per set in one training step.
             eval_batch_size: texts per batch in evaluation and the mask pass.
             max_texts: keep only the first N texts of each set (quick runs).
-            seed: shuffling seed.
+            shuffle_seed: seed of the order of the training texts (one permutation, the same every epoch).
             cda_pairs: how many counterfactual pairs the `cda` term mines from the SAE's corpus (`debias.cda`; only
                 when objective.cda > 0).
         """
@@ -167,7 +167,7 @@ class DebiasDataModule(LightningDataModule):
         if shuffle:
             # One seeded permutation, the same every epoch: a run resumed from a checkpoint at an epoch
             # boundary then sees exactly the batches of a run that never stopped.
-            order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.args.seed))
+            order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.args.shuffle_seed))
             texts = [texts[i] for i in order]
         return DataLoader(texts,  # type: ignore[arg-type]  # a list is a map-style dataset
                           batch_size=batch_size, shuffle=False, collate_fn=_identity)

@@ -86,8 +86,8 @@ class DebiasModule(LightningModule):
         self.bias_spec: str | None = None
         self.numel = sum(self.net.get_parameter(p).numel() for p in self.parameters_edited)
         method = registry.get(self.edit_args.method)
-        registry.check_network(method.name, self.net, self.site, self.parameter, self.edit_args)
-        k, fraction = self.edit_args.k, self.edit_args.fraction
+        registry.check_network(method.name, self.net, self.site, self.parameter, self.edit_args.method_options)
+        k, fraction = self.edit_args.entries, self.edit_args.fraction
         self.k = resolve_k(self.numel, None if k is not None else fraction, k) if method.kind == "mask" else None
         self.mask: Mask | None = None  # the mask of a masked method, once prepared
         self.preset_mask: Mask | None = None  # set before `prepare`: use it instead of computing one
@@ -150,7 +150,8 @@ class DebiasModule(LightningModule):
         context = EditContext(
             net=self.net, tokenizer=self.tokenizer, sae=self.sae, site=self.site, parameter=self.parameter,
             parameters=self.parameters_edited, layers=self.layers_edited, features=self.features, k=self.k,
-            args=self.edit_args, mask_batches=batches, max_length=self.train_args.max_length, model_id=self.model_id,
+            args=self.edit_args, options=self.edit_args.method_options, mask_batches=batches,
+            max_length=self.train_args.max_length, model_id=self.model_id,
             sae_name=":".join(filter(None, [self.sae_args.spec, self.sae_args.sae_id])), preset_mask=self.preset_mask,
             broadcast=strategy.broadcast if strategy is not None else (lambda obj: obj), **from_data)
         self.attach_edit(registry.get(self.edit_args.method).build(context))

@@ -1,4 +1,4 @@
-"""Objective terms: what the edit removes (feature, ablation, bias, counterfactual, cda) and what it keeps (KL to the
+"""Objective terms: what the edit removes (feature, ablation, gap, counterfactual, cda) and what it keeps (KL to the
 original on neutral text, after explicit cues and at the group word of factual statements).
 
 Every term is a scalar, differentiable with respect to the delta. Shapes: logits `[batch, seq, vocab]`,
@@ -31,7 +31,7 @@ class ObjectiveWeights:
     """Mean activation of the feature(s) on bias prompts, divided by its value before training."""
     ablation: float = 0.0
     """KL(model with the feature(s) ablated through the SAE, error term kept || edited model) on bias prompts."""
-    bias: float = 0.0
+    gap: float = 0.0
     """(train bias gap)², the next-token gap of the bias's targets on train stereotyped-context prompts (gender:
     she vs he after professions)."""
     counterfactual: float = 0.0
@@ -60,8 +60,8 @@ class ObjectiveWeights:
         bad = {k: v for k, v in self.weights().items() if not (v >= 0 and v < float("inf"))}
         if bad:
             raise ValueError(f"objective weights must be finite and >= 0, got {bad}")
-        if self.feature == self.ablation == self.bias == self.counterfactual == self.cda == 0:
-            raise ValueError("at least one of objective.feature, objective.ablation, objective.bias, "
+        if self.feature == self.ablation == self.gap == self.counterfactual == self.cda == 0:
+            raise ValueError("at least one of objective.feature, objective.ablation, objective.gap, "
                              "objective.counterfactual, objective.cda must be > 0")
 
     def weights(self) -> dict[str, float]:
@@ -110,8 +110,8 @@ def loss_terms(module, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
             terms["feature"] = feature_term(module.latents(bias, cap.value), real, module.feature_baseline)
     elif w.feature:
         terms["feature"] = feature_term(module.latents(bias), real, module.feature_baseline)
-    if w.bias:
-        terms["bias"] = train_gap(module, [texts[f"gap_{g}"] for g in module.groups]) ** 2
+    if w.gap:
+        terms["gap"] = train_gap(module, [texts[f"gap_{g}"] for g in module.groups]) ** 2
     if w.cue_kl:
         cue = texts["cue"]
         ref = original_output(module, "cue", cue, lambda: next_token_logprobs(net, module.tokenizer, cue, len(cue)))

@@ -41,8 +41,8 @@ def fit_args(cell: Cell, config: str, base_args: list[str], out: Path) -> list[s
     """`debias fit` arguments of a cell. The config's own callbacks (a `ModelCheckpoint(monitor=val/score)`) are
     dropped: the grid chooses each cell's step and α on the validation split itself (`matched`)."""
     return ["--config", config, "--trainer.callbacks=[]", *base_args, *cell.overrides,
-            f"--export.export_dir={out / cell.name / 'export'}", "--export.overwrite=true", "--export.suites=false",
-            f"--export.completions={4 if cell.objective == 'default' else 0}", "--export.plots=false",
+            f"--export.export_dir={out / cell.name / 'export'}", "--export.overwrite=true", "--evaluate.suites=false",
+            f"--evaluate.completions={4 if cell.objective == 'default' else 0}", "--export.plots=false",
             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
             "--trainer.limit_val_batches=0", "--trainer.enable_model_summary=false",
             f"--trainer.default_root_dir={out / cell.name}"]  # the cell's resolved config.yaml goes there

@@ -33,14 +33,14 @@ def kind(name: str) -> str:
 
 def cell_name(method: str, k: int | None = None, seed: int | None = None, rank: int | None = None,
               objective: str = "default") -> str:
-    """`instability-k88`, `random-k88-seed0`, `lora-r8`, `bias_gradient-k8847-obj-bias`: the one naming rule."""
+    """`instability-k88`, `random-k88-seed0`, `lora-r8`, `bias_gradient-k8847-obj-gap`: the one naming rule."""
     name = method + (f"-k{k}" if k is not None else "") + (f"-seed{seed}" if seed is not None else "")
     name += f"-r{rank}" if rank is not None else ""
     return name + (f"-obj-{objective}" if objective != "default" else "")
 #: The objective ablation: each removal term alone with the neutral KL (the default combination is the main cell).
-OBJECTIVES = {"feature": dict(feature=1.0, ablation=0.0, bias=0.0, kl=1.0, cue_kl=0.0),
-              "ablation": dict(feature=0.0, ablation=1.0, bias=0.0, kl=1.0, cue_kl=0.0),
-              "bias": dict(feature=0.0, ablation=0.0, bias=1.0, kl=1.0, cue_kl=0.0)}
+OBJECTIVES = {"feature": dict(feature=1.0, ablation=0.0, gap=0.0, kl=1.0, cue_kl=0.0),
+              "ablation": dict(feature=0.0, ablation=1.0, gap=0.0, kl=1.0, cue_kl=0.0),
+              "gap": dict(feature=0.0, ablation=0.0, gap=1.0, kl=1.0, cue_kl=0.0)}
 ABLATED = ("instability", "random", "bias_gradient")
 
 
@@ -137,11 +137,11 @@ def cell_overrides(cell: Cell, features: list[int], mask_path: Path | None,
     if mask_path is not None:
         args.append(f"--model.edit.mask_path={mask_path}")
     elif kind(cell.method) == "mask" and cell.k is not None:  # a method that computes its own mask (`shares_mask`)
-        args.append(f"--model.edit.k={cell.k}")
-    if cell.rank is not None:
-        args.append(f"--model.edit.lora_rank={cell.rank}")
+        args.append(f"--model.edit.entries={cell.k}")
+    if cell.rank is not None:  # a `ranked` method's options have a rank
+        args.append(f"--model.edit.options.{method.name}.rank={cell.rank}")
     if cell.seed is not None:  # the random mask's draw, and the order of every method's training data
-        args += [f"--model.edit.seed={cell.seed}", f"--data.seed={cell.seed}"]
+        args += [f"--model.edit.mask_seed={cell.seed}", f"--data.shuffle_seed={cell.seed}"]
     for term, weight in OBJECTIVES.get(cell.objective, {}).items():
         args.append(f"--model.objective.{term}={weight}")
     return args

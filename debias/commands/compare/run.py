@@ -73,7 +73,7 @@ def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seed
     if "lora" in methods:
         for rank in lora_ranks:
             check_lora_rank(rank, shape)
-    default_k = resolve_k(numel, None if edit.k is not None else edit.fraction, edit.k)
+    default_k = resolve_k(numel, None if edit.entries is not None else edit.fraction, edit.entries)
     counts = entry_counts(k or [default_k], numel)
     if state.get("config") == config and state.get("base_args") == base_args and state.get("features"):
         module.features = state["features"]
