@@ -7,7 +7,8 @@ that cannot be read (or is not a regular file: a FIFO planted there never blocks
 garbage), has no payload, was written for another key, lacks a required field, holds a NaN or an infinity anywhere
 or fails the caller's check is recomputed with a warning naming its path. A payload holding a NaN or an infinity is
 never stored. A store that cannot be written (read-only, disk full) warns, naming the path, and only costs the reuse.
-`DEBIAS_EVAL_CACHE=0` turns every store off.
+Each store has its own switch (`JsonStore.env`): `DEBIAS_EVAL_CACHE=0` turns the evaluation stores off,
+`DEBIAS_FEATURE_CACHE=0` the feature-choice store.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from debias.config import package_versions
 from debias.io import atomic_write, atomic_write_json, non_finite, read_regular
 from debias.models.load import cache_dir
 
-ENV = "DEBIAS_EVAL_CACHE"
+ENV = "DEBIAS_EVAL_CACHE"  # the evaluation stores' switch (the default of `JsonStore.env`)
 
 
 def enabled(env: str = ENV) -> bool:
@@ -146,13 +147,15 @@ def as_json(obj):
 class JsonStore:
     """One kind of entry: `kind` (its directory under `cache_dir()`), `what` (how warnings name an entry),
     `payload` (the entry's field holding the result), `sources` (what the key names, for the warning about an entry
-    written for another key) and `required` (the fields every payload must hold)."""
+    written for another key), `required` (the fields every payload must hold) and `env` (the environment variable
+    whose 0 / false / no / off turns this store off)."""
 
     kind: str
     what: str
     payload: str = "metrics"
     sources: str = "model, data or code"
     required: tuple[str, ...] = ()
+    env: str = ENV
 
     def entry_path(self, key: dict) -> Path:
         return entry_path(self.kind, key)
@@ -213,7 +216,7 @@ class JsonStore:
         `key()` is called only when the store is enabled; None (nothing identifies the inputs) computes without
         caching. A computed payload goes through JSON as a cached one does, so both are the same.
         """
-        identity = key() if enabled() else None
+        identity = key() if enabled(self.env) else None
         if identity is None:
             return as_json(compute()), None
         path = self.entry_path(identity)

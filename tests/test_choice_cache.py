@@ -27,6 +27,7 @@ def cache(tmp_path, monkeypatch):
     """A fresh, empty cache directory (the module's model was resolved before, in the session's cache)."""
     monkeypatch.setenv("DEBIAS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DEBIAS_EVAL_CACHE", raising=False)
+    monkeypatch.delenv("DEBIAS_FEATURE_CACHE", raising=False)
     return tmp_path / "cache"
 
 
@@ -163,6 +164,7 @@ def test_a_cache_that_cannot_be_written_warns_and_the_run_continues(chooser, tmp
     blocker.write_text("")  # a cache "directory" that is a file: every write under it fails, even as root
     monkeypatch.setenv("DEBIAS_CACHE", str(blocker))
     monkeypatch.delenv("DEBIAS_EVAL_CACHE", raising=False)
+    monkeypatch.delenv("DEBIAS_FEATURE_CACHE", raising=False)
     features, record = choose(module, data)
     err = capsys.readouterr().err
     assert 1 <= len(features) <= 2 and record["features"] == features and blocker.is_file()
@@ -178,9 +180,13 @@ def test_model_without_local_files_or_disabled_is_not_cached(chooser, cache, sel
         assert choice_cache.choice_key(module, data) is None
         choose(module, data)
         choose(module, data)
-    monkeypatch.setenv("DEBIAS_EVAL_CACHE", "0")  # the model is known again, but the cache is switched off
+    monkeypatch.setenv("DEBIAS_EVAL_CACHE", "0")  # the model is known again; the evaluation cache's switch is not this
+    choose(module, data)                            # cache's: the first choice is stored, the second reuses it
     choose(module, data)
-    assert len(selections) == 3 and not (cache / "features").exists()
+    assert len(selections) == 3 and (cache / "features").exists()
+    monkeypatch.setenv("DEBIAS_FEATURE_CACHE", "0")  # its own switch turns it off
+    choose(module, data)
+    assert len(selections) == 4
 
 
 # ----- the original model's validation metrics (ValidationMetrics.on_fit_start) -----

@@ -1,8 +1,9 @@
 """The fit-time feature choice (`select.select_features`), computed once per model, SAE and selection setting: a
 run with `model.sae.features` null reuses the features and the `feature_selection` record from
 `cache_dir() / "features"` (a `debias.json_store.JsonStore`: atomic writes, a damaged or foreign entry recomputed
-with a warning naming it, `DEBIAS_EVAL_CACHE=0` turns it off). An entry whose features repeat a latent, or that its
-own record contradicts (the record's features, the candidates it kept), is damaged too.
+with a warning naming it, `DEBIAS_FEATURE_CACHE=0` turns it off; `DEBIAS_EVAL_CACHE` does not). An entry whose
+features repeat a latent, or that its own record contradicts (the record's features, the candidates it kept), is
+damaged too.
 
 An entry is keyed by everything the choice depends on:
 - the model: its spec, the sha256 of each file of its directory, the dtype, `max_length` and the device type. A
@@ -24,8 +25,9 @@ PACKAGE = Path(__file__).resolve().parents[1]
 #: Sources whose code chooses the features (relative to the package); a change to any of them is a new key.
 CODE_FILES = ("features/*.py", "sae/ops.py", "sae/corpus.py", "prompts.py", "bias_spec.py", "bias_checks.py",
               "statements.py", "models/hooks.py", "models/scoring.py", "models/continuation.py", "models/load.py")
+ENV = "DEBIAS_FEATURE_CACHE"  # its own switch: turning the evaluation cache off keeps the chosen features
 STORE = JsonStore("features", "feature-choice cache entry", payload="choice",
-                  sources="model, SAE, selection setting or code", required=("features", "record"))
+                  sources="model, SAE, selection setting or code", required=("features", "record"), env=ENV)
 
 
 def choice_key(module, datamodule) -> dict | None:
