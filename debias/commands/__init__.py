@@ -1,6 +1,6 @@
 """The `debias` command: a table of subcommands, litgpt-style, each a module imported only when it runs.
 
-    debias fit --config configs/tiny.yaml [--model.edit.k 20 ...]     LightningCLI (fit, validate)
+    debias fit --config configs/tiny.yaml [--model.edit.entries 20 ...]  LightningCLI (fit, validate)
     debias mask configs/tiny.yaml --out runs/tiny/mask.safetensors     plain typed functions (jsonargparse)
     debias export configs/tiny.yaml runs/tiny/.../last.ckpt runs/tiny/export2
     debias compare configs/smollm2.yaml
