@@ -50,7 +50,7 @@ def refuse(*problems: str | None) -> None:
 
 def keys(cls: type | None) -> list[str]:
     """The option names of an options dataclass ([] for a method without options)."""
-    return [f.name for f in fields(cls)] if cls is not None else []  # type: ignore[arg-type]  # a dataclass type
+    return [f.name for f in fields(cls)] if cls is not None else []
 
 
 def build(method: str, given: Any, table: Mapping[str, type | None]) -> tuple[Any, list[str]]:
