@@ -3,7 +3,6 @@ with the export at the end of `fit`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ class ValidationMetrics(Callback):
         self.original: dict | None = None
 
     def behaviour(self, trainer: Trainer, pl_module: Any, edited: bool) -> dict:
-        with pl_module.fastpath.active() if pl_module.fastpath is not None else contextlib.nullcontext():
+        with pl_module.fast_path():
             metrics = behaviour_metrics(pl_module, datamodule_of(trainer), edited, self.cue_limit, "validation",
                                         n_boot=1)
         return {k: v for k, v in metrics.items() if isinstance(v, float)}

@@ -16,7 +16,7 @@ ALL_TERMS = ObjectiveWeights(feature=1.0, ablation=1.0, gap=1.0, kl=1.0, cue_kl=
 def _module(base_model, hook, objective=ALL_TERMS, **overrides):
     """A module with its fast path and a non-zero delta, in eval mode, and two training batches.
 
-    The plain path is the same module with `fastpath` set to None (`_plain`): same model, mask and delta.
+    The plain path is the same module with `use_fast_path` off (`_plain`): same model, mask and delta.
     """
     data = make_data(max_texts=8)
     module = make_module(base_model=base_model, sae=f"tiny:{hook}", objective=objective, **overrides)
@@ -36,11 +36,11 @@ def _terms_and_grad(module, texts):
 
 
 def _plain(module, texts):
-    fast, module.fastpath = module.fastpath, None
+    module.use_fast_path = False
     try:
         return _terms_and_grad(module, texts)
     finally:
-        module.fastpath = fast
+        module.use_fast_path = True
 
 
 def _assert_same(module, batches, rounds=2):
@@ -168,7 +168,7 @@ def test_eval_of_another_model_takes_the_fast_path_with_the_full_paths_numbers(f
     assert fast is not None and fast.usable()
     results = {}
     for path in ("fast", "full"):
-        module.fastpath = fast if path == "fast" else None
+        module.use_fast_path = path == "fast"
         results[path] = [_numbers(evaluate_model(module, data, edited=edited, cue_limit=16))
                          for edited in (False, True)]
     assert fast.stats["upstream_hits"] > 0
@@ -191,3 +191,19 @@ def test_eval_of_a_model_that_differs_below_the_sae_layer_takes_the_full_path(wh
     out = capsys.readouterr().out
     assert f"debias: evaluation on the full path ({name} differs; the fast path needs every difference in " \
            "layers >= 1)" in out
+
+
+def test_use_fast_path_off_takes_the_plain_path_and_keeps_the_cache():
+    module, batches = _module("tiny-llama", "blocks.1.hook_mlp_out", objective=ObjectiveWeights())
+    fast = module.fastpath
+    for texts in batches:
+        module.loss(texts)  # fills the cache
+    stats = dict(fast.stats)
+    module.use_fast_path = False
+    with module.fast_path():
+        for texts in batches:
+            module.loss(texts)
+    assert fast.stats == stats and fast.cached_bytes() > 0  # not read, not cleared
+    module.use_fast_path = True
+    module.loss(batches[0])
+    assert fast.stats["upstream_hits"] > stats["upstream_hits"]

@@ -63,6 +63,32 @@ def test_mask_picks_the_largest_gradient_entries():
     assert chosen.min() >= rest.max() and chosen.min() > 0
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gradient_stopping_at_the_hook_equals_a_full_forwards(family):
+    """The mask's forward stops at the SAE's hook (no layers above, no logits); a full forward of the whole model,
+    the feature read at the same hook, gives the same gradient (the benchmarks' `mask` measurement times both)."""
+    from debias.models.scoring import real_token_mask
+    from debias.sae.ops import summed_feature_acts
+
+    model, tok, site, sae, param = _setup(family)
+    batches = _batches(tok)
+    weight = model.get_parameter(param)
+    full = torch.zeros(weight.shape)
+    weight.requires_grad_(True)
+    for batch in batches:
+        weight.grad = None
+        with hooks.capture(model, site) as cap:
+            model(**batch, use_cache=False)
+        real = real_token_mask(batch["input_ids"], batch["attention_mask"], tok.bos_token_id)
+        summed_feature_acts(sae, cap.value, real, [3]).sum().backward()
+        full += weight.grad.float()
+    weight.grad = None
+    weight.requires_grad_(False)
+    early = feature_gradient(model, sae, site, param, batches, [3], tok.bos_token_id, progress=False)
+    assert full.abs().sum() > 0
+    torch.testing.assert_close(early, full, rtol=1e-5, atol=1e-6 * float(full.abs().max()))
+
+
 def test_gradient_ignores_padding_and_bos():
     model, tok, site, sae, param = _setup()
     alone = [dict(tok([p], return_tensors="pt")) for p in PROMPTS]

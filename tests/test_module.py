@@ -282,3 +282,54 @@ def test_validation_metrics_is_exported():
     from debias.callbacks import ValidationMetrics
 
     assert debias.ValidationMetrics is ValidationMetrics and "ValidationMetrics" in debias.__all__
+
+
+def _prepared_with_delta(**overrides):
+    """A prepared tiny module in eval mode with a non-zero delta, its data and one training batch."""
+    data = make_data(max_texts=8)
+    module = make_module(**overrides)
+    module.prepare(data)
+    module.eval()
+    with torch.no_grad():
+        module.delta.values.copy_(0.1 * torch.randn(module.k, generator=torch.Generator().manual_seed(1)))
+    return module, data, next(iter(data.train_dataloader()))[0]
+
+
+def test_loss_is_what_training_step_minimises():
+    module, _, texts = _prepared_with_delta(objective=ObjectiveWeights(feature=1.0, kl=2.0, cue_kl=3.0))
+    terms = module.loss_terms(texts)
+    weighted = terms["feature"] + 2.0 * terms["kl"] + 3.0 * terms["cue_kl"]
+    assert float(module.loss(texts)) == pytest.approx(float(weighted), rel=1e-6)
+    assert float(module.training_step(texts, 0)) == pytest.approx(float(weighted), rel=1e-6)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_loss_equals_the_objective_on_a_dense_copy_of_the_edited_weight(fast):
+    """`DebiasModule.loss` (sparse delta, original = the same network with the delta off, fast path or not) equals
+    the objective computed naively on a second copy of the model: the delta merged into W_out, a full forward, the
+    reference logits from the original W_out swapped back in."""
+    from debias.models import hooks
+    from debias.models.load import load_model
+    from debias.training.objective import feature_term, mean_kl
+
+    module, _, texts = _prepared_with_delta(objective=ObjectiveWeights(feature=1.0, kl=1.0))
+    module.use_fast_path = fast
+    loss = float(module.loss(texts))
+
+    net = load_model("tiny-llama").model.eval()
+    weight = net.get_parameter(module.parameter)
+    original = weight.detach().clone()
+    edited = original.clone()
+    edited.view(-1)[module.mask.indices] += module.delta.values.detach()
+    site = hooks.resolve_hook(net, module.site.hook_name)
+    bias, neutral = module.tokenize(texts["bias"]), module.tokenize(texts["neutral"])
+    with torch.no_grad():
+        ref = net(**neutral, use_cache=False).logits
+        weight.copy_(edited)
+        with hooks.capture(net, site) as cap:
+            net(**bias, use_cache=False)
+        latents = module.sae.encode(cap.value)[..., module.features]
+        naive = feature_term(latents, module.real(bias), module.feature_baseline) + mean_kl(
+            ref, net(**neutral, use_cache=False).logits, neutral["attention_mask"].bool())
+    assert not torch.equal(edited, original)
+    assert loss == pytest.approx(float(naive), rel=1e-5, abs=1e-7)

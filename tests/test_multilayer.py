@@ -161,7 +161,7 @@ def test_fast_path_equals_plain_path_for_a_two_layer_mask():
     batches = [next(it)[0] for _ in range(2)]
 
     def run(path, texts):
-        module.fastpath = fast if path == "fast" else None
+        module.use_fast_path = path == "fast"
         params = module.delta.parameters()
         for p in params:
             p.grad = None

@@ -23,7 +23,7 @@ def evaluate_model(module, datamodule, edited: bool = True, suites: bool = False
     `progress` (a label such as "before", or True) shows a bar per phase.
     """
     label = progress if isinstance(progress, str) else ("after" if edited else "before")
-    with module.fastpath.active() if module.fastpath is not None else contextlib.nullcontext():
+    with module.fast_path():
         metrics = evaluate_heldout(module, datamodule, edited=edited, cue_limit=cue_limit,
                                    progress=label if progress else None)
         if suites:

@@ -299,11 +299,12 @@ class FastPath:
 
 
 def original_output(module, name: str, texts, compute):
-    """`compute()` on `module`'s original model (delta off, no grad), memoised by its fast path per (name, texts)."""
+    """`compute()` on `module`'s original model (delta off, no grad), memoised by its fast path per (name, texts)
+    unless `module.use_fast_path` is off."""
 
     def run():
         with torch.no_grad(), module.delta.disabled():
             return compute()
 
-    fast = getattr(module, "fastpath", None)
+    fast = getattr(module, "fastpath", None) if getattr(module, "use_fast_path", True) else None
     return run() if fast is None else fast.reference((name, tuple(texts)), run)

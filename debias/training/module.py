@@ -93,6 +93,10 @@ class DebiasModule(LightningModule):
         self.preset_mask: Mask | None = None  # set before `prepare`: use it instead of computing one
         self.delta: Any = None  # the method's edit (an `Edit`), attached by `prepare`
         self.fastpath: FastPath | None = None
+        self.use_fast_path = True
+        """False: training and evaluation take the plain path (a full forward every time) although the module has a
+        fast path; its cache is kept for when it is turned back on. `model.train.cache_activations: false` builds no
+        fast path at all."""
         self.null_space: Any = None  # a NullSpace (`model.train.null_space_energy`), fitted by `prepare`
         self.shared_upstream: dict | None = None  # set before `prepare` to share cached activations across runs
         self.feature_baseline: torch.Tensor
@@ -135,7 +139,7 @@ class DebiasModule(LightningModule):
         self.build_edit(datamodule, batches)
         if self.train_args.null_space_energy is not None:
             self.null_space = null_space_for(self, datamodule, self.train_args.null_space_energy)
-        with self.fastpath.active() if self.fastpath is not None else contextlib.nullcontext():
+        with self.fast_path():
             self.feature_baseline.copy_(self.mean_feature_acts(batches))
         if not (self.feature_baseline > 0).all():
             silent = [f for f, b in zip(self.features, self.feature_baseline.tolist(), strict=False) if b <= 0]
@@ -225,15 +229,28 @@ class DebiasModule(LightningModule):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.net(**batch).logits
 
+    def fast_path(self) -> contextlib.AbstractContextManager:
+        """Context in which the network's forwards take the fast path (cached layer-L inputs and original outputs,
+        `debias.training.cache`) where the module has one and `use_fast_path` is on; otherwise a no-op."""
+        if self.fastpath is None or not self.use_fast_path:
+            return contextlib.nullcontext()
+        return self.fastpath.active()
+
     def loss_terms(self, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
         """Unweighted value of every active term on one training batch, on the fast path where there is one."""
-        with self.fastpath.active() if self.fastpath is not None else contextlib.nullcontext():
+        with self.fast_path():
             return loss_terms(self, texts)
+
+    def loss(self, texts: dict[str, list[str]], terms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The training loss on one batch (texts by set, as `train_dataloader` yields them): Σ weight × term over
+        the active terms of `model.objective`. `terms`: this batch's `loss_terms`, when already computed."""
+        terms = self.loss_terms(texts) if terms is None else terms
+        weights = self.objective.active()
+        return cast(torch.Tensor, sum(weights[name] * value for name, value in terms.items()))
 
     def training_step(self, batch: dict, batch_idx: int):
         terms = self.loss_terms(batch)
-        weights = self.objective.active()
-        loss = cast(torch.Tensor, sum(weights[name] * value for name, value in terms.items()))
+        loss = self.loss(batch, terms)
         if not torch.isfinite(loss):
             # Skip the update, so the weights (and the last checkpoint) stay the last good ones, and stop.
             say(f"loss is {loss.item()} at step {self.global_step}: stopping; the edit keeps its last finite value")

@@ -5,7 +5,6 @@ summary against the original model; and `PointStore`, the cell's points on disk,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ def validation_metrics(module, datamodule, callback, edited: bool = True, origin
     its `cue_limit` and `score`) logs them during `fit` (without the `val/` prefix): feature act and firing rate,
     LM loss, KL on the validation neutral text and, with the bias spec's validation prompts, the bias gap, the cue
     margin (and the statement gap and factual margin); `score` when the `original` model's metrics are given."""
-    with module.fastpath.active() if module.fastpath is not None else contextlib.nullcontext():
+    with module.fast_path():
         metrics = split_metrics(module, datamodule, "validation", edited)
         if datamodule.hparams.prompt_dir is None:
             behaviour = behaviour_metrics(module, datamodule, edited, callback.cue_limit, "validation", n_boot=1)
