@@ -111,6 +111,26 @@ def test_fit_and_export_write_one_consistent_edit(fitted, tmp_path):
         assert torch.equal(load_file(out / "debias" / name)["indices"], load_file(fit_out / "debias" / name)["indices"])
 
 
+def test_export_takes_the_module_from_load_from_checkpoint_not_a_prepared_rebuild(fitted, tmp_path, monkeypatch):
+    """`debias export` is `DebiasModule.load_from_checkpoint(ckpt, weights_only=True)`: no mask, features or edit are
+    computed again from the config's data (`prepare`), and the exported delta is the checkpoint's."""
+    from safetensors.torch import load_file
+
+    from debias.training.module import DebiasModule
+
+    def refuse(self, datamodule):
+        raise AssertionError("export prepared the module from the config instead of loading the checkpoint")
+
+    monkeypatch.setattr(DebiasModule, "prepare", refuse)
+    ckpt = fitted / "ckpt" / "last.ckpt"
+    main(["export", TINY, str(ckpt), str(tmp_path / "out")])
+    state = torch.load(ckpt, weights_only=True)["debias_edit"]["state"]
+    (values,) = [v for k, v in state.items() if k.endswith("values")]
+    delta = load_file(tmp_path / "out" / "debias" / "delta.safetensors")
+    assert torch.equal(delta["indices"], load_file(fitted / "export" / "debias" / "delta.safetensors")["indices"])
+    assert torch.equal(delta["values"].sort().values, values[values != 0].float().sort().values)
+
+
 def test_saved_adapter_reloads_the_masks_indices_not_magnitude_chosen_ones(fitted):
     from peft import PeftModel
     from safetensors.torch import load_file
