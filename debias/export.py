@@ -96,7 +96,7 @@ def _k_per_parameter(mask) -> dict[str, int] | None:
     """{edited parameter: its k} of a masked edit (the matrices of a joint mask, `model.edit.layers`)."""
     if mask is None:
         return None
-    return {part.parameter: part.k for part in getattr(mask, "parts", (mask,))}
+    return {part.parameter: part.k for part in mask.parts}
 
 
 def export(module, out_dir: str | Path, run: dict, overwrite: bool = False) -> Path:

@@ -44,6 +44,12 @@ class InstabilityMask:
         return int(self.indices.numel())
 
     @property
+    def parts(self) -> tuple[InstabilityMask, ...]:
+        """The one-matrix masks it is made of: itself (a `JointMask` holds one per matrix), so that callers treat
+        either kind of `Mask` alike."""
+        return (self,)
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -276,7 +282,7 @@ def load_masks_for(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> Mask
     if len(shapes) == 1:
         return load_mask_for(path, *next(iter(shapes.items())))
     where, mask = _read(path)
-    parts = {part.parameter: part for part in (mask.parts if isinstance(mask, JointMask) else (mask,))}
+    parts = {part.parameter: part for part in mask.parts}
     theirs, ours = ({name: list(p.shape) for name, p in parts.items()}, {name: list(s) for name, s in shapes.items()})
     if theirs != ours:
         raise ValueError(f"{where} is for {theirs}; this run edits {ours} (model.edit.layers)")

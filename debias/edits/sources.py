@@ -10,7 +10,7 @@ import torch
 from debias.edits.base import EditContext
 from debias.edits.feature_effect import feature_effect_gradients
 from debias.edits.gradients import gap_gradients
-from debias.edits.mask import JointMask, Mask
+from debias.edits.mask import Mask
 
 
 def mask_from_gradients(ctx: EditContext, mask_from: str, parameters: list[str]) -> list[torch.Tensor] | None:
@@ -33,7 +33,7 @@ def use_random_features(ctx: EditContext, given: Mask | None) -> dict:
     from debias.features.select import random_live_features
 
     if given is not None:
-        made_by = (given.parts[0] if isinstance(given, JointMask) else given).extra.get("mask_from")
+        made_by = given.parts[0].extra.get("mask_from")
         if made_by != "random_features":
             raise ValueError(f"random_features was given a mask ranked by {made_by!r}; it needs one whose features "
                              "it drew itself (mask_from 'random_features'), or none")

@@ -17,7 +17,7 @@ from torch import nn
 
 from debias.edits.base import ADAPTER, WeightEdit
 from debias.edits.joint import compute_joint_mask
-from debias.edits.mask import InstabilityMask, JointMask, Mask, compute_mask, full_mask, load_masks_for
+from debias.edits.mask import InstabilityMask, Mask, compute_mask, full_mask, load_masks_for
 from debias.edits.record import EditRecord, MatrixDelta, apply_delta
 from debias.edits.sources import mask_from_gradients, use_random_features
 from debias.edits.sparse_layers import SparseConv1D, attach_supertuning
@@ -45,7 +45,7 @@ class SparseDelta(WeightEdit):
     def __init__(self, model: nn.Module, mask: Mask, dense: bool = False):
         self.mask: Mask | None = mask
         self.saves_delta = not dense
-        self.masks: list[InstabilityMask] = list(mask.parts) if isinstance(mask, JointMask) else [mask]
+        self.masks: list[InstabilityMask] = list(mask.parts)
         names = [m.parameter.removesuffix(".weight") for m in self.masks]
         bases = [model.get_submodule(name) for name in names]
         for m, base in zip(self.masks, bases, strict=True):
