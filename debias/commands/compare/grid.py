@@ -31,6 +31,11 @@ def kind(name: str) -> str:
     return registry.grid_entry(name)[0].kind
 
 
+def any_ranked(methods: list[str]) -> bool:
+    """Whether a grid row is a `ranked` method (a cell per `--lora_ranks` rank); unknown names are not."""
+    return any(m in GRID_METHODS and registry.grid_entry(m)[0].ranked for m in methods)
+
+
 def cell_name(method: str, k: int | None = None, seed: int | None = None, rank: int | None = None,
               objective: str = "default") -> str:
     """`instability-k88`, `random-k88-seed0`, `lora-r8`, `bias_gradient-k8847-obj-gap`: the one naming rule."""
@@ -87,7 +92,7 @@ def check_request(methods: list[str], k: list[float] | None, seeds: list[int], l
         problems.append("--seeds must name at least one seed for the seeded methods (the random mask's)")
     if len(set(seeds)) != len(seeds):
         problems.append(f"--seeds {seeds} repeats a seed; expected each seed once")
-    if "lora" in methods and (not lora_ranks or any(r < 1 for r in lora_ranks)):
+    if any_ranked(methods) and (not lora_ranks or any(r < 1 for r in lora_ranks)):
         problems.append(f"--lora_ranks must be ranks >= 1, got {lora_ranks}")
     if problems:
         raise ValueError("invalid compare arguments:\n  - " + "\n  - ".join(problems))

@@ -22,6 +22,7 @@ from debias.commands.compare.frontier import (
 )
 from debias.commands.compare.grid import (
     DEFAULT_METHODS,
+    any_ranked,
     cell_overrides,
     check_request,
     entry_counts,
@@ -70,7 +71,7 @@ def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seed
                          "point on it; use the bias spec's prompts (data.prompt_dir: null), or --kl_levels []")
     shape = tuple(module.net.get_parameter(module.parameter).shape)
     numel, edit = math.prod(shape), module.edit_args
-    if "lora" in methods:
+    if any_ranked(methods):
         for rank in lora_ranks:
             check_lora_rank(rank, shape)
     default_k = resolve_k(numel, None if edit.entries is not None else edit.fraction, edit.entries)
