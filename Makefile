@@ -25,7 +25,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check debias tests scripts examples
+	$(BIN)/ruff check debias tests scripts examples benchmarks
 	$(BIN)/mypy
 
 test-fast: setup
