@@ -85,6 +85,7 @@ def build_report(module, run: dict) -> dict:
         "changed_parameters": module.delta.changed_parameters(),
         "changed_entries": module.changed_entries(),
         "feature_selection": module.feature_selection,
+        "identity_selection": module.identity.record if getattr(module, "identity", None) is not None else None,
         "numel": module.numel,
         "mask_strategy": module.mask.strategy if module.mask is not None else None,
         "mask_seed": module.edit_args.mask_seed,

@@ -10,7 +10,7 @@ from conftest import make_data, module_args
 from debias.bias_spec import default_bias_dir
 from debias.evaluation.sentence_metrics import statement_gap, statement_logprobs
 from debias.features import attribution as F
-from debias.features.select import select_features
+from debias.features.select import STATEMENT_CHECK_ITEMS, select_features
 from debias.models import hooks
 from debias.models.scoring import gap_from_logprobs, group_gap, next_token_logprobs, own_group_margins, target_ids
 from debias.models.tiny import tiny_model, tiny_sae, tiny_tokenizer
@@ -155,11 +155,15 @@ def test_each_target_selects_the_latent_of_its_gap(planted, target, first):
         assert set(chosen) == {P, Q}
     if target != "statements":
         assert record["train_gap"] == pytest.approx(t, abs=1e-5) and abs(record["ablated_gap"]) < abs(t)
-    if target != "gap":
+    if target != "gap":  # the ablation check runs on a balanced prefix of the train statements: its own gap
         assert record["train_statement_gap"] == pytest.approx(s, abs=1e-5)
-        assert abs(record["ablated_statement_gap"]) < abs(s) and "statement" in record["rule"]
+        checked = record["checked_statement_gap"]
+        assert record["statement_check_items"] == STATEMENT_CHECK_ITEMS < len(load_statements("train"))
+        assert checked == pytest.approx(_gap(model, tok, site, load_statements("train")[:STATEMENT_CHECK_ITEMS],
+                                             None), abs=1e-5)
+        assert abs(record["ablated_statement_gap"]) < abs(checked) and "statement" in record["rule"]
     if target == "both":
-        objective = abs(record["ablated_gap"] / t) + abs(record["ablated_statement_gap"] / s)
+        objective = abs(record["ablated_gap"] / t) + abs(record["ablated_statement_gap"] / checked)
         assert record["objective"] == pytest.approx(objective) and objective < 2
         assert all(r["kept"] for r in record["candidates"][:2])
 

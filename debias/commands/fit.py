@@ -88,6 +88,16 @@ class DebiasCLI(LightningCLI):
                                    skip={"suites", "completions"})
         parser.add_class_arguments(EvaluationArgs, "evaluate")
 
+    def before_instantiate_classes(self) -> None:
+        """Checks across `model` and `data` that need no model: `objective.identity` needs train factual statements."""
+        from debias.training.identity_term import check_identity_data
+
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        objective, data = config.get("model.objective"), config.get("data")
+        if objective is not None and data is not None:
+            check_identity_data(getattr(objective, "identity", 0.0), data.get("bias", "gender"), data.get("prompt_dir"))
+
     def instantiate_trainer(self, **kwargs):
         self._get(self.config_init, "export").evaluate_with(self._get(self.config_init, "evaluate"))
         return super().instantiate_trainer(**kwargs)

@@ -10,6 +10,8 @@ and jointly.
 `attribute_statements` / `ablated_statement_gap` do the same for the statement gap of a spec's sentence-level
 statements (`debias.statements`): Σ over groups of the mean own-group margin of log p(attribute | prefix), the
 latents taken at every attended token of each prefix and its attribute (BOS included, as an ablation zeroes it).
+`attribute_factual` / `ablated_factual_margin` do it for the factual margin of the spec's factual statements (the
+latents that carry group identity, which an edit must keep).
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from debias.models import hooks
-from debias.models.continuation import continuation_batch, picked_logits, statement_logprobs, summed_logprobs
+from debias.models.continuation import (
+    continuation_batch,
+    continuation_logprobs,
+    picked_logits,
+    statement_logprobs,
+    summed_logprobs,
+)
 from debias.models.scoring import (
     gap_from_logprobs,
     group_gap,
@@ -31,7 +39,7 @@ from debias.models.scoring import (
 )
 from debias.prompts import GapPrompts
 from debias.sae.ops import ablate
-from debias.statements import StatementItem, item_groups, statement_texts
+from debias.statements import FactualItem, StatementItem, item_groups, statement_texts
 
 
 @dataclass
@@ -155,26 +163,26 @@ def _statement_groups(items: list[StatementItem]) -> torch.Tensor:
     return group
 
 
-def attribute_statements(model, tokenizer, sae, site, items: list[StatementItem],
-                         batch_size: int = 16) -> Attribution:
-    """Gradient × activation of every latent (and of the error term) on the statement gap
-    `group_gap(own_group_margins(statement_logprobs(...)))`, SAE spliced in with its error, summed over
-    every attended token of the prefixes and attributes. `batch_size` counts sequences (item x group prefix)."""
-    group = _statement_groups(items)
-    n_groups, splice = len(items[0].prefixes), sae_splice(sae)
-    weights = 1.0 / torch.bincount(group).double()[group]  # Σ_i w_i margin_i = Σ_g mean of group g's margins
+def _attribute_margins(model, tokenizer, sae, site, contexts: list[str], continuations: list[str],
+                       group: torch.Tensor, weights: torch.Tensor, batch_size: int) -> Attribution:
+    """Gradient x activation of every latent (and of the error term) on Σ_i weights[i] x (own-group margin of item
+    i), where item i is scored by the log-likelihoods of its `n_groups` consecutive (context, continuation) pairs;
+    SAE spliced in with its error, summed over every attended token. `batch_size` counts sequences."""
+    n_items = len(group)
+    n_groups, splice = len(contexts) // n_items, sae_splice(sae)
     step = max(1, batch_size // n_groups)
     device = next(model.parameters()).device
     latents, error, gap = torch.zeros(sae.cfg.d_sae, dtype=torch.float64), 0.0, 0.0
-    for start in range(0, len(items), step):
-        chunk = items[start:start + step]
-        batch = continuation_batch(tokenizer, *statement_texts(chunk), device)
+    for start in range(0, n_items, step):
+        stop = min(start + step, n_items)
+        batch = continuation_batch(tokenizer, contexts[start * n_groups:stop * n_groups],
+                                   continuations[start * n_groups:stop * n_groups], device)
         found: list = []
         with torch.enable_grad(), hooks.replace(model, site, lambda x, found=found: splice(x, site, found)):
             logits = model(**batch.model_inputs()).logits
-            logprobs = summed_logprobs(picked_logits(logits, batch), batch).view(len(chunk), n_groups)
-            margins = own_group_margins(logprobs, group[start:start + step].to(logprobs.device))
-            part = (weights[start:start + step].to(margins.device) * margins.double()).sum()
+            logprobs = summed_logprobs(picked_logits(logits, batch), batch).view(stop - start, n_groups)
+            margins = own_group_margins(logprobs, group[start:stop].to(logprobs.device))
+            part = (weights[start:stop].to(margins.device) * margins.double()).sum()
             (_, z_leaf, z), (_, e_leaf, e) = found
             gz, ge = torch.autograd.grad(part, [z_leaf, e_leaf])
         real = batch.attention_mask[..., None].to(z.dtype)
@@ -182,6 +190,49 @@ def attribute_statements(model, tokenizer, sae, site, items: list[StatementItem]
         error += float((ge * e * real).sum())
         gap += float(part.detach())
     return Attribution(latents.float(), error, gap)
+
+
+def attribute_statements(model, tokenizer, sae, site, items: list[StatementItem],
+                         batch_size: int = 16) -> Attribution:
+    """Gradient × activation of every latent (and of the error term) on the statement gap
+    `group_gap(own_group_margins(statement_logprobs(...)))`, SAE spliced in with its error, summed over
+    every attended token of the prefixes and attributes. `batch_size` counts sequences (item x group prefix)."""
+    group = _statement_groups(items)
+    weights = 1.0 / torch.bincount(group).double()[group]  # Σ_i w_i margin_i = Σ_g mean of group g's margins
+    return _attribute_margins(model, tokenizer, sae, site, *statement_texts(items), group, weights, batch_size)
+
+
+def _factual_texts(items: list[FactualItem]) -> tuple[list[str], list[str]]:
+    """(contexts, words) that score factual `items`: each item's context with each group's word, item-major."""
+    return [item.context for item in items for _ in item.words], [w for item in items for w in item.words]
+
+
+def attribute_factual(model, tokenizer, sae, site, items: list[FactualItem], batch_size: int = 16) -> Attribution:
+    """Gradient × activation of every latent (and of the error term) on the factual margin: the mean over `items`
+    of log p(true word | context) minus the mean over the other groups' words ("My mother is a" → " woman" vs
+    " man"; `debias.evaluation.sentence_metrics.factual_margin`), summed over every attended token of the contexts
+    and words. The latents that carry group identity attribute positively to it."""
+    if not items:
+        raise ValueError("the factual margin needs at least one factual item")
+    group = item_groups(items)
+    weights = torch.full((len(items),), 1.0 / len(items), dtype=torch.float64)
+    return _attribute_margins(model, tokenizer, sae, site, *_factual_texts(items), group, weights, batch_size)
+
+
+@torch.no_grad()
+def factual_margin_value(model, tokenizer, items: list[FactualItem], site=None, fn=None,
+                         batch_size: int = 16) -> float:
+    """The factual margin (`attribute_factual`), with the hooked tensor at `site` -> fn(tensor)."""
+    with hooks.replace(model, site, fn) if fn is not None else contextlib.nullcontext():
+        logprobs = continuation_logprobs(model, tokenizer, *_factual_texts(items), batch_size).cpu()
+    return float(own_group_margins(logprobs.view(len(items), -1), item_groups(items)).mean())
+
+
+def ablated_factual_margin(model, tokenizer, sae, site, items: list[FactualItem], features: list[int],
+                           batch_size: int = 16) -> float:
+    """The factual margin with `features` ablated jointly through the SAE (error term kept) at every position."""
+    features = list(features)
+    return factual_margin_value(model, tokenizer, items, site, lambda x: ablate(sae, x, features), batch_size)
 
 
 @torch.no_grad()

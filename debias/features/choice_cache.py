@@ -17,8 +17,12 @@ An entry is keyed by everything the choice depends on:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from debias.json_store import JsonStore, code_version, dir_hashes, file_hashes, model_files, tensor_digest
+
+if TYPE_CHECKING:
+    from debias.features.select import SelectTarget
 
 FORMAT = 1
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -30,10 +34,11 @@ STORE = JsonStore("features", "feature-choice cache entry", payload="choice",
                   sources="model, SAE, selection setting or code", required=("features", "record"), env=ENV)
 
 
-def choice_key(module, datamodule) -> dict | None:
+def choice_key(module, datamodule, target: str | None = None, n: int | None = None) -> dict | None:
     """Everything `module`'s feature choice on `datamodule` depends on, or None when the model cannot be identified.
 
-    `module` is a `DebiasModule` with its SAE; `datamodule` a `DebiasData` (`debias.training.protocol`)."""
+    `module` is a `DebiasModule` with its SAE; `datamodule` a `DebiasData` (`debias.training.protocol`); `target` /
+    `n`: another selection than the module's `feature_target` / `n_features` (the identity latents)."""
     from debias.bias_spec import load_bias_spec
     from debias.prompts import default_prompt_dir
 
@@ -50,7 +55,8 @@ def choice_key(module, datamodule) -> dict | None:
                   "max_length": module.train_args.max_length, "device": device},
         "sae": {"spec": module.sae_args.spec, "sae_id": module.sae_args.sae_id, "config": sae.cfg.to_dict(),
                 "weights": tensor_digest(dict(sae.state_dict()))},
-        "selection": {"n_features": module.sae_args.n_features, "feature_target": module.sae_args.feature_target,
+        "selection": {"n_features": n or module.sae_args.n_features,
+                      "feature_target": target or module.sae_args.feature_target,
                       "prompt_dir": datamodule.prompt_dir, "bias": str(datamodule.bias),
                       "bias_spec": {spec.name: file_hashes([spec])[str(spec)]},
                       "prompt_files": dir_hashes(prompt_dir)},
@@ -77,19 +83,24 @@ def _problem(d_sae: int, n: int, choice: dict) -> str | None:
     return None
 
 
-def choose_features(module, datamodule, record: dict) -> tuple[list[int], str]:
+def choose_features(module, datamodule, record: dict, target: SelectTarget | None = None,
+                    n: int | None = None) -> tuple[list[int], str]:
     """(the rule's features for `module` on `datamodule`'s train prompts, how they were chosen: the rule, or
-    `cached: PATH`); `record` gets the selection's record (`select_features`'s), the same either way."""
+    `cached: PATH`); `record` gets the selection's record (`select_features`'s), the same either way. `target` / `n`:
+    another selection than `model.sae.feature_target` / `n_features` (`factual`: the identity latents)."""
     from debias.features import select
+
+    target = target or cast("SelectTarget", module.sae_args.feature_target)
+    n = n or module.sae_args.n_features
 
     def compute() -> dict:
         chosen: dict = {}
-        features = select.select_features(module.net, module.tokenizer, module.sae, module.site,
-                                          n=module.sae_args.n_features, prompt_dir=datamodule.prompt_dir,
-                                          record=chosen, bias=datamodule.bias, target=module.sae_args.feature_target)
+        features = select.select_features(module.net, module.tokenizer, module.sae, module.site, n=n,
+                                          prompt_dir=datamodule.prompt_dir, record=chosen, bias=datamodule.bias,
+                                          target=target)
         return {"features": features, "record": chosen}
 
-    choice, path = STORE.get(lambda: choice_key(module, datamodule), compute,
-                             check=lambda choice: _problem(module.sae.cfg.d_sae, module.sae_args.n_features, choice))
+    choice, path = STORE.get(lambda: choice_key(module, datamodule, target, n), compute,
+                             check=lambda choice: _problem(module.sae.cfg.d_sae, n, choice))
     record.update(choice["record"])
     return list(choice["features"]), f"cached: {path}" if path is not None else choice["record"]["rule"]

@@ -80,6 +80,9 @@ class SAEArgs:
     feature_target: Literal["gap", "statements", "both"] = "gap"
     """Which train gap the fit-time rule ranks and confirms latents by: `gap` (next-token gap of the bias prompts),
     `statements` (statement gap of the spec's sentence-level statements) or `both` (each normalised by its gap)."""
+    n_identity_features: int = 9
+    """How many latents carry group identity for `objective.identity`: the top ones by attribution to the train
+    factual margin, confirmed by joint ablation (`debias.training.identity_term`); only chosen when it is > 0."""
 
     def __post_init__(self):
         self.build = as_group(SAETrainSettings, self.build, "model.sae.build") if self.build is not None else None
@@ -88,6 +91,8 @@ class SAEArgs:
             problems.append(f"model.sae.features must be a non-empty list of latent indices >= 0, got {self.features}")
         if self.n_features < 1:
             problems.append(f"model.sae.n_features must be >= 1, got {self.n_features}")
+        if self.n_identity_features < 1:
+            problems.append(f"model.sae.n_identity_features must be >= 1, got {self.n_identity_features}")
         _raise("model.sae", problems)
 
 

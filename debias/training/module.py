@@ -26,6 +26,7 @@ from debias.models.scoring import real_token_mask, target_ids
 from debias.training.args import EditArgs, SAEArgs, TrainArgs, as_group, check_dtype
 from debias.training.cache import FastPath
 from debias.training.checkpoint import KEY, edit_record, restore_edit
+from debias.training.identity_term import IdentityLatents, fit_identity
 from debias.training.layer_stack import upstream_of
 from debias.training.module_sae import build_settings, check_sae, load_sae
 from debias.training.objective import ObjectiveWeights, loss_terms, token_kl
@@ -98,6 +99,7 @@ class DebiasModule(LightningModule):
         fast path; its cache is kept for when it is turned back on. `model.train.cache_activations: false` builds no
         fast path at all."""
         self.null_space: Any = None  # a NullSpace (`model.train.null_space_energy`), fitted by `prepare`
+        self.identity: IdentityLatents | None = None  # `objective.identity`'s latents, chosen by `prepare`
         self.shared_upstream: dict | None = None  # set before `prepare` to share cached activations across runs
         self.feature_baseline: torch.Tensor
         self.register_buffer("feature_baseline", torch.ones(max(len(self.features), self.sae_args.n_features)))
@@ -131,8 +133,11 @@ class DebiasModule(LightningModule):
         datamodule.setup("fit")
         self.bias_spec, self.groups = datamodule.bias, tuple(datamodule.groups)
         self.targets = target_ids(self.tokenizer, datamodule.bias)
-        datamodule.require_items([n for n in ("counterfactual", "factual_kl", "cda") if getattr(self.objective, n) > 0])
+        terms = ("counterfactual", "factual_kl", "cda", "identity")
+        datamodule.require_items([n for n in terms if getattr(self.objective, n) > 0])
         self.choose_features(datamodule)
+        if self.objective.identity > 0:  # the latents that carry group identity, kept by objective.identity
+            self.identity = fit_identity(self, datamodule.items.get("factual"), datamodule, datamodule.eval_batch_size)
         self.feature_baseline = self.feature_baseline[: len(self.features)].clone()
         statements = self.sae_args.feature_target != "gap"  # features chosen on statements fire on statements
         batches = [self.tokenize(b) for b in datamodule.mask_batches(statements)]

@@ -19,6 +19,7 @@ from debias.models.scoring import gap_from_logprobs, next_token_logprobs, own_gr
 from debias.sae.ops import ablate
 from debias.statements import item_groups, statement_texts
 from debias.training.cache import original_output
+from debias.training.identity_term import identity_term
 
 CounterfactualForm = Literal["loglik", "gap", "kl"]
 
@@ -47,6 +48,9 @@ class ObjectiveWeights:
     """KL(original || edited) at the pronoun position of explicit-cue prompts (keeps real gender information)."""
     factual_kl: float = 0.0
     """KL(original || edited) at the group word of train factual statements ("My mother is a" → " woman")."""
+    identity: float = 0.0
+    """Mean squared change, over their original scale, of the SAE latents that carry group identity (attribution to
+    the train factual margin) on the train factual statements (`debias.training.identity_term`)."""
     counterfactual_form: CounterfactualForm = "loglik"
     """What `counterfactual` makes indifferent to the group swap: "loglik", each statement's attribute
     log-likelihood (mean over statements and pairs of groups of the squared difference); "gap", only the
@@ -123,6 +127,8 @@ def loss_terms(module, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
         terms["cda"] = counterfactual_term(module, texts["cda"], w.counterfactual_form)
     if w.factual_kl:
         terms["factual_kl"] = factual_kl_term(module, texts["factual"])
+    if w.identity:
+        terms["identity"] = identity_term(module, texts["factual"])
     if w.kl:
         neutral = module.tokenize(texts["neutral"])
         ref = original_output(module, "kl", texts["neutral"], lambda: module(neutral))
