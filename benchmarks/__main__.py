@@ -53,7 +53,8 @@ def table(results: dict) -> str:
         if label == "memory":
             continue
         fast, plain = times.get(PATHS[0]), times.get(PATHS[1])
-        cells = [f"{t * 1e3:>9.1f} ms" if t is not None else f"{'n/a':>12}" for t in (fast, plain)]
+        cells = [f"{'n/a':>12}" if t is None else f"{t * 1e3:>9.1f} ms" if t < 1 else f"{t:>10.2f} s"
+                 for t in (fast, plain)]
         ratio = f"{plain / fast:>9.2f}x" if fast and plain else f"{'':>10}"
         lines.append(f"{label:<44}{''.join(cells)}{ratio}")
     if "memory" in results:
