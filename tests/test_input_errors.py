@@ -179,7 +179,8 @@ def fitted(tmp_path_factory):
                              enable_progress_bar=False)  # no validation: the checkpoint is saved at the end
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(out / "runs")
     config["data"].update(max_texts=16, batch_size=4)
-    config["export"] = {"export_dir": str(out / "export"), "overwrite": False, "completions": 0, "plots": False}
+    config["export"] = {"export_dir": str(out / "export"), "overwrite": False, "plots": False}
+    config["evaluate"] = {"completions": 0}
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(path), "--model.edit.mask_seed=1"])

@@ -111,7 +111,7 @@ def test_argument_problems_are_reported_together_before_loading():
     with pytest.raises(ValueError) as err:
         make_module(k=0, mask_strategy="magnitude")
     message = str(err.value)
-    assert "model.edit.k must be >= 1, got 0" in message and "'magnitude'" in message
+    assert "model.edit.entries must be >= 1, got 0" in message and "'magnitude'" in message
     for lr in (-1.0, float("inf"), float("nan"), 1e30):
         with pytest.raises(ValueError, match="model.train.lr must be a finite number in"):
             make_module(lr=lr)

@@ -145,3 +145,11 @@ def test_the_sae_build_key_keeps_the_old_spelling_of_its_seed():
     # keys computed with the settings as they were before the rename (`seed`)
     assert SAETrainSettings(compute_dtype="float32", bias_prompt_file=None).key() == "fc1a99aa7d2c"
     assert SAETrainSettings(sae_seed=3, bias_prompt_file=None).key() == "72115f0463f1"
+
+
+def test_an_old_key_under_the_fit_subcommand_is_refused_with_its_new_name(tmp_path):
+    config = tmp_path / "old.yaml"
+    config.write_text(Path(TINY).read_text().replace("  overwrite: true", "  overwrite: true\n  completions: 0", 1))
+    with pytest.raises(ConfigError) as err:
+        build_cli(["fit", "--config", str(config)])  # refused while parsing: nothing is fitted
+    assert str(err.value) == "export.completions moved: use evaluate.completions"

@@ -149,6 +149,9 @@ def moved_key(message: str) -> str | None:
     unknown = re.search(r"Group '([\w.]+)' does not accept option '(\w+)'", message)
     if unknown:
         return moved(f"{unknown[1]}.{unknown[2]}")
+    unknown = re.search(r"Subcommand '\w+' does not accept option '([\w.]+)'", message)  # under `fit`
+    if unknown:
+        return moved(unknown[1])
     flag = re.search(r"unrecognized arguments: --([\w.]+)(?:[= ](\S+))?", message)
     if flag:
         return moved(flag[1], flag[2])
