@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from lightning.pytorch import Callback, Trainer
 
 from debias.dashboards.contexts import DEFAULT_TOKENS
 from debias.evaluation.heldout import HeldOutAggregate, behaviour_metrics, format_table, outcome
+from debias.evaluation.settings import EvaluationArgs
 
 
 def datamodule_of(trainer: Trainer) -> Any:
@@ -163,18 +163,6 @@ def record_timings(report_path: Path, timings: dict[str, float]) -> None:
     report = json.loads(report_path.read_text())
     report["timings"] = timings
     atomic_write(report_path, json.dumps(report, indent=2, default=str))
-
-
-@dataclass
-class EvaluationArgs:
-    """What `debias fit` evaluates before and after training, beside the held-out metrics (YAML: `evaluate:`; the CLI
-    hands these to `ReportAndExport`)."""
-
-    suites: bool = False
-    """Also score CrowS-Pairs and StereoSet (the bias's domain: gender, religion) before and after (about a minute on
-    SmolLM2, CPU)."""
-    completions: int = 4
-    """Held-out prompts greedily completed (32 tokens) before and after, for the report (0: none)."""
 
 
 class ReportAndExport(Callback):

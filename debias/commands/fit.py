@@ -18,8 +18,9 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from debias.callbacks import EvaluationArgs, ReportAndExport, ValidationMetrics
+from debias.callbacks import ReportAndExport, ValidationMetrics
 from debias.config import moved
+from debias.evaluation.settings import EvaluationArgs
 from debias.io import load_weights_only
 from debias.training.data import DebiasDataModule
 from debias.training.module import DebiasModule
