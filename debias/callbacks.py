@@ -70,7 +70,7 @@ class ValidationMetrics(Callback):
                                  "data.prompt_dir has none: monitor val/kl, or drop the checkpoint's monitor")
         else:
             from debias.evaluation.base_cache import original_validation
-            from debias.training.module import say
+            from debias.training.console import say
 
             self.original, cached = original_validation(pl_module, datamodule_of(trainer), self.cue_limit,
                                                         lambda: self.behaviour(trainer, pl_module, edited=False))

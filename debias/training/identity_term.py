@@ -24,6 +24,7 @@ import torch
 from debias.models import hooks
 from debias.sae.ops import encode_features
 from debias.training.cache import original_output
+from debias.training.console import say
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,6 @@ def fit_identity(module, items, datamodule, batch_size: int = 16) -> IdentityLat
     record.update(identity_features=kept, chosen=chosen, dropped_stereotype_features=overlap,
                   dropped_silent=silent, scale=[s for s in scale.tolist() if s > 0], how=how,
                   term="mean over real tokens of the train factual statements and latents of ((z - z0) / scale)^2")
-    from debias.training.module import say
-
     say(f"identity latents {kept} (train factual-margin attribution; {how})")
     if overlap:
         say(f"identity latents {overlap} are also stereotype features {module.features}: dropped from the identity "

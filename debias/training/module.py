@@ -15,7 +15,6 @@ from typing import Any, cast
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_only
 
 from debias.edits import registry
 from debias.edits.base import EditContext
@@ -26,18 +25,13 @@ from debias.models.scoring import real_token_mask, target_ids
 from debias.training.args import EditArgs, SAEArgs, TrainArgs, as_group, check_dtype
 from debias.training.cache import FastPath
 from debias.training.checkpoint import KEY, edit_record, restore_edit
+from debias.training.console import say
 from debias.training.identity_term import IdentityLatents, fit_identity
 from debias.training.layer_stack import upstream_of
 from debias.training.module_sae import build_settings, check_sae, load_sae
 from debias.training.objective import ObjectiveWeights, loss_terms, token_kl
 from debias.training.preserve import null_space_for, project_delta
 from debias.training.protocol import DebiasData, check_data
-
-
-@rank_zero_only
-def say(message: str) -> None:
-    """One line on the console, from rank 0 only."""
-    print(f"debias: {message}", flush=True)
 
 
 class DebiasModule(LightningModule):
