@@ -120,3 +120,16 @@ def copy_sources(package, patterns, dest):
             (dest / path.relative_to(package)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, dest / path.relative_to(package))
     return dest
+
+
+def spec_without_statements(tmp_path) -> str:
+    """The shipped gender spec with its `statements` removed, written under `tmp_path`."""
+    import yaml
+
+    from debias.bias_spec import default_bias_dir
+
+    raw = yaml.safe_load((default_bias_dir() / "gender.yaml").read_text())
+    raw.pop("statements")
+    path = tmp_path / "nostatements.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)

@@ -5,10 +5,8 @@ import dataclasses
 
 import pytest
 import torch
-import yaml
-from conftest import make_data, module_args
+from conftest import make_data, module_args, spec_without_statements
 
-from debias.bias_spec import default_bias_dir
 from debias.evaluation.sentence_metrics import factual_margin
 from debias.features import attribution as F
 from debias.features.select import select_features
@@ -193,14 +191,6 @@ def test_weight_zero_computes_nothing(monkeypatch):
     assert "identity" not in terms and ObjectiveWeights().identity == 0.0
 
 
-def _spec_without_statements(tmp_path) -> str:
-    raw = yaml.safe_load((default_bias_dir() / "gender.yaml").read_text())
-    raw.pop("statements")
-    path = tmp_path / "nostatements.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
-
-
 @pytest.mark.parametrize("data_arg", ["bias", "prompt_dir"])
 def test_no_train_factual_items_is_one_line_before_the_model_loads(tmp_path, monkeypatch, data_arg):
     import debias.models.load as load
@@ -210,7 +200,7 @@ def test_no_train_factual_items_is_one_line_before_the_model_loads(tmp_path, mon
         raise AssertionError("the model loaded")
 
     monkeypatch.setattr(load, "load_model", no_model)
-    value = _spec_without_statements(tmp_path) if data_arg == "bias" else str(tmp_path)
+    value = spec_without_statements(tmp_path) if data_arg == "bias" else str(tmp_path)
     with pytest.raises(ValueError, match=r"^objective\.identity=1\.0 needs .*factual statements[^\n]*$"):
         configured("configs/tiny.yaml", ["--model.objective.identity=1.0", f"--data.{data_arg}={value}"])
     configured_ok = configured  # weight 0 with the same data passes the check (and would load the model)
@@ -221,4 +211,4 @@ def test_no_train_factual_items_is_one_line_before_the_model_loads(tmp_path, mon
 def test_the_module_refuses_data_without_factual_items(tmp_path):
     module = _module()
     with pytest.raises(ValueError, match=r"objective\.identity > 0 needs"):
-        module.prepare(make_data(max_texts=8, bias=_spec_without_statements(tmp_path)))
+        module.prepare(make_data(max_texts=8, bias=spec_without_statements(tmp_path)))

@@ -4,10 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-import yaml
-from conftest import make_data, module_args
+from conftest import make_data, module_args, spec_without_statements
 
-from debias.bias_spec import default_bias_dir
 from debias.evaluation.sentence_metrics import statement_gap, statement_logprobs
 from debias.features import attribution as F
 from debias.features.select import STATEMENT_CHECK_ITEMS, select_features
@@ -186,18 +184,10 @@ def test_both_ranks_by_the_sum_of_normalised_attributions(planted):
         best = min(best, row["objective"]) if row["kept"] else best
 
 
-def _spec_without_statements(tmp_path) -> str:
-    raw = yaml.safe_load((default_bias_dir() / "gender.yaml").read_text())
-    raw.pop("statements")
-    path = tmp_path / "nostatements.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
-
-
 def test_targets_other_than_gap_need_statements(setup, tmp_path):
     model, tok, site, _ = setup
     sae = _small_sae(model, site)
-    spec = _spec_without_statements(tmp_path)
+    spec = spec_without_statements(tmp_path)
     for target in ("statements", "both"):
         with pytest.raises(ValueError, match=rf"model\.sae\.feature_target='{target}'.*'nostatements'"):
             select_features(model, tok, sae, site, bias=spec, target=target)
@@ -218,4 +208,4 @@ def test_module_passes_the_configured_target(tmp_path):
     assert "train_statement_gap" in module.feature_selection
     args["sae"] = dataclasses.replace(args["sae"], feature_target="both")
     with pytest.raises(ValueError, match=r"model\.sae\.feature_target='both'"):
-        DebiasModule(**args).choose_features(make_data(max_texts=8, bias=_spec_without_statements(tmp_path)))
+        DebiasModule(**args).choose_features(make_data(max_texts=8, bias=spec_without_statements(tmp_path)))
