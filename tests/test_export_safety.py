@@ -105,6 +105,9 @@ def test_fit_and_export_write_one_consistent_edit(fitted, tmp_path):
     forms = assert_export_consistent(out, json.loads((out / "debias/report.json").read_text())["base_model"])
     assert set(forms) == {"merged", "adapter", "delta"}
     torch.testing.assert_close(forms["merged"], fit_forms["merged"], rtol=1e-5, atol=1e-5)
+    from huggingface_hub import ModelCard
+
+    assert "gender" in ModelCard.load(out / "README.md").data.tags  # the bias axis, as fit's card has it
     from safetensors.torch import load_file
 
     for name in ("mask.safetensors", "delta.safetensors"):

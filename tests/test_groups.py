@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from debias.edits.interventions import build_intervention
+from debias.edits.hook_builder import build_intervention
 from debias.edits.mask import gap_gradient
 from debias.evaluation.bias_metrics import StereotypeGap, bias_gap, cue_margin
 from debias.evaluation.stats import grouped_interval

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
+from debias.edits.hook_builder import build_intervention
 from debias.edits.interventions import (
     SAEClamp,
     SteeringVector,
-    build_intervention,
     fit_steering,
     fit_steering_vector,
     mean_activations,
@@ -131,10 +131,10 @@ def test_the_calibrated_strength_moves_the_female_average_onto_the_male_one_alon
     with torch.no_grad(), SteeringVector(site, v, alpha).applied(model):
         steered = mean_activations(model, tok, site, FEMALE).mean(0)
     assert abs(float((steered - male) @ v)) < 1e-4 * float(female.norm())
-    given = build_intervention("steering_vector", model, tok, site=site, alpha=2.0, female_texts=FEMALE,
-                               male_texts=MALE, kind=kind)
-    calibrated = build_intervention("steering_vector", model, tok, site=site, female_texts=FEMALE, male_texts=MALE,
-                                    kind=kind)
+    given = build_intervention("steering_vector", model, tok, site=site, options={"alpha": 2.0, "kind": kind},
+                               gap_texts=[FEMALE, MALE])
+    calibrated = build_intervention("steering_vector", model, tok, site=site, options={"kind": kind},
+                                    gap_texts=[FEMALE, MALE])
     assert given.alpha == 2.0 and math.isclose(calibrated.alpha, alpha, rel_tol=1e-6)
     assert calibrated.describe()["alpha_from"].startswith("calibrated")
 
@@ -162,16 +162,20 @@ def test_bad_inputs_raise_naming_the_value(setup):
         fit_steering_vector(model, tok, site, FEMALE, MALE, kind="svm")
     with pytest.raises(ValueError, match=r"'steer'.*sae_clamp.*steering_vector"):
         build_intervention("steer", model, tok, sae, site)
+    with pytest.raises(ValueError, match=r"method 'lora' is not an inference-time intervention.*'sae_clamp'"):
+        build_intervention("lora", model, tok, sae, site)
     with pytest.raises(ValueError, match="feature"):
         build_intervention("sae_clamp", model, tok, sae, site, features=None)
+    with pytest.raises(ValueError, match="model.edit.options.sae_clamp.value must be a finite number, got nan"):
+        build_intervention("sae_clamp", model, tok, sae, site, features=[1], options={"value": math.nan})
 
 
 def test_build_intervention_and_describe(setup):
     model, tok, site, sae = setup
-    clamp = build_intervention("sae_clamp", model, tok, sae, None, features=[1, 2], value=0.5)
+    clamp = build_intervention("sae_clamp", model, tok, sae, None, features=[1, 2], options={"value": 0.5})
     assert clamp.site == site
-    steer = build_intervention("steering_vector", model, tok, sae, site, alpha=2.0, kind="probe",
-                               female_texts=FEMALE, male_texts=MALE)
+    steer = build_intervention("steering_vector", model, tok, sae, site, options={"alpha": 2.0, "kind": "probe"},
+                               gap_texts=[FEMALE, MALE])
     for intervention in (clamp, steer):
         record = json.loads(json.dumps(intervention.describe()))
         assert record["hook_name"] == HOOK

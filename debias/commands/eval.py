@@ -90,6 +90,10 @@ def eval_command(model: str, fit_config: str = "configs/smollm2.yaml", base_mode
     if out and Path(out).is_dir():  # refused before the evaluation, not after it
         raise ValueError(f"--out {out} is a directory; expected the path of a JSON file to write")
     report, report_path = read_report(model)
+    if report.get("steer_file") is not None:
+        raise ValueError(f"{model} is the export of an inference-time edit ({report.get('method')}): it holds no "
+                         "weights, only the hook (steer.pt); evaluate it with `lm_eval --model steered` (its "
+                         "README.md) or `debias compare`")
     where = "--base_model" if base_model else f"named in {report_path}" if report.get("base_model_spec") else None
     from_report = report_path if not base_model and report.get("base_model_spec") else None  # checked against it
     base_model = base_model or report.get("base_model_spec")

@@ -68,5 +68,8 @@ def export(fit_config: str, ckpt_path: str, out: str, overwrite: bool = False,
     before = evaluate_original(module, datamodule, progress="before")[0]
     after = evaluate_model(module, datamodule, edited=True, progress="after")
     print(format_table(before, after))
-    run = {"before": before, "after": after, "checkpoint": ckpt_path, "steps": checkpoint.get("global_step")}
+    from debias.bias_spec import load_bias_spec
+
+    run = {"before": before, "after": after, "checkpoint": ckpt_path, "steps": checkpoint.get("global_step"),
+           "bias": load_bias_spec(datamodule.bias).name}  # the axis: the model card's tag, as `fit` records it
     print(f"exported to {write_export(module, out, run, overwrite)}")

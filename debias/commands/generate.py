@@ -18,8 +18,8 @@ def _check_command(intervention, features, value, alpha, steering, dtype, max_ne
             errors.append(f"{name} must be one of {list(choices(literal))}, got {given!r}")
     if intervention not in (None, *registry.names("inference")):
         errors.append(f"intervention must be one of {list(registry.names('inference'))}, got {intervention!r}")
-    if intervention == "sae_clamp" and not features:
-        errors.append("--intervention sae_clamp needs --features (SAE latent indices to clamp)")
+    if intervention in registry.names("inference") and registry.get(intervention).needs_sae and not features:
+        errors.append(f"--intervention {intervention} acts on SAE latents: it needs --features (their indices)")
     for name, number in (("value", value), ("alpha", alpha)):
         if name == "alpha" and number is None:  # calibrated on the model (`fit_steering`)
             continue
@@ -30,19 +30,24 @@ def _check_command(intervention, features, value, alpha, steering, dtype, max_ne
 
 
 def _command_intervention(loaded, method, sae, sae_id, hook_name, features, value, alpha, steering):
-    from debias.edits.interventions import build_intervention
+    from dataclasses import fields
+
+    from debias.edits.hook_builder import build_intervention
     from debias.models import hooks
     from debias.sae.load import load_sae_spec, sae_hook_name
 
     model, tok = loaded.model, loaded.tokenizer
-    if method == "steering_vector" and sae is None:  # no SAE needed: steer at hook_name (or the default SAE's hook)
+    given = {"value": value, "alpha": alpha, "kind": steering}  # the flags, each the option of one method
+    options_class = registry.get(method).options
+    options = {f.name: given[f.name] for f in fields(options_class)} if options_class else None
+    if not registry.get(method).needs_sae and sae is None:  # steer at hook_name (or the default SAE's hook)
         from debias.sae.build import DEFAULT_HOOK
 
         site = hooks.resolve_hook(model, hook_name or DEFAULT_HOOK, tok)
-        return build_intervention(method, model, tok, site=site, alpha=alpha, kind=steering)
+        return build_intervention(method, model, tok, site=site, options=options)
     sae_module = load_sae_spec(model, tok, loaded.model_id, sae, sae_id, hook_name)
     site = hooks.resolve_hook(model, sae_hook_name(sae_module), tok)
-    return build_intervention(method, model, tok, sae_module, site, features, value, alpha, steering)
+    return build_intervention(method, model, tok, sae_module, site, features, options)
 
 
 def generate_command(model: str = DEFAULT_MODEL, prompt: list[str] | None = None, max_new_tokens: int = 32,

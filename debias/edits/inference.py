@@ -4,6 +4,7 @@ interventions`) held on the network by a forward hook. No weight changes, so it 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ from torch import nn
 
 from debias.config import SteeringKind, choices
 from debias.edits import options
-from debias.edits.base import at_strength
+from debias.edits.base import EditContext, at_strength
 from debias.edits.interventions import Intervention, SAEClamp, SteeringVector, check_two_groups, fit_steering
 from debias.edits.record import EditRecord
 
@@ -118,19 +119,33 @@ class SteeringOptions:
                        if self.kind not in kinds else None)
 
 
-def build_clamp(ctx) -> InferenceEdit:
-    """`sae_clamp`: the run's features held at `options.value` (`ClampOptions`) through the SAE, error term kept."""
-    return InferenceEdit(ctx.net, SAEClamp(ctx.sae, ctx.site, ctx.features, ctx.options.value), ctx.features)
+def clamp(ctx) -> SAEClamp:
+    """`sae_clamp`'s hook: the run's features held at `options.value` (`ClampOptions`) through the SAE, error term
+    kept."""
+    if ctx.sae is None:
+        raise ValueError("sae_clamp needs an SAE")
+    return SAEClamp(ctx.sae, ctx.site, ctx.features, ctx.options.value)
 
 
-def build_steering(ctx) -> InferenceEdit:
-    """`steering_vector`: `options.alpha` · v at the hook (`SteeringOptions`), v fitted on the train profession
-    prompts (first vs second group; the run's bias must have two groups); no alpha: the strength calibrated on this
-    model and layer (`fit_steering`: the first group's average moved onto the second's along v)."""
+def steering(ctx) -> SteeringVector:
+    """`steering_vector`'s hook: `options.alpha` · v (`SteeringOptions`), v fitted on the train gap prompts (first vs
+    second group; the bias must have two groups): the context's, else the bias's train split. No alpha: the strength
+    calibrated on this model and layer (`fit_steering`: the first group's average moved onto the second's along v)."""
     check_two_groups(ctx.bias)
-    first, second = ctx.gap_prompts()[:2]
+    if ctx.gap_texts is not None or ctx.texts:
+        first, second = ctx.gap_prompts()[:2]
+    else:
+        from debias.prompts import load_gap_prompts
+
+        first, second = load_gap_prompts("train", bias=ctx.bias).texts[:2]
     vector, calibrated = fit_steering(ctx.net, ctx.tokenizer, ctx.site, first, second, kind=ctx.options.kind,
                                       batch_size=ctx.eval_batch_size, max_length=ctx.max_length)
     given = ctx.options.alpha
-    info = {"alpha_from": "given" if given is not None else "calibrated: -(mean_first - mean_second) . v"}
-    return InferenceEdit(ctx.net, SteeringVector(ctx.site, vector, calibrated if given is None else given, info))
+    info = {"kind": ctx.options.kind, "n_first": len(first), "n_second": len(second),
+            "alpha_from": "given" if given is not None else "calibrated: -(mean_first - mean_second) . v"}
+    return SteeringVector(ctx.site, vector, calibrated if given is None else given, info)
+
+
+def hooked(make: Callable[[EditContext], Intervention]) -> Callable[[EditContext], InferenceEdit]:
+    """A method's builder from its hook's: the intervention `make(ctx)` held on `ctx.net`."""
+    return lambda ctx: InferenceEdit(ctx.net, make(ctx), tuple(ctx.features or ()))

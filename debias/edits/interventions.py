@@ -22,7 +22,6 @@ from debias.models import hooks
 from debias.models.hooks import HookSite
 from debias.sae.ops import clamp
 
-METHODS = ("sae_clamp", "steering_vector")
 STEERING_KINDS = choices(SteeringKind)
 
 
@@ -64,6 +63,15 @@ class Intervention:
         """Method name and parameters (JSON-serialisable), for reports."""
         return {"method": self.method, "hook_name": self.site.hook_name}
 
+    def harness_entry(self) -> dict:
+        """This intervention as one entry of lm-evaluation-harness's steer file (`debias.edits.steer_file`, whose
+        docstring gives the format and what each intervention becomes), with a `debias` dict saying whether it is
+        exact; ValueError where the format cannot hold it."""
+        raise ValueError(f"{type(self).__name__} has no steer-file form")
+
+    def _meta(self, exact: bool, note: str) -> dict:
+        return {**self.describe(), "strength": float(self.strength), "exact": exact, "note": note}
+
 
 class SAEClamp(Intervention):
     """Set SAE latents `features` to `value` at every token, keeping the SAE's reconstruction error.
@@ -102,6 +110,25 @@ class SAEClamp(Intervention):
     def describe(self) -> dict:
         return {**super().describe(), "features": list(self.features), "value": self.value,
                 "d_sae": int(self.sae.cfg.d_sae)}
+
+    def harness_entry(self) -> dict:
+        """`clamp` along the latent's unit decoder row d, bias b_dec, coefficient value · |row|: not exact (the
+        format has no encoder); one latent at strength 1 only."""
+        if len(self.features) != 1:
+            raise ValueError(f"sae_clamp of {len(self.features)} latents {self.features} has no steer file: the "
+                             "harness's format holds one direction per module; clamp one latent")
+        if self.strength != 1.0:
+            raise ValueError(f"sae_clamp at strength {self.strength} mixes clamped and original activations, which "
+                             "the harness's clamp cannot express; write the steer file at strength 1")
+        row = self.sae.W_dec[self.features[0]].detach().float().cpu()
+        norm = float(row.norm())
+        if norm == 0:
+            raise ValueError(f"latent {self.features[0]} has a zero decoder row: no direction to clamp along")
+        return {"steering_vector": row / norm, "steering_coefficient": self.value * norm, "action": "clamp",
+                "bias": self.sae.b_dec.detach().float().cpu().clone(), "head_index": None,
+                "debias": self._meta(False, "the harness clamps the whole component of acts - b_dec along the decoder "
+                                     "row to value*|row|; debias's sae_clamp moves only the latent's own share (its "
+                                     "encoder's z_f), error term kept: equal only when that component is z_f*|row|")}
 
 
 class SteeringVector(Intervention):
@@ -144,6 +171,13 @@ class SteeringVector(Intervention):
     def describe(self) -> dict:
         return {**super().describe(), "alpha": self.alpha, "d_model": int(self.vector.shape[0]),
                 "vector_norm": float(self.vector.float().norm()), **self.info}
+
+    def harness_entry(self) -> dict:
+        """`add` of the very tensor `fn` adds (strength · alpha · v) with coefficient 1: exact, in any dtype."""
+        shift = (self.strength * self.alpha) * self.vector.float()
+        return {"steering_vector": shift, "steering_coefficient": 1.0, "action": "add", "bias": None,
+                "head_index": None,
+                "debias": self._meta(True, "acts + strength·alpha·v, as debias's own hook adds it")}
 
 
 def mean_activations(model, tokenizer, site: HookSite, texts: list[str], batch_size: int = 16,
@@ -236,41 +270,3 @@ def check_two_groups(bias) -> None:
     if len(spec.groups) != 2:
         raise ValueError(f"steering_vector needs a two-group bias; bias {spec.name!r} ({spec.path}) has "
                          f"{len(spec.groups)} groups {list(spec.groups)}")
-
-
-def build_intervention(method: str, model, tokenizer, sae=None, site: HookSite | None = None,
-                       features: list[int] | None = None, value: float = 0.0, alpha: float | None = None,
-                       kind: str = "mean_diff", female_texts: list[str] | None = None,
-                       male_texts: list[str] | None = None, bias: str = "gender") -> Intervention:
-    """`sae_clamp` (needs `sae` and `features`) or `steering_vector` (fitted with `kind` on `female_texts` vs
-    `male_texts`, the first vs the second group; default: the TRAIN prompts of `load_gap_prompts("train",
-    bias=bias)`, female- vs male-stereotyped for gender; a steering vector needs a two-group bias), at `alpha`
-    (None: calibrated on this model and layer, `fit_steering`).
-    `site` defaults to the SAE's hook site."""
-    if method not in METHODS:
-        raise ValueError(f"unknown intervention {method!r}; expected one of {METHODS}")
-    if site is None:
-        if sae is None:
-            raise ValueError(f"{method} needs a hook site: pass `site` or an SAE")
-        from debias.sae.load import sae_hook_name
-
-        site = hooks.resolve_hook(model, sae_hook_name(sae), tokenizer)
-    if method == "sae_clamp":
-        if sae is None:
-            raise ValueError("sae_clamp needs an SAE")
-        return SAEClamp(sae, site, list(features or []), value)
-    if alpha is not None:
-        alpha = _finite("steering alpha", alpha)
-    if kind not in STEERING_KINDS:
-        raise ValueError(f"unknown steering vector kind {kind!r}; expected one of {STEERING_KINDS}")
-    source = "given texts"
-    check_two_groups(bias)
-    if female_texts is None or male_texts is None:
-        from debias.prompts import load_gap_prompts
-
-        gap = load_gap_prompts("train", bias=bias)
-        female_texts, male_texts, source = gap.female, gap.male, "train profession prompts"
-    vector, calibrated = fit_steering(model, tokenizer, site, female_texts, male_texts, kind)
-    info = {"kind": kind, "fitted_on": source, "n_female": len(female_texts), "n_male": len(male_texts),
-            "alpha_from": "given" if alpha is not None else "calibrated: -(mean_female - mean_male) . v"}
-    return SteeringVector(site, vector, calibrated if alpha is None else alpha, info)

@@ -43,6 +43,9 @@ class Method:
     check: Callable[[Any, Any, str, Any], None] | None = None
     ranked: bool = False  # a low-rank adapter (its options have `rank`): `debias compare` makes a cell per rank
     options: type | None = None  # the dataclass of its `model.edit.options` (None: it takes none)
+    needs_sae: bool = False  # building it reads the SAE's latents (not only its hook site): needs an SAE and features
+    # an inference method's hook alone, not yet applied (`hook_builder.build_intervention`: `debias generate`)
+    intervention: Callable[[EditContext], Any] | None = None
 
 
 _SPARSE_FILES = ("`adapter/` (PEFT, where the layer type has it); `debias/delta.safetensors` (indices + values, "
@@ -51,7 +54,7 @@ _SPARSE_FILES = ("`adapter/` (PEFT, where the layer type has it); `debias/delta.
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("instability", "mask", partial(sparse.build_masked, mask_from="feature"),
            "top-k entries by the SAE feature(s)' gradient",
-           "tab:red", "feature", _SPARSE_FILES),
+           "tab:red", "feature", _SPARSE_FILES, needs_sae=True),
     Method("random", "mask", partial(sparse.build_masked, mask_from="random"), "k random entries (seeded): a control",
            "tab:gray", "random",
            _SPARSE_FILES),
@@ -60,24 +63,26 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "tab:blue", "bias", _SPARSE_FILES),
     Method("feature_effect", "mask", partial(sparse.build_masked, mask_from="feature_effect"),
            "top-k entries by the train gap's gradient taken only through the SAE feature(s), error term fixed",
-           "tab:pink", "feature_effect", _SPARSE_FILES),
+           "tab:pink", "feature_effect", _SPARSE_FILES, needs_sae=True),
     Method("random_features", "mask", partial(sparse.build_masked, mask_from="random_features"),
            "instability with the features replaced by as many live latents drawn at random (seeded): a control",
-           "salmon", "random_features", _SPARSE_FILES),
+           "salmon", "random_features", _SPARSE_FILES, needs_sae=True),
     Method("dense", "weight", sparse.build_dense, "every entry of W_out", "tab:purple", "all"),
     Method("lora", "weight", lora.build, "a peft LoRA adapter (rank: `options.rank`)", "tab:green",
            export_files="`adapter/` (PEFT LoRA); ", check=lora.check_network, ranked=True, options=lora.LoraOptions),
-    Method("sae_clamp", "inference", inference.build_clamp,
+    Method("sae_clamp", "inference", inference.hooked(inference.clamp),
            "the features clamped to `options.value` at the hook, error term kept", "tab:brown",
-           options=inference.ClampOptions),
-    Method("steering_vector", "inference", inference.build_steering,
+           export_files="`steer.pt` (lm-evaluation-harness `steered` model; one latent only); ",
+           options=inference.ClampOptions, needs_sae=True, intervention=inference.clamp),
+    Method("steering_vector", "inference", inference.hooked(inference.steering),
            "`options.alpha` · v added at the hook (v fitted on train prompts)", "tab:cyan",
-           options=inference.SteeringOptions),
+           export_files="`steer.pt` (lm-evaluation-harness `steered` model); ",
+           options=inference.SteeringOptions, intervention=inference.steering),
     Method("feature_projection", "weight", projection.build,
            "the features' decoder directions projected out of W_out's output: W_out ← (I − α·P) W_out, "
            "α = `options.alpha`, no training", "tab:olive",
            export_files="`adapter/` (PEFT LoRA, rank = number of features); ", check=projection.check_network,
-           options=projection.ProjectionOptions),
+           options=projection.ProjectionOptions, needs_sae=True),
 )}
 
 MethodName = str

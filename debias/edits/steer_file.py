@@ -37,17 +37,18 @@ from pathlib import Path
 
 import torch
 
-from debias.edits.interventions import SAEClamp, SteeringVector
+from debias.edits.inference import InferenceEdit
+from debias.edits.interventions import Intervention
 from debias.io import atomic_write
 
 KEYS = ("steering_vector", "steering_coefficient", "action", "bias", "head_index")
 
 
-def intervention_of(edit):
-    """The `SAEClamp` / `SteeringVector` behind `edit` (itself, an `InferenceEdit`, or a module holding one as
-    `.delta`); a one-line error for anything else (a trained weight edit is no steering edit)."""
-    found = getattr(getattr(edit, "delta", edit), "intervention", getattr(edit, "delta", edit))
-    if not isinstance(found, (SAEClamp, SteeringVector)):
+def intervention_of(edit) -> Intervention:
+    """The `Intervention` behind `edit` (itself, or an `InferenceEdit`); a one-line error for anything else (a trained
+    weight edit is no steering edit)."""
+    found = edit.intervention if isinstance(edit, InferenceEdit) else edit
+    if not isinstance(found, Intervention):
         raise ValueError(f"a steer file holds an inference-time edit (sae_clamp, steering_vector), not "
                          f"{type(found).__name__}: a trained edit is a weight change; evaluate its export with "
                          "`lm_eval --model hf --model_args pretrained=EXPORT`")
@@ -79,30 +80,7 @@ def steer_entries(edit, model) -> dict[str, dict]:
     """{hookpoint: entry} in the harness's format for `edit` on `model` (the HF model it hooks)."""
     found = intervention_of(edit)
     found.check(model)  # the vector / SAE fits the hooked tensor, as when debias applies it
-    meta = {**found.describe(), "strength": float(found.strength)}
-    if isinstance(found, SteeringVector):
-        shift = (found.strength * found.alpha) * found.vector.float()  # the tensor SteeringVector.fn adds
-        entry = {"steering_vector": shift, "steering_coefficient": 1.0, "action": "add", "bias": None,
-                 "head_index": None, "debias": {**meta, "exact": True, "note": "acts + strength·alpha·v, as "
-                                                "debias's own hook adds it"}}
-        return {hookpoint(model, found.site): entry}
-    if len(found.features) != 1:
-        raise ValueError(f"sae_clamp of {len(found.features)} latents {found.features} has no steer file: the "
-                         "harness's format holds one direction per module; clamp one latent")
-    if found.strength != 1.0:
-        raise ValueError(f"sae_clamp at strength {found.strength} mixes clamped and original activations, which the "
-                         "harness's clamp cannot express; write the steer file at strength 1")
-    row = found.sae.W_dec[found.features[0]].detach().float().cpu()
-    norm = float(row.norm())
-    if norm == 0:
-        raise ValueError(f"latent {found.features[0]} has a zero decoder row: no direction to clamp along")
-    entry = {"steering_vector": row / norm, "steering_coefficient": found.value * norm, "action": "clamp",
-             "bias": found.sae.b_dec.detach().float().cpu().clone(), "head_index": None,
-             "debias": {**meta, "exact": False, "note": (
-                 "the harness clamps the whole component of acts - b_dec along the decoder row to value*|row|; "
-                 "debias's sae_clamp moves only the latent's own share (its encoder's z_f), error term kept: equal "
-                 "only when that component is z_f*|row|")}}
-    return {hookpoint(model, found.site): entry}
+    return {hookpoint(model, found.site): found.harness_entry()}
 
 
 def write_steer_file(edit, model, path: str | Path) -> Path:

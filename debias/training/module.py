@@ -264,7 +264,8 @@ class DebiasModule(LightningModule):
             project_delta(self.null_space, self.delta)
 
     def on_train_batch_start(self, batch, batch_idx: int):
-        """A computed edit (`feature_projection`: no parameters) trains nothing; fit still evaluates and exports it."""
+        """A computed or inference-time edit (`feature_projection`, `sae_clamp`: no parameters) trains nothing; fit
+        still evaluates and exports it."""
         if not self.delta.parameters():
             self.trainer.should_stop = True
             return -1
@@ -273,10 +274,9 @@ class DebiasModule(LightningModule):
         params = self.delta.parameters()
         if params:
             return torch.optim.Adam(params, lr=self.train_args.lr)
-        if registry.get(self.edit_args.method).kind == "inference":
-            raise ValueError(f"method {self.edit_args.method!r} is an inference-time intervention with nothing to "
-                             "train; evaluate it with `debias compare` (or DebiasModule.prepare + debias.evaluation)")
-        say(f"method {self.edit_args.method!r} is computed, not trained: fit evaluates and exports it as built")
+        how = ("an inference-time intervention (a forward hook)" if registry.get(self.edit_args.method).kind ==
+               "inference" else "computed")
+        say(f"method {self.edit_args.method!r} is {how}, not trained: fit evaluates and exports it as built")
         return None
 
     @torch.no_grad()
