@@ -56,7 +56,10 @@ def report_figure(out: str | Path, curves: dict, acts_before: torch.Tensor, acts
             steps, values = zip(*points, strict=False)
             ax.plot(steps, values, label=name, marker="." if name.startswith("val/") else None)
     ax.set(xlabel="step", ylabel="value", title="objective terms and held-out KL", yscale="log")
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    else:  # an inference-time edit (sae_clamp, steering_vector) trains nothing
+        ax.text(0.5, 0.5, "nothing trained", ha="center", va="center", transform=ax.transAxes)
 
     ax = axes[1]
     top = max(float(acts_before.max()), float(acts_after.max()), 1e-6)
