@@ -143,11 +143,11 @@ def write_steer(module, folder: Path) -> dict:
     """`folder/steer.pt`, the harness's steer file of an inference-time edit (`debias.edits.steer_file`); what the
     report records: its name, hookpoint and whether it is exact, or `path: null` and why the format cannot hold it
     (a clamp of several latents)."""
-    from debias.edits.steer_file import steer_entries, write_steer_file
+    from debias.edits.steer_file import save_steer_entries, steer_entries
 
     try:
         entries = steer_entries(module.delta, module.net)
-        write_steer_file(module.delta, module.net, folder / STEER_FILE)
+        save_steer_entries(entries, folder / STEER_FILE)
     except ValueError as err:
         print(f"debias: no {STEER_FILE}: {err}", flush=True)
         return {"path": None, "why": str(err)}

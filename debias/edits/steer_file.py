@@ -85,11 +85,16 @@ def steer_entries(edit, model) -> dict[str, dict]:
 
 def write_steer_file(edit, model, path: str | Path) -> Path:
     """Write `edit`'s steer file (a `.pt`, which the harness requires) atomically; returns its path."""
+    return save_steer_entries(steer_entries(edit, model), path)
+
+
+def save_steer_entries(entries: dict[str, dict], path: str | Path) -> Path:
+    """Write `steer_entries`' result as a steer file (a `.pt`, which the harness requires) atomically."""
     path = Path(path)
     if path.suffix not in (".pt", ".pth"):
         raise ValueError(f"the harness reads a steer file only with a .pt or .pth name, got {path.name!r}")
     buffer = io.BytesIO()
-    torch.save(steer_entries(edit, model), buffer)
+    torch.save(entries, buffer)
     atomic_write(path, buffer.getvalue())
     return path
 
