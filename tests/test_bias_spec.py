@@ -78,6 +78,19 @@ def test_gender_spec_is_at_scale_and_no_item_crosses_splits():
                 assert seen.setdefault(_norm(item), split) == split, f"{name}: {item!r} is in two splits"
 
 
+def test_gender_professions_share_no_word_across_splits_or_groups():
+    spec = load_bias_spec("gender")
+    where: dict[str, set] = {}
+    for g in spec.groups:
+        for split in SPLITS:
+            for profession in spec.contexts[g][split]:
+                for word in _norm(profession).split():
+                    where.setdefault(word, set()).add((split, g))
+    crossing = {w: sorted(places) for w, places in where.items() if len(places) > 1}
+    # "worker" names one held-out profession of each group (social worker, construction worker): allowed there
+    assert crossing == {"worker": [("heldout", "female"), ("heldout", "male")]}
+
+
 def test_gender_spec_holds_the_prompt_files_exactly():
     spec = load_bias_spec("gender")
     for split in FILE_SPLITS:
