@@ -205,6 +205,27 @@ def test_real_corpus_is_deduplicated_fixed_and_split(monkeypatch):
     assert set(corpus.file_hashes()) == {rel for rel, _ in corpus.SOURCES}
 
 
+AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+AMX = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_tile amx_bf16\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize("cpuinfo, native", [(AVX2_ONLY, False), (AVX512_BF16, True), (AMX, True), (ARM_BF16, True),
+                                             ("", False), ("model name\t: bf16 in a name is not a flag\n", False)])
+def test_native_bfloat16_reads_the_cpu_flags(cpuinfo, native):
+    assert sae_train.native_bfloat16(cpuinfo) is native
+
+
+@pytest.mark.parametrize("native, dtype", [(True, "bfloat16"), (False, "float32")])
+def test_auto_compute_dtype_resolves_to_the_dtype_that_runs(monkeypatch, native, dtype):
+    # an AVX2-only CPU emulates bfloat16 matmuls about 100x slower than float32: auto must not pick it there
+    monkeypatch.setattr(sae_train, "native_bfloat16", lambda: native)
+    auto = settings()
+    assert auto.compute_dtype == dtype
+    assert auto.key() == settings(compute_dtype=dtype).key()
+
+
 def test_bfloat16_compute_is_its_own_build_and_reaches_the_float32_quality(lm, built, tmp_path):
     import dataclasses
     import hashlib
@@ -217,7 +238,7 @@ def test_bfloat16_compute_is_its_own_build_and_reaches_the_float32_quality(lm, b
     # builds made before compute_dtype existed keep their key (and their cache entry)
     assert plain.key() == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     assert settings(compute_dtype="bfloat16").key() != plain.key()
-    with pytest.raises(ValueError, match=r"compute_dtype must be 'float32' or 'bfloat16', got 'float16'"):
+    with pytest.raises(ValueError, match=r"compute_dtype must be 'auto', 'float32' or 'bfloat16', got 'float16'"):
         settings(compute_dtype="float16")
     model, tok = lm
     ids = corpus.token_sequences(tok, _synthetic_texts()[:40], 32, 512)

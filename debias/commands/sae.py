@@ -14,12 +14,13 @@ def sae_train_command(model: str = DEFAULT_MODEL, hook_name: str = DEFAULT_HOOK,
                       n_tokens: int = 350_000, epochs: float = 2.0, lr: float = 1e-3, batch_size: int = 1024,
                       sae_seed: int = 0, val_tokens: int = 16_384, ce_tokens: int = 4_096,
                       bias_prompt_file: str | None = str(PACKAGED_BIAS_TRAIN), out: str | None = None,
-                      force: bool = False, compute_dtype: Literal["float32", "bfloat16"] = "bfloat16") -> dict:
+                      force: bool = False, compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto") -> dict:
     """Train (or reuse) the TopK SAE of `model` at `hook_name`; print and return its metrics.
 
     `out` None: the shared cache (what `debias fit` uses); otherwise a directory written from scratch.
     `bias_prompt_file`: train bias prompts added to the corpus (default: the packaged train split; None: none).
-    `compute_dtype`: the capture's forward and the SAE's steps under autocast (bfloat16) or in float32.
+    `compute_dtype`: the capture's forward and the SAE's steps under autocast (bfloat16) or in float32; auto:
+    bfloat16 where the CPU runs it natively, else float32.
     `sae_seed`: seeds the SAE's initial weights and the order of its training batches.
     """
     settings = SAETrainSettings(hook_name=hook_name, d_sae=d_sae, k=k, n_tokens=n_tokens, epochs=epochs, lr=lr,

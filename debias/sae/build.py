@@ -34,6 +34,24 @@ PACKAGED_BIAS_TRAIN = Path(__file__).parent.parent / "data" / "prompts" / "bias_
 DEAD_WINDOW_TOKENS = 100_000  # a latent silent for this many training tokens counts as dead (TopK aux loss)
 
 
+def native_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU runs bfloat16 matmuls in hardware (x86 AVX-512 BF16 or AMX BF16, Arm BF16), read from
+    `cpuinfo` (default: /proc/cpuinfo; no such file, as on macOS or Windows: False)."""
+    # Read by hand: torch has no public call for it (torch.backends.cpu.get_cpu_capability() says "AVX512", not
+    # whether BF16 is among its instructions).
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 @dataclass
 class SAETrainSettings:
     """What defines an SAE build; every field enters the cache key."""
@@ -54,8 +72,10 @@ class SAETrainSettings:
     # bfloat16: the capture's forward and the SAE's steps run under torch.autocast (CPUs with AMX / AVX-512 BF16 run
     # its matmuls several times faster); the activations are kept in float32 and the SAE's weights stay float32.
     # scripts/sae_build_profile.py measures speed and explained variance of both; docs/guide.md has the numbers.
-    # bfloat16 is the default: 2.7x the capture and 1.7x the SAE steps at the same explained variance.
-    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # auto (the default): bfloat16 where the CPU runs it natively (2.7x the capture, 1.7x the SAE steps at the same
+    # explained variance), float32 elsewhere: an AVX2-only CPU emulates bfloat16 matmuls about 100x slower.
+    # Resolved when the settings are made, so the key, the cache and the record name the dtype that ran.
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def __post_init__(self):
         for name in ("d_sae", "k", "n_tokens", "seq_len", "batch_size", "val_tokens", "ce_tokens", "capture_batch"):
@@ -63,9 +83,11 @@ class SAETrainSettings:
                 raise ValueError(f"SAETrainSettings.{name} must be positive, got {getattr(self, name)}")
         if self.k > self.d_sae:
             raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"SAETrainSettings.compute_dtype must be 'float32' or 'bfloat16', "
+        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"SAETrainSettings.compute_dtype must be 'auto', 'float32' or 'bfloat16', "
                              f"got {self.compute_dtype!r}")
+        if self.compute_dtype == "auto":
+            self.compute_dtype = "bfloat16" if native_bfloat16() else "float32"
         if self.epochs <= 0:
             raise ValueError(f"SAETrainSettings.epochs must be positive, got {self.epochs}")
         if self.bias_prompt_file is not None:

@@ -102,7 +102,8 @@ class DebiasModule(LightningModule):
     def ensure_sae(self) -> None:
         """Build (or load) the SAE if construction left it for later; the SAE build can take many minutes."""
         if self.sae is None:
-            say(f"building the SAE for {self.model_id} at {self.site.hook_name} (cached afterwards)")
+            how = f" in {build_settings(self).compute_dtype}" if self.sae_args.spec == "train" else ""
+            say(f"building the SAE for {self.model_id} at {self.site.hook_name}{how} (cached afterwards)")
             self.sae = load_sae(self, build_missing=True)
             check_sae(self)
 
