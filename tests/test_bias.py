@@ -165,8 +165,8 @@ def test_splits_are_disjoint():
     cue_t = {s: read_prompt_lines(PROMPTS / f"cue_templates_{s}.txt") for s in bias.SPLITS}
     rel = {s: read_prompt_lines(PROMPTS / f"cue_relatives_{s}.txt") for s in bias.SPLITS}
     assert not set(cue_t["train"]) & set(cue_t["heldout"]) and not set(rel["train"]) & set(rel["heldout"])
-    for s in bias.SPLITS:  # the shipped bias prompts are their split's expansion
-        assert read_prompt_lines(PROMPTS / f"bias_{s}.txt") == gap[s].prompts
+    for s in bias.SPLITS:  # the shipped bias prompts are the expansion of their split's files
+        assert read_prompt_lines(PROMPTS / f"bias_{s}.txt") == load_gap_prompts(s, PROMPTS).prompts
         assert not set(read_prompt_lines(PROMPTS / f"neutral_{s}.txt")) & set(
             read_prompt_lines(PROMPTS / f"neutral_{'heldout' if s == 'train' else 'train'}.txt"))
 
@@ -226,7 +226,7 @@ def test_missing_prompt_dir_or_file_names_path(tmp_path):
         load_cue_prompts("heldout", copy)
     with pytest.raises(ValueError, match="split"):
         load_gap_prompts("test")
-    assert load_gap_prompts("train", copy).female == load_gap_prompts("train").female  # user dir works
+    assert load_gap_prompts("train", copy).female == load_gap_prompts("train", PROMPTS).female  # user dir works
 
 
 def test_multi_token_pronoun_raises(tok):

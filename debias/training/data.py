@@ -63,7 +63,8 @@ class DebiasDataModule(LightningDataModule):
         """
         Args:
             bias_train: texts where the bias feature fires; used for the mask and the removal terms. None: the
-                bias's train gap prompts (gender: the same texts as `package:bias_train.txt`).
+                bias's train gap prompts (gender: those of `package:bias_train.txt`, which the SAE's corpus holds,
+                and those of the 6 templates added since).
             bias_heldout: held-out bias texts, only evaluated. None: the bias's held-out gap prompts.
             neutral_train: text for the preservation KL.
             neutral_heldout: held-out neutral text for LM loss and KL.
