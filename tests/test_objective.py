@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import make_data, make_module, make_trainer
 
+from debias.prompts import default_prompt_dir
 from debias.training.objective import ObjectiveWeights
 
 
@@ -18,7 +19,9 @@ def _term(module, data, name):
 def test_each_term_lowers_its_own_quantity(name, tmp_path):
     weights = dict(feature=0.0, ablation=0.0, gap=0.0, kl=0.0)
     weights[name] = 1.0
-    data = make_data()
+    # the former 6-template train files: on the tiny random model the spec's 12-template prompts start with a gap
+    # of ~0.006, too small for 12 steps to move measurably
+    data = make_data(prompt_dir=str(default_prompt_dir()))
     module = make_module(objective=ObjectiveWeights(**weights), k=400, lr=0.05)
     module.prepare(data)
     before = _term(module, data, name)
