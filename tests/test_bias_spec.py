@@ -109,7 +109,7 @@ def test_gender_spec_holds_the_prompt_files():
             assert list(spec.cue_relatives[g][split])[:len(ours)] == ours
 
 
-def test_gender_spec_gives_the_same_prompts_as_the_files():
+def test_gender_spec_gives_the_files_prompts_and_the_new_templates():
     for split in FILE_SPLITS:
         spec_gap, file_gap = load_gap_prompts(split), load_gap_prompts(split, PROMPTS)
         assert spec_gap == load_gap_prompts(split, bias="gender")
