@@ -9,7 +9,7 @@ from conftest import make_data, make_module, make_trainer
 from debias.bias_spec import BiasSpecError, default_bias_dir, load_bias_spec, swap
 from debias.callbacks import ValidationMetrics
 from debias.evaluation.sentence_metrics import statement_logprobs
-from debias.models.continuation import continuation_logprobs
+from debias.models.continuation import continuation_batch, continuation_logits, continuation_logprobs, picked_logits
 from debias.models.scoring import group_gap, next_token_logprobs, own_group_margins
 from debias.models.tiny import tiny_model, tiny_tokenizer
 from debias.statements import PAIRINGS, load_factual, load_statements
@@ -85,6 +85,22 @@ def test_continuation_scores_do_not_depend_on_the_batch():
         logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
         by_hand = sum(float(logp[i - 1, ids[i]]) for i in range(head, len(ids)))
     assert torch.allclose(batched, alone, atol=1e-5) and batched[0].item() == pytest.approx(by_hand, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen2", "mistral"])
+def test_continuation_logits_unembed_only_the_picked_positions_with_the_full_forwards_values(family):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    batch = continuation_batch(tok, ["My sister", "In my experience, my brother", "Hi"],
+                               [" is bad at math.", " never cries.", " there"])
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    with torch.no_grad():
+        picked = continuation_logits(model, batch)
+        full = picked_logits(model(**batch.model_inputs()).logits, batch)
+    handle.remove()
+    assert calls[0][:-1] == (len(batch.targets),)  # only the positions that predict a continuation token
+    assert calls[1][:-1] == batch.input_ids.shape
+    torch.testing.assert_close(picked, full, atol=1e-5, rtol=1e-5)
 
 
 def test_group_margins_and_gap_by_hand():

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from debias.models.scoring import takes_logits_to_keep
 from debias.statements import StatementItem, statement_texts
 
 
@@ -62,6 +63,21 @@ def picked_logits(logits: torch.Tensor, batch: ContinuationBatch) -> torch.Tenso
     return logits[batch.rows, batch.positions].float()
 
 
+def continuation_logits(model, batch: ContinuationBatch) -> torch.Tensor:
+    """`picked_logits` of `model`'s forward on `batch`, with only the picked positions through the unembedding (HF's
+    boolean `logits_to_keep`, which keeps them in the same row-major order) where the model takes it: the same values,
+    at a fraction of the vocab × hidden cost per token. A model that returns every position is picked from."""
+    keep = {}
+    if takes_logits_to_keep(model):
+        mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool, device=batch.input_ids.device)
+        mask[batch.rows, batch.positions] = True
+        keep["logits_to_keep"] = mask
+    logits = model(**batch.model_inputs(), **keep).logits
+    if logits.dim() == 2:
+        return logits.float()
+    return picked_logits(logits, batch)
+
+
 def summed_logprobs(picked: torch.Tensor, batch: ContinuationBatch) -> torch.Tensor:
     """[n] log p(continuation | context): the sum over its tokens."""
     token = picked.log_softmax(-1).gather(-1, batch.targets[:, None])[:, 0]
@@ -76,7 +92,7 @@ def continuation_logprobs(model, tokenizer, contexts: list[str], continuations: 
     for start in range(0, len(contexts), batch_size):
         batch = continuation_batch(tokenizer, contexts[start:start + batch_size],
                                    continuations[start:start + batch_size], device)
-        out.append(summed_logprobs(picked_logits(model(**batch.model_inputs()).logits, batch), batch))
+        out.append(summed_logprobs(continuation_logits(model, batch), batch))
     return torch.cat(out) if out else torch.zeros(0)
 
 

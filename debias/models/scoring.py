@@ -71,7 +71,7 @@ def pronoun_ids(tokenizer, female: str = " she", male: str = " he") -> tuple[int
     return ids[0], ids[1]
 
 
-def _takes_logits_to_keep(model) -> bool:
+def takes_logits_to_keep(model) -> bool:
     """Whether `model`'s forward takes HF's `logits_to_keep` (by name, or through **kwargs as PEFT's wrappers do)."""
     params = inspect.signature(model.forward).parameters
     return "logits_to_keep" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -90,7 +90,7 @@ def next_token_logprobs(model, tokenizer, prompts: list[str], batch_size: int = 
     encoded = tokenizer(list(prompts))["input_ids"]
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("a prompt tokenizes to zero tokens")
-    out, keeps_logits = [], _takes_logits_to_keep(model)
+    out, keeps_logits = [], takes_logits_to_keep(model)
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
         width = max(len(ids) for ids in chunk)
