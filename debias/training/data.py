@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
 from debias.bias_spec import load_bias_spec
+from debias.neutral_corpus import corpus_count, neutral_sentences
 from debias.prompts import read_texts
 from debias.statements import statement_texts
 
@@ -66,7 +67,8 @@ class DebiasDataModule(LightningDataModule):
                 bias's train gap prompts (gender: those of `package:bias_train.txt`, which the SAE's corpus holds,
                 and those of the 6 templates added since).
             bias_heldout: held-out bias texts, only evaluated. None: the bias's held-out gap prompts.
-            neutral_train: text for the preservation KL.
+            neutral_train: text for the preservation KL; `corpus:N`: N sentences of the SAE's offline corpus that
+                name no group of the bias (`debias.neutral_corpus`).
             neutral_heldout: held-out neutral text for LM loss and KL.
             neutral_validation: validation neutral text (checkpoint choice); None: every fifth text of
                 `neutral_train`, which training then leaves out.
@@ -92,6 +94,7 @@ class DebiasDataModule(LightningDataModule):
             problems.append(f"data.prompt_dir holds gender prompt files; it cannot be combined with data.bias={bias!r}")
         if problems:
             raise ValueError("; ".join(problems))
+        corpus_count(neutral_train)  # a bad corpus:N fails here, before any model loads
         if prompt_dir is None:
             load_bias_spec(bias)  # a bad spec fails here, before any model loads
         self.save_hyperparameters()
@@ -123,7 +126,7 @@ class DebiasDataModule(LightningDataModule):
         from debias.prompts import load_cue_prompts, load_gap_prompts
 
         sources = {"neutral_train": hp.neutral_train, "neutral_heldout": hp.neutral_heldout}
-        self.texts = {name: read_texts(src, hp.max_texts) for name, src in sources.items()}
+        self.texts = {name: self._neutral(src, hp.max_texts) for name, src in sources.items()}
         for split in ("train", "heldout"):
             source = hp[f"bias_{split}"]
             texts = read_texts(source, hp.max_texts) if source else \
@@ -163,6 +166,12 @@ class DebiasDataModule(LightningDataModule):
         if overlap:
             raise ValueError(f"{len(overlap)} bias prompts are in both train and held-out sets, "
                              f"e.g. {sorted(overlap)[:2]}")
+
+    def _neutral(self, source: str, limit: int | None) -> list[str]:
+        n = corpus_count(source)
+        if n is None:
+            return read_texts(source, limit)
+        return neutral_sentences(self.args["bias"], n)[:limit]
 
     def _loader(self, texts: list[str], batch_size: int, shuffle: bool) -> DataLoader:
         if shuffle:
