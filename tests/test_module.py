@@ -117,6 +117,27 @@ def test_argument_problems_are_reported_together_before_loading():
             make_module(lr=lr)
 
 
+@pytest.mark.parametrize("lr_decay", [-0.1, 1.0, float("nan")])
+def test_a_bad_lr_decay_is_named(lr_decay):
+    with pytest.raises(ValueError, match=r"model.train.lr_decay must be a number in \[0, 1\), got"):
+        make_module(lr_decay=lr_decay)
+
+
+def test_lr_decay_holds_the_rate_then_takes_it_linearly_to_zero(tmp_path):
+    from lightning.pytorch import Callback
+
+    class Rates(Callback):
+        def __init__(self):
+            self.seen: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    rates = Rates()
+    make_trainer(tmp_path, max_steps=8, callbacks=[rates]).fit(make_module(lr=0.04, lr_decay=0.5), datamodule=make_data())
+    assert rates.seen == pytest.approx([0.04] * 5 + [0.03, 0.02, 0.01])  # steps 4..8: 4/4, 3/4, 2/4, 1/4 of it
+
+
 def test_features_chosen_by_rule_when_not_given(tmp_path):
     data = make_data()
     module = make_module(features=None, n_features=2)

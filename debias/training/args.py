@@ -197,6 +197,9 @@ class TrainArgs:
     """Retention by construction (AlphaEdit): after every step, project the update of each edited W_out off the
     directions holding this share of the energy of its inputs on the train factual and cue prompts (0.99 keeps
     ~100-200 of SmolLM2's 1,536), then re-mask it (`debias.edits.null_space`). None: off."""
+    lr_decay: float = 0.0
+    """The share of the run's last steps (`trainer.max_steps`) over which the learning rate falls linearly to 0, so
+    Adam's late see-saw between the removal and retention terms settles; 0: constant (no scheduler); [0, 1)."""
     persist_activations: bool = True
     """Keep the cached layer-L inputs on disk (`debias.training.upstream_store`), so the next run of the same model
     skips layers 0..L-1 for every text a run saw before; `$DEBIAS_ACTIVATION_CACHE=0` turns it off too."""
@@ -210,6 +213,8 @@ class TrainArgs:
         if self.null_space_energy is not None and not (_finite(self.null_space_energy)
                                                        and 0 < self.null_space_energy <= 1):
             problems.append(f"model.train.null_space_energy must be in (0, 1] or null, got {self.null_space_energy}")
+        if not (_finite(self.lr_decay) and 0 <= self.lr_decay < 1):
+            problems.append(f"model.train.lr_decay must be a number in [0, 1), got {self.lr_decay}")
         if not (_finite(self.cache_budget_mb) and self.cache_budget_mb >= 0):
             problems.append(f"model.train.cache_budget_mb must be a finite number >= 0, got {self.cache_budget_mb}")
         _raise("model.train", problems)

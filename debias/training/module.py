@@ -274,7 +274,15 @@ class DebiasModule(LightningModule):
     def configure_optimizers(self):
         params = self.delta.parameters()
         if params:
-            return torch.optim.Adam(params, lr=self.train_args.lr)
+            optimizer = torch.optim.Adam(params, lr=self.train_args.lr)
+            if not self.train_args.lr_decay:
+                return optimizer
+            total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+            start = int(total * (1 - self.train_args.lr_decay))
+            # constant, then linear to 0 over steps start..total
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: min(1.0, max(0.0, (total - step) / max(total - start, 1))))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
         how = ("an inference-time intervention (a forward hook)" if registry.get(self.edit_args.method).kind ==
                "inference" else "computed")
         say(f"method {self.edit_args.method!r} is {how}, not trained: fit evaluates and exports it as built")
