@@ -22,14 +22,14 @@ MIN_WORDS, MAX_WORDS = 10, 25
 PREFIX = "corpus:"
 
 
-def corpus_count(source: str) -> int | None:
-    """N of a `corpus:N` source (None for any other source); raises, naming the value, on a bad N."""
+def corpus_count(source: str, key: str = "neutral_train") -> int | None:
+    """N of a `corpus:N` source (None for any other source); raises, naming `data.{key}` and the value, on a bad N."""
     if not source.startswith(PREFIX):
         return None
     n = source[len(PREFIX):]
     if not re.fullmatch(r"[0-9]+", n) or int(n) < 2:
-        raise ValueError(f"data.neutral_train {source!r}: expected corpus:N with N an integer >= 2 (N sentences of "
-                         "the SAE's offline corpus that name no group)")
+        raise ValueError(f"data.{key} {source!r}: expected corpus:N with N an integer >= 2 (N sentences of the SAE's "
+                         "offline corpus that name no group)")
     return int(n)
 
 

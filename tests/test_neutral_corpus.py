@@ -40,3 +40,9 @@ def test_the_data_module_trains_on_corpus_sentences_and_validates_on_every_fifth
 def test_asking_for_more_sentences_than_the_corpus_has_names_the_count():
     with pytest.raises(ValueError, match=r"'corpus:10000000': the corpus has only \d+ passages"):
         neutral_sentences("gender", 10_000_000)
+
+
+@pytest.mark.parametrize("key", ["neutral_heldout", "neutral_validation"])
+def test_only_the_train_neutral_text_may_come_from_the_corpus(key):
+    with pytest.raises(ValueError, match=f"data.{key} 'corpus:40': corpus:N is for data.neutral_train only"):
+        make_data(**{key: "corpus:40"})

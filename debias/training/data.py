@@ -92,6 +92,10 @@ class DebiasDataModule(LightningDataModule):
             problems.append(f"data.max_texts must be >= 1 or null, got {max_texts}")
         if prompt_dir is not None and bias != "gender":
             problems.append(f"data.prompt_dir holds gender prompt files; it cannot be combined with data.bias={bias!r}")
+        evaluated = {"neutral_heldout": neutral_heldout, "neutral_validation": neutral_validation}
+        problems += [f"data.{name} {source!r}: corpus:N is for data.neutral_train only (it would draw the same "
+                     "sentences); expected a .txt, .jsonl, package: or hf: source"
+                     for name, source in evaluated.items() if source is not None and corpus_count(source, name)]
         if problems:
             raise ValueError("; ".join(problems))
         corpus_count(neutral_train)  # a bad corpus:N fails here, before any model loads
@@ -126,7 +130,8 @@ class DebiasDataModule(LightningDataModule):
         from debias.prompts import load_cue_prompts, load_gap_prompts
 
         sources = {"neutral_train": hp.neutral_train, "neutral_heldout": hp.neutral_heldout}
-        self.texts = {name: self._neutral(src, hp.max_texts) for name, src in sources.items()}
+        self.texts = {"neutral_train": self._neutral_train(hp.neutral_train, hp.max_texts),
+                      "neutral_heldout": read_texts(hp.neutral_heldout, hp.max_texts)}
         for split in ("train", "heldout"):
             source = hp[f"bias_{split}"]
             texts = read_texts(source, hp.max_texts) if source else \
@@ -167,7 +172,7 @@ class DebiasDataModule(LightningDataModule):
             raise ValueError(f"{len(overlap)} bias prompts are in both train and held-out sets, "
                              f"e.g. {sorted(overlap)[:2]}")
 
-    def _neutral(self, source: str, limit: int | None) -> list[str]:
+    def _neutral_train(self, source: str, limit: int | None) -> list[str]:
         n = corpus_count(source)
         if n is None:
             return read_texts(source, limit)
