@@ -13,7 +13,7 @@ LAYERS = [
     ("debias.config", "debias.io"),
     ("debias.prompts", "debias.bias_spec", "debias.bias_checks", "debias.spec_check", "debias.statements"),
     ("debias.models", "debias.json_store"),
-    ("debias.sae", "debias.cda"),
+    ("debias.sae", "debias.cda", "debias.neutral_corpus"),
     ("debias.features",),
     ("debias.edits",),
     ("debias.training",),

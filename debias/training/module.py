@@ -22,6 +22,7 @@ from debias.edits.joint import edited_matrices
 from debias.edits.mask import Mask, resolve_k
 from debias.models import hooks
 from debias.models.scoring import real_token_mask, target_ids
+from debias.training import optimizer
 from debias.training.args import EditArgs, SAEArgs, TrainArgs, as_group, check_dtype
 from debias.training.cache import FastPath
 from debias.training.checkpoint import KEY, edit_record, restore_edit
@@ -272,17 +273,8 @@ class DebiasModule(LightningModule):
             return -1
 
     def configure_optimizers(self):
-        params = self.delta.parameters()
-        if params:
-            optimizer = torch.optim.Adam(params, lr=self.train_args.lr)
-            if not self.train_args.lr_decay:
-                return optimizer
-            total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-            start = int(total * (1 - self.train_args.lr_decay))
-            # constant, then linear to 0 over steps start..total
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: min(1.0, max(0.0, (total - step) / max(total - start, 1))))
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        if params := self.delta.parameters():
+            return optimizer.configure(params, self.train_args, self.trainer)
         how = ("an inference-time intervention (a forward hook)" if registry.get(self.edit_args.method).kind ==
                "inference" else "computed")
         say(f"method {self.edit_args.method!r} is {how}, not trained: fit evaluates and exports it as built")
