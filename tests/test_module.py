@@ -138,6 +138,17 @@ def test_lr_decay_holds_the_rate_then_takes_it_linearly_to_zero(tmp_path):
     assert rates.seen == pytest.approx([0.04] * 5 + [0.03, 0.02, 0.01])  # steps 4..8: 4/4, 3/4, 2/4, 1/4 of it
 
 
+def test_the_optimiser_is_configured_outside_a_trainer_too():
+    module = make_module(lr=0.04)
+    module.prepare(make_data())
+    optimizer = module.configure_optimizers()  # a hand-written loop (benchmarks/step.py) calls it with no Trainer
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == 0.04
+    decaying = make_module(lr_decay=0.5)
+    decaying.prepare(make_data())
+    with pytest.raises(ValueError, match="model.train.lr_decay=0.5 needs the run's length from a Trainer's max_steps"):
+        decaying.configure_optimizers()
+
+
 def test_features_chosen_by_rule_when_not_given(tmp_path):
     data = make_data()
     module = make_module(features=None, n_features=2)

@@ -274,7 +274,7 @@ class DebiasModule(LightningModule):
 
     def configure_optimizers(self):
         if params := self.delta.parameters():
-            return optimizer.configure(params, self.train_args, self.trainer)
+            return optimizer.configure(params, self.train_args, self._trainer)  # None outside a Trainer
         how = ("an inference-time intervention (a forward hook)" if registry.get(self.edit_args.method).kind ==
                "inference" else "computed")
         say(f"method {self.edit_args.method!r} is {how}, not trained: fit evaluates and exports it as built")
