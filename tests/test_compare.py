@@ -80,12 +80,36 @@ def test_a_repeated_layer_is_refused_before_any_model_loads(monkeypatch, tmp_pat
 
 @pytest.mark.parametrize("layers, message", [
     ("[1,7]", r"layer 7 is outside the model \(expected 0 <= i < 3, the model's number of layers\)"),
-    ("[0,1]", r"model.edit.layers=\[0, 1\]: debias compare builds one-matrix masks")])
+    ("[0,1]", r"model.edit.layers=\[0, 1\]: each mask row .* but \['lora', 'instability_3layers'\] edit one matrix")])
 def test_a_layer_list_the_grid_cannot_run_is_refused_before_any_mask(layers, message, tmp_path):
     out = tmp_path / "compare"
     with pytest.raises(ValueError, match=message):
-        compare_command(TINY, methods=["instability"], overrides=[f"--model.edit.layers={layers}"], out=str(out))
+        compare_command(TINY, methods=["instability", "lora", "instability_3layers"],
+                        overrides=[f"--model.edit.layers={layers}"], out=str(out))
     assert not out.exists()
+
+
+def test_under_a_joint_mask_config_the_default_rows_are_the_masks(tmp_path, monkeypatch, capsys):
+    def stop(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(debias.commands.compare.run, "run_cell", stop)  # grid.json is written before any cell runs
+    with pytest.raises(KeyboardInterrupt):
+        compare_command(TINY, k=[20], seeds=[0], overrides=["--model.edit.layers=[0,1]"], out=str(tmp_path))
+    cells = json.loads((tmp_path / "grid.json").read_text())["cells"]
+    assert cells == ["instability-k20-seed0", "bias_gradient-k20-seed0", "feature_effect-k20-seed0",
+                     "random-k20-seed0", "random_features-k20-seed0"]
+    assert "the mask rows ['instability', 'bias_gradient'" in capsys.readouterr().err
+
+
+def test_under_a_joint_mask_config_each_mask_row_ranks_its_own_mask_over_the_config_s_layers(tmp_path):
+    out = tmp_path / "compare"
+    compare_command(TINY, methods=["bias_gradient"], k=[20], seeds=[0], objectives=False, steps=2,
+                    alphas=[1.0], kl_levels=[1e-7], suite_levels=[], overrides=["--model.edit.layers=[0,1]"],
+                    out=str(out))
+    assert not list(out.glob("masks/*"))  # no shared one-matrix mask: each cell's fit ranks its own
+    report = json.loads((out / "bias_gradient-k20-seed0" / "export" / "debias" / "report.json").read_text())
+    assert report["k"] == 20 and len(report["parameters"]) == 2, report.get("parameters")
 
 
 def _rows(out: Path) -> list[dict]:

@@ -189,6 +189,22 @@ def grid_masks(module, datamodule, cells: list[Cell], out: Path) -> dict[str, Pa
     return paths
 
 
+def one_matrix_rows(methods: list[str]) -> list[str]:
+    """The rows that edit one matrix (or layers of their own): every row but the masks a cell ranks over the
+    config's layers."""
+    return [m for m in methods if kind(m) != "mask" or (m in registry.GRID_VARIANTS
+                                                        and registry.GRID_VARIANTS[m].layer_offsets is not None)]
+
+
+def check_joint_rows(methods: list[str], layers: list[int]) -> None:
+    """Refuse, under a config whose mask spans several layers, the rows that cannot rank a mask over them."""
+    one = one_matrix_rows(methods)
+    if one:
+        raise ValueError(f"model.edit.layers={layers}: each mask row of the grid is ranked jointly over these layers' "
+                         f"W_out, but {one} edit one matrix or layers of their own; drop them from --methods, or "
+                         "compare on one matrix with --overrides '[\"--model.edit.layers=null\"]'")
+
+
 def shares_mask(method: str) -> bool:
     """Whether the grid computes this row's mask (`grid_masks`, one matrix); otherwise its cell computes its own."""
     multilayer = method in registry.GRID_VARIANTS and registry.GRID_VARIANTS[method].layer_offsets is not None

@@ -24,11 +24,13 @@ from debias.commands.compare.grid import (
     DEFAULT_METHODS,
     any_ranked,
     cell_overrides,
+    check_joint_rows,
     check_request,
     entry_counts,
     grid_masks,
     kind,
     mask_name,
+    one_matrix_rows,
     plan,
     shares_mask,
 )
@@ -53,7 +55,7 @@ def finished_cell(path: Path, warn: bool = False) -> dict | None:
 
 
 def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seeds, lora_ranks, objectives, seeded,
-                  settings: FrontierSettings, state: dict):
+                  settings: FrontierSettings, state: dict, methods_given: bool = True):
     """Features (the config's, or the rule's choice, kept across resumes: `state` is the last `grid.json`), cells and
     their masks."""
     from debias.commands.fit import build_cli
@@ -63,14 +65,17 @@ def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seed
 
     cli = build_cli(["--config", config, *base_args], run=False)
     module, data = cli.model, cli.datamodule
-    if len(module.parameters_edited) > 1:
-        raise ValueError(f"model.edit.layers={module.layers_edited}: debias compare builds one-matrix masks (the "
-                         f"SAE layer's W_out, layer {module.site.layer}); drop model.edit.layers")
+    joint = list(module.layers_edited) if len(module.parameters_edited) > 1 else None  # the config's joint mask
+    if joint is not None and not methods_given:
+        methods = [m for m in methods if m not in one_matrix_rows(methods)]
+        _say(f"compare: model.edit.layers={joint}: the mask rows {methods}, each ranked over these layers' W_out")
+    if joint is not None:
+        check_joint_rows(methods, joint)
     if settings.kl_levels and data.hparams.prompt_dir is not None:
         raise ValueError("data.prompt_dir has no validation split, and debias compare chooses each cell's matched-KL "
                          "point on it; use the bias spec's prompts (data.prompt_dir: null), or --kl_levels []")
     shape = tuple(module.net.get_parameter(module.parameter).shape)
-    numel, edit = math.prod(shape), module.edit_args
+    numel, edit = (math.prod(shape) if joint is None else module.numel), module.edit_args
     if any_ranked(methods):
         for rank in lora_ranks:
             check_lora_rank(rank, shape)
@@ -83,10 +88,12 @@ def _prepare_grid(config: str, base_args: list[str], out: Path, methods, k, seed
     total = n_layers(module.net)
     layers = {c.name: registry.grid_layers(c.method, module.site.layer, total) for c in cells}  # refused before masks
     finished = {c.name for c in cells if finished_cell(out / "cells" / f"{c.name}.json") is not None}
-    masks = grid_masks(module, data, [c for c in cells if c.name not in finished], out)
+    shared = joint is None  # a joint mask is ranked by each cell's own fit, over the config's layers
+    masks = grid_masks(module, data, [c for c in cells if c.name not in finished and shared], out)
     for cell in cells:
         mask = masks.get(mask_name(cell), out / "masks" / f"{mask_name(cell)}.safetensors")  # finished: on disk
-        cell.overrides = cell_overrides(cell, features, mask if shares_mask(cell.method) else None, layers[cell.name])
+        cell.overrides = cell_overrides(cell, features, mask if shared and shares_mask(cell.method) else None,
+                                        joint or layers[cell.name])
     selection, max_steps = module.feature_selection, int(cli.trainer.max_steps)
     del module, cli
     return cells, features, selection, max_steps
@@ -113,8 +120,11 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
     Args:
         fit_config: a `debias fit` YAML config (model, SAE, features, objective, steps, data).
         methods: rows of the grid: the methods of `debias.edits.registry` and its grid variants (default:
-            `grid.DEFAULT_METHODS`, every method but `dense`, with the multi-layer variant).
-        k: mask sizes for the masked methods, as fractions of W_out (< 1) or entry counts (default: the config's).
+            `grid.DEFAULT_METHODS`, every method but `dense`, with the multi-layer variant). Under a config whose
+            mask spans several layers (`model.edit.layers`), each mask row ranks its own mask over those layers'
+            W_out, and the rows that edit one matrix are refused (default: the mask rows alone).
+        k: mask sizes for the masked methods, as fractions of the edited W_out (< 1) or entry counts (default: the
+            config's).
         seeds: the seeds of the `seeded` methods: the random mask's draw and the order of the training data.
         seeded: methods run once per seed (default: the one-matrix masks, `grid.SEEDED`); the report gives
             mean ± sd over seeds.
@@ -133,7 +143,7 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
     """
     from debias.commands.compare.report import write_results
 
-    methods = list(methods or DEFAULT_METHODS)
+    methods_given, methods = methods is not None, list(methods or DEFAULT_METHODS)
     seeds, lora_ranks = list(seeds), list(lora_ranks)
     if suite_levels is None:
         suite_levels = [max(kl_levels)] if kl_levels and all(isinstance(v, (int, float)) for v in kl_levels) else []
@@ -144,7 +154,8 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
     started = time.time()
     previous = read_json_object(out_dir / "grid.json") or {}
     cells, features, selection, max_steps = _prepare_grid(fit_config, base_args, out_dir, methods, k, seeds,
-                                                          lora_ranks, objectives, seeded, settings, previous)
+                                                          lora_ranks, objectives, seeded, settings, previous,
+                                                          methods_given)
     if max_steps < 1:
         raise ValueError(f"trainer.max_steps={max_steps}: expected a run of >= 1 steps (--steps)")
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)  # only now: a refused grid leaves no directory
