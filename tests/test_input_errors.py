@@ -232,6 +232,7 @@ def test_ckpt_path_with_the_same_arguments_proceeds_with_a_note(fitted, monkeypa
 
 def test_checkpoint_differences_list_every_key_with_both_values(tmp_path):
     from debias.commands.fit import check_checkpoint_hparams
+    from debias.training.args import EditArgs
 
     ckpt = tmp_path / "x.ckpt"
     saved = {"base_model": "tiny-llama", "edit": {"method": "instability", "mask_seed": 0, "entries": None},
@@ -245,6 +246,12 @@ def test_checkpoint_differences_list_every_key_with_both_values(tmp_path):
         f"--ckpt_path {ckpt} was trained with model.edit.method='instability' and model.edit.mask_seed=0 and "
         "model.sae.build=None; this run has 'random' and 2 and {'hook_name': 'blocks.1.hook_mlp_out'} (")
     check_checkpoint_hparams(str(ckpt), json.loads(json.dumps(saved)))  # equal: proceeds
+    current["edit"].update(method="instability", mask_seed=0, fraction=0.5)  # a field the checkpoint predates ...
+    with pytest.raises(ValueError, match=r"trained with no model.edit.fraction and model.sae.build=None; this run has "
+                                         r"0.5 and"):
+        check_checkpoint_hparams(str(ckpt), current)  # ... refused at another value than its default
+    current["edit"]["fraction"], current["sae"]["build"] = EditArgs().fraction, None
+    check_checkpoint_hparams(str(ckpt), current)  # ... accepted at its default: the checkpoint's code ran as that
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"text.ckpt is not a --ckpt_path checkpoint that loads as weights only \("):
         check_checkpoint_hparams(str(tmp_path / "text.ckpt"), current)

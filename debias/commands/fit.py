@@ -8,6 +8,7 @@ A bad key or value raises `ConfigError` (jsonargparse's message) instead of prin
 from __future__ import annotations
 
 import ast
+import dataclasses
 import logging
 import re
 import sys
@@ -22,8 +23,10 @@ from debias.callbacks import ReportAndExport, ValidationMetrics
 from debias.config import moved
 from debias.evaluation.settings import EvaluationArgs
 from debias.io import load_weights_only
+from debias.training.args import EditArgs, SAEArgs, TrainArgs
 from debias.training.data import DebiasDataModule
 from debias.training.module import DebiasModule
+from debias.training.objective import ObjectiveWeights
 
 RESUME_NOTE = ("a run resumed from a mid-epoch checkpoint does not repeat an uninterrupted run exactly: the "
                "dataloader's position is not saved, so the resumed epoch does not continue where the interrupted one "
@@ -55,12 +58,36 @@ def hparam_differences(saved, current, prefix: str = "model") -> list[tuple[str,
     return [] if _plain(saved) == _plain(current) else [(prefix, saved, current)]
 
 
+#: The model's argument groups: a checkpoint written before one of their fields existed lacks it.
+_GROUPS = {"sae": SAEArgs, "edit": EditArgs, "objective": ObjectiveWeights, "train": TrainArgs}
+
+
+def _default(field: dataclasses.Field):
+    value = field.default
+    if value is dataclasses.MISSING and callable(field.default_factory):
+        value = field.default_factory()
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+
+
+def with_predated_defaults(saved: dict, current: dict) -> dict:
+    """`saved` with each group field it lacks where `current` holds that field's default: a checkpoint written
+    before the field existed ran as its default (and `load_from_checkpoint` gives it the default too)."""
+    filled = dict(saved)
+    for name, cls in _GROUPS.items():
+        ours, theirs = current.get(name), saved.get(name)
+        if isinstance(ours, dict) and isinstance(theirs, dict):
+            predated = {f.name: _default(f) for f in dataclasses.fields(cls) if f.name not in theirs}
+            filled[name] = {**{k: v for k, v in predated.items() if k in ours and _plain(ours[k]) == _plain(v)},
+                            **theirs}
+    return filled
+
+
 def refuse_other_hparams(saved: dict, current: dict, source: str, advice: str) -> None:
     """Refuse a checkpoint's model arguments `saved` that differ from `current` (a run's `model` config) in any key,
     naming each key with both values: `{source} was trained with ...; this run has ... ({advice})`."""
     if "_class_path" in saved:  # written by LightningCLI's subclass mode: the arguments are the rest
         saved = {k: v for k, v in saved.items() if k != "_class_path"}
-    differences = hparam_differences(saved, current)
+    differences = hparam_differences(with_predated_defaults(saved, current), current)
     if differences:
         trained = " and ".join(f"{key}={old!r}" if old is not _ABSENT else f"no {key}" for key, old, _ in differences)
         now = " and ".join(repr(new) if new is not _ABSENT else "none" for _, _, new in differences)
