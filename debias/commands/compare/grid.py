@@ -67,7 +67,7 @@ class Cell:
 #: the inference-time interventions. The others (`dense`, `instability_gxw`) are a `--methods` away.
 DEFAULT_METHODS = ("instability", "bias_gradient", "feature_effect", "random", "random_features", "lora",
                    "instability_3layers", "feature_projection", "sae_clamp", "steering_vector")
-#: Methods run once per seed by default: the one-matrix masks, compared with seed spread (a seed orders the training
+#: Methods run once per seed by default: the masks, compared with seed spread (a seed orders the training
 #: data, and draws the mask of `random` and the latents of `random_features`).
 SEEDED = ("instability", "bias_gradient", "feature_effect", "random", "random_features")
 #: Where a grid computes a mask itself, from one shared gradient; a method ranked by anything else computes its own.

@@ -126,7 +126,7 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
         k: mask sizes for the masked methods, as fractions of the edited W_out (< 1) or entry counts (default: the
             config's).
         seeds: the seeds of the `seeded` methods: the random mask's draw and the order of the training data.
-        seeded: methods run once per seed (default: the one-matrix masks, `grid.SEEDED`); the report gives
+        seeded: methods run once per seed (default: the masks, `grid.SEEDED`); the report gives
             mean ± sd over seeds.
         lora_ranks: ranks of the `lora` cells.
         objectives: also run the objective ablation (each removal term alone + KL) for instability, random and
