@@ -1,5 +1,6 @@
 """`report.png`: training curves, the held-out feature's activation histogram and the gap per profession; and
-`debias compare`'s `pareto.png`: every method's curves, their frontier and the matched-KL points."""
+`debias compare`'s `pareto.png` (every method's curves, their frontier and the matched-KL points) and
+`retention.png` (held-out statement removal against factual margin kept, per method, under a KL budget)."""
 
 from __future__ import annotations
 
@@ -168,6 +169,56 @@ def pareto_figure(rows: list[dict], matched: list[dict], title: str = "") -> byt
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set(xlabel="KL(original ‖ edited) on held-out neutral text, nats/token (log)",
            ylabel="held-out bias-gap reduction, %", title=title)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def retention_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (factual kept, statement removal) points that no other point beats on both, by falling factual kept."""
+    best, out = float("-inf"), []
+    for kept, removal in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if removal > best:
+            out.append((kept, removal))
+            best = removal
+    return out
+
+
+def retention_figure(rows: list[dict], max_kl: float = 0.01, title: str = "") -> bytes | None:
+    """PNG bytes: held-out statement-gap reduction against held-out factual margin kept, for every curve point
+    (`results.csv` rows with `point` = curve) whose held-out KL is at most `max_kl`, each method's frontier as a
+    line. None when no point has both numbers (a spec without statements or factual items)."""
+    import io
+
+    import matplotlib
+
+    from debias.edits import registry
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if (r["point"] == "curve" and r["objective"] == "default" and r.get("kl") is not None
+                and r["kl"] <= max_kl and r.get("factual_kept") is not None
+                and r.get("statement_gap_reduction") is not None):
+            by_method.setdefault(r["method"], []).append((100 * r["factual_kept"], 100 * r["statement_gap_reduction"]))
+    if not by_method:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    for method, points in by_method.items():
+        colour = registry.colour(method)
+        kept, removal = zip(*points, strict=True)
+        ax.scatter(kept, removal, s=10, color=colour, alpha=0.35)
+        ax.plot(*zip(*retention_frontier(points), strict=True), color=colour, marker="o", markersize=4,
+                label=f"{method} ({len(points)} points)")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set(xlabel="held-out factual margin kept, %", ylabel="held-out statement-gap reduction, %",
+           title=title or f"held-out, every snapshot × α of every seed at KL ≤ {max_kl:g}; "
+                          "lines: each method's frontier")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     buf = io.BytesIO()

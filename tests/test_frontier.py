@@ -315,6 +315,9 @@ def test_matched_points_are_pooled_over_seeds_and_a_level_out_of_reach_says_so(g
     assert "UNFINISHED" not in text and not summary["unfinished"]
     assert summary["evaluations_per_trained_cell"] == 2 * 2 * 1 + 2
     assert (out / "pareto.png").stat().st_size > 1000
+    curve = [r for r in _csv_rows(out) if r["point"] == "curve"]
+    has_both = any(r["statement_gap_reduction"] and r["factual_kept"] and float(r["kl"]) <= HIGH for r in curve)
+    assert (out / "retention.png").exists() == has_both  # statements against factual kept, where the spec has both
     rows = [r for r in _csv_rows(out) if r["point"] == "matched" and r["reached"] == "True"]
     assert len(rows) == 2 and all(float(r["val_kl"]) == LOW for r in rows)  # chosen on the validation level ...
     assert all(float(r["kl"]) != LOW for r in rows)  # ... and evaluated on held-out text there

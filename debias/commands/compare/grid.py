@@ -10,8 +10,8 @@ Each cell runs `debias fit`'s own path (the config, with the method's overrides)
 then a curve: its snapshots along training, each at every scale α (`frontier`, `points`), and its points at matched
 validation KLs (`matched`). A finished cell is recorded in `OUT/cells/<name>.json`; rerunning the same command skips
 finished cells, and a cell interrupted half-way keeps its training and its finished points (`cell`), so an
-interrupted grid resumes where it stopped. `results.csv`, `results.md`, `results.json` and `pareto.png` are
-rewritten atomically after every cell, and say "unfinished" until the last one is done.
+interrupted grid resumes where it stopped. `results.csv`, `results.md`, `results.json`, `pareto.png` and `retention.png`
+are rewritten atomically after every cell, and say "unfinished" until the last one is done.
 """
 
 from __future__ import annotations

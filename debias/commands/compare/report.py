@@ -1,6 +1,7 @@
 """The comparison grid's results: every point of every cell's curve (`results.csv`), the matched-KL summary per
-method with the seeds pooled (`results.md`, `results.json`) and the curves with their frontier (`pareto.png`).
-Written atomically; an unfinished grid says so in all of them."""
+method with the seeds pooled (`results.md`, `results.json`), the curves with their frontier (`pareto.png`) and
+statement removal against factual retention (`retention.png`). Written atomically; an unfinished grid says so in
+all of them."""
 
 from __future__ import annotations
 
@@ -151,10 +152,10 @@ def _csv(rows: list[dict], status: str) -> str:
 
 def write_results(out: Path, cells: list, results: dict, config: str, prepare_seconds: float = 0.0,
                   shared=None, settings=None) -> dict[str, Path]:
-    """results.csv, results.md, results.json and pareto.png for the finished cells, each marked unfinished until
-    all are done."""
+    """results.csv, results.md, results.json, pareto.png and (where the spec has statements and factual items)
+    retention.png for the finished cells, each marked unfinished until all are done."""
     from debias.commands.compare.frontier import FrontierSettings
-    from debias.plots import pareto_figure
+    from debias.plots import pareto_figure, retention_figure
 
     settings = settings or FrontierSettings()
     finished = [c for c in cells if c.name in results]
@@ -166,7 +167,7 @@ def write_results(out: Path, cells: list, results: dict, config: str, prepare_se
     status = "" if done else (f"UNFINISHED: {len(finished)} of {len(cells)} cells done; rerun the same command to "
                               "resume.")
     paths = {"csv": out / "results.csv", "md": out / "results.md", "json": out / "results.json",
-             "png": out / "pareto.png"}
+             "png": out / "pareto.png", "retention": out / "retention.png"}
     atomic_write(paths["csv"], _csv(rows, status))
     before = getattr(shared, "before", None) or (next(iter(results.values()))["report"]["before"] if results else None)
     cell_seconds = sum(r["seconds"] for r in trained)
@@ -184,4 +185,7 @@ def write_results(out: Path, cells: list, results: dict, config: str, prepare_se
     atomic_write(paths["json"], json.dumps(summary, indent=2, default=float))
     if rows:
         atomic_write(paths["png"], pareto_figure(rows, pooled, title=("UNFINISHED — " if not done else "") + config))
+        retention = retention_figure(rows, max_kl=max(settings.kl_levels))
+        if retention is not None:
+            atomic_write(paths["retention"], retention)
     return paths

@@ -131,7 +131,8 @@ def compare_command(fit_config: str, methods: list[str] | None = None,
         lora_ranks: ranks of the `lora` cells.
         objectives: also run the objective ablation (each removal term alone + KL) for instability, random and
             bias_gradient at the config's k (off by default).
-        out: output directory (results.csv, results.md, results.json, pareto.png, one directory per cell).
+        out: output directory (results.csv, results.md, results.json, pareto.png, retention.png, one directory per
+            cell).
         steps: training steps per cell (default: the config's trainer.max_steps).
         alphas: scales of each snapshot's edit evaluated (0 < α <= 10; α = 0, the original model, is every curve's
             anchor).
