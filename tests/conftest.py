@@ -27,7 +27,8 @@ def one_thread():
 
 
 GROUPS = {"sae": ("sae_id", "build", "features", "n_features", "feature_target"),
-          "edit": ("method", "fraction", "entries", "mask_strategy", "mask_path", "mask_seed", "layers", "options"),
+          "edit": ("method", "fraction", "entries", "mask_strategy", "mask_path", "mask_seed", "layers", "options",
+                   "rank_null_space_energy"),
           "train": ("lr", "max_length", "cache_activations", "cache_budget_mb", "null_space_energy", "lr_decay")}
 #: The tests' shorthand for two `model.edit` fields: `k=` (the mask's entry count), `seed=` (its seed).
 SHORTHAND = {"k": "entries", "seed": "mask_seed"}

@@ -1,6 +1,8 @@
 """Null-space-constrained updates (debias.edits.null_space, model.train.null_space_energy): the fitted basis, the
 exact projection of a dense update, and a masked edit kept (nearly) off the preserved prompts' inputs."""
 
+import re
+
 import pytest
 import torch
 from conftest import make_data, make_module, make_trainer
@@ -87,3 +89,45 @@ def test_a_trained_masked_edit_stays_off_the_preserved_inputs(tmp_path):
     plain.null_space = projected.null_space  # the same basis: measure the plain edit's component in it
     assert plain.delta.changed_entries() > 0 and projected.delta.changed_entries() > 0
     assert _preserved_component(projected) < 0.5 * _preserved_component(plain)
+
+
+def test_a_mask_ranked_in_the_null_space_is_the_top_k_of_the_projected_gradient():
+    from debias.edits.gradients import gap_gradients
+    from debias.edits.joint import joint_top_k
+    from debias.training.preserve import preserved_batches
+
+    data = make_data()
+    plain, ranked = make_module(method="bias_gradient", k=200), make_module(method="bias_gradient", k=200,
+                                                                             rank_null_space_energy=0.9)
+    for module in (plain, ranked):
+        module.prepare(data)
+    (m,) = ranked.delta.masks
+    layer = ranked.net.get_submodule(m.parameter.removesuffix(".weight"))
+    space = fit_null_space(ranked.net, {m.parameter: layer}, preserved_batches(ranked, data), 0.9)
+    (grad,) = gap_gradients(ranked.net, ranked.tokenizer, [m.parameter], data.gap_texts(), None, data.eval_batch_size,
+                            progress=False)
+    (expected,) = joint_top_k([space.project(m.parameter, grad).abs()], 200)
+    assert torch.equal(m.indices, expected)
+    assert not torch.equal(m.indices, plain.delta.masks[0].indices)  # the projection changes the ranking
+    assert m.extra["rank_null_space_energy"] == 0.9 and "rank_null_space_energy" not in plain.delta.masks[0].extra
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"rank_null_space_energy": 1.5}, "model.edit.rank_null_space_energy must be in (0, 1] or null, got 1.5"),
+    ({"rank_null_space_energy": 0.9, "method": "random"}, "method 'random' ranks no gradient"),
+    ({"rank_null_space_energy": 0.9, "method": "dense", "fraction": None}, "method 'dense' ranks no gradient"),
+])
+def test_a_bad_null_space_ranking_is_refused_by_name(edit, message):
+    from debias.training.args import EditArgs
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EditArgs(**edit)
+
+
+def test_a_given_mask_is_not_ranked_again(tmp_path):
+    from debias.training.args import EditArgs
+
+    path = tmp_path / "mask.safetensors"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="a given mask is used as it is"):
+        EditArgs(rank_null_space_energy=0.9, mask_path=str(path))

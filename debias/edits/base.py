@@ -232,6 +232,8 @@ class EditContext:
     gap_texts: list[list[str]] | None = None  # train gap prompts, one list per group (None: gender's two lists)
     parameters: list[str] = field(default_factory=list)  # masked methods: every W_out edited (`model.edit.layers`)
     layers: list[int] = field(default_factory=list)  # their layers, ascending; both empty: `parameter` alone
+    preserved: Callable[[], list[dict[str, torch.Tensor]]] = list  # the train factual and cue prompts, tokenised
+    #   in batches, computed when called (`model.edit.rank_null_space_energy`); no data: none
 
     def edited(self) -> list[str]:
         """The W_out matrices a masked method edits, in layer order (`parameter` alone unless `model.edit.layers`)."""

@@ -1,6 +1,8 @@
 """What a masked method's entries are ranked by, for the `Method.mask_from` values whose gradient the mask does
 not compute itself: the train gap's own (`bias`) or through the features only (`feature_effect`); and the
-`random_features` control, which ranks by the feature gradient of latents drawn in place of the run's features.
+`random_features` control, which ranks by the feature gradient of latents drawn in place of the run's features;
+and any of these gradients projected off the inputs of the prompts the edit must keep (`model.edit.
+rank_null_space_energy`).
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ import torch
 
 from debias.edits.base import EditContext
 from debias.edits.feature_effect import feature_effect_gradients
-from debias.edits.gradients import gap_gradients
+from debias.edits.gradients import feature_gradients, gap_gradients
 from debias.edits.mask import Mask
+from debias.edits.null_space import fit_null_space
 
 
 def mask_from_gradients(ctx: EditContext, mask_from: str, parameters: list[str]) -> list[torch.Tensor] | None:
@@ -23,6 +26,27 @@ def mask_from_gradients(ctx: EditContext, mask_from: str, parameters: list[str])
         return feature_effect_gradients(ctx.net, ctx.tokenizer, ctx.sae, ctx.site, parameters, ctx.gap_prompts(),
                                         ctx.features, ctx.eval_batch_size, targets=ctx.bias)
     return None
+
+
+def ranked_in_null_space(ctx: EditContext, parameters: list[str], grads: list[torch.Tensor] | None,
+                          energy: float) -> list[torch.Tensor]:
+    """The ranking gradients (the run's features' own where `grads` is None) with each matrix's action on the
+    preserved prompts' inputs removed, G − (G U) Uᵀ (`debias.edits.null_space`), so that the top k favours entries
+    whose input units those prompts barely use. The edit itself is not constrained: training moves the mask freely."""
+    batches = ctx.preserved()
+    if not batches:
+        raise ValueError("model.edit.rank_null_space_energy needs preserved prompts (the bias spec's train factual "
+                         "statements or cue prompts); the train split has none")
+    layers = {p: ctx.net.get_submodule(p.removesuffix(".weight")) for p in parameters}
+    odd = [p for p, layer in layers.items() if not isinstance(layer, torch.nn.Linear)]
+    if odd:
+        raise ValueError(f"model.edit.rank_null_space_energy needs nn.Linear W_out ([out, in]); {odd[0]} is a "
+                         f"{type(layers[odd[0]]).__name__}")
+    if grads is None:
+        grads = feature_gradients(ctx.net, ctx.sae, ctx.site, parameters, ctx.mask_batches, ctx.features,
+                                  ctx.tokenizer.bos_token_id)
+    space = fit_null_space(ctx.net, layers, batches, energy)
+    return [space.project(p, g.float()) for p, g in zip(parameters, grads, strict=True)]
 
 
 def use_random_features(ctx: EditContext, given: Mask | None) -> dict:

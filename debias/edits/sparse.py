@@ -19,7 +19,7 @@ from debias.edits.base import ADAPTER, WeightEdit
 from debias.edits.joint import compute_joint_mask
 from debias.edits.mask import InstabilityMask, Mask, compute_mask, full_mask, load_masks_for
 from debias.edits.record import EditRecord, MatrixDelta, apply_delta
-from debias.edits.sources import mask_from_gradients, use_random_features
+from debias.edits.sources import mask_from_gradients, ranked_in_null_space, use_random_features
 from debias.edits.sparse_layers import SparseConv1D, attach_supertuning
 
 __all__ = ["EditRecord", "MatrixDelta", "SparseDelta", "apply_delta", "build_dense", "build_masked"]
@@ -196,7 +196,9 @@ def build_masked(ctx, mask_from: str) -> SparseDelta:
     feature(s)' gradient; "bias": the train gap's own gradient; "feature_effect": the train gap's gradient through
     the feature(s) only, `debias.edits.feature_effect`; "random_features": "feature" with the features replaced by as
     many live latents drawn at random, `debias.edits.sources`; "random": seeded random scores); over the W_out of every
-    layer of `model.edit.layers`, ranked jointly (`debias.edits.joint`), when there are several."""
+    layer of `model.edit.layers`, ranked jointly (`debias.edits.joint`), when there are several. With
+    `model.edit.rank_null_space_energy` the gradient is first projected off the preserved prompts' inputs
+    (`debias.edits.sources.ranked_in_null_space`)."""
     args, parameters = ctx.args, ctx.edited()
     given = ctx.preset_mask
     if given is None and args.mask_path:
@@ -206,6 +208,10 @@ def build_masked(ctx, mask_from: str) -> SparseDelta:
         mask = given
     else:
         grads = mask_from_gradients(ctx, mask_from, parameters)
+        energy = getattr(args, "rank_null_space_energy", None)
+        if energy is not None and mask_from != "random":
+            grads = ranked_in_null_space(ctx, parameters, grads, energy)
+            drawn = {**drawn, "rank_null_space_energy": energy}
         strategy = "random" if mask_from == "random" else args.mask_strategy
         common: dict[str, Any] = dict(strategy=strategy, seed=args.mask_seed, bos_token_id=ctx.tokenizer.bos_token_id,
                                       extra={"method": args.method, "mask_from": mask_from, **drawn},

@@ -121,6 +121,11 @@ class EditArgs:
     """Use this saved mask (`debias mask`) instead of computing one; it brings its own k."""
     mask_seed: int = 0
     """Seed of the mask's random draws: the entries of `random`, and the latents `random_features` draws."""
+    rank_null_space_energy: float | None = None
+    """Rank the mask inside the null space of the prompts the edit must keep: project each W_out's ranking gradient
+    off the directions holding this share of the energy of its inputs on the train factual and cue prompts (those of
+    `model.train.null_space_energy`) before the top k, so the mask takes entries whose input units are quiet on
+    them. None: rank the raw gradient. Masked methods ranked by a gradient only (not random, not a mask_path)."""
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Each method's own options, keyed by method and checked against its registered dataclass
     (`registry.Method.options`, `debias.edits.options`); the run's method uses its entry, `debias compare` the others'.
@@ -143,6 +148,7 @@ class EditArgs:
                                                                        and 0 < self.fraction <= 1):
             problems.append(f"model.edit.fraction must be in (0, 1], got {self.fraction}")
         problems += _layer_problems(self.method, self.layers)
+        problems += _rank_energy_problems(self.method, self.rank_null_space_energy, self.mask_path)
         if self.mask_path is not None and not Path(self.mask_path).is_file():
             problems.append(f"model.edit.mask_path={self.mask_path!r}: no such file")
         self.method_options: Any = None  # the method's options dataclass, built from `options` (None: it takes none)
@@ -154,6 +160,22 @@ class EditArgs:
     @property
     def masked(self) -> bool:
         return registry.get(self.method).kind == "mask"
+
+
+def _rank_energy_problems(method: str, energy, mask_path: str | None) -> list[str]:
+    """`model.edit.rank_null_space_energy`: in (0, 1], for a method whose mask this run ranks by a gradient."""
+    if energy is None:
+        return []
+    if not (_finite(energy) and 0 < energy <= 1):
+        return [f"model.edit.rank_null_space_energy must be in (0, 1] or null, got {energy}"]
+    ranked = [m for m in registry.names("mask") if m != "random"]
+    if method in registry.METHODS and method not in ranked:
+        return [f"model.edit.rank_null_space_energy={energy} was given, but method {method!r} ranks no gradient "
+                f"(it applies to {ranked})"]
+    if mask_path is not None:
+        return [f"model.edit.rank_null_space_energy={energy} was given with model.edit.mask_path={mask_path!r}: a "
+                "given mask is used as it is; drop one of them"]
+    return []
 
 
 def _layer_problems(method: str, layers) -> list[str]:

@@ -31,7 +31,7 @@ from debias.training.identity_term import IdentityLatents, fit_identity
 from debias.training.layer_stack import upstream_of
 from debias.training.module_sae import build_settings, check_sae, load_sae
 from debias.training.objective import ObjectiveWeights, loss_terms, token_kl
-from debias.training.preserve import null_space_for, project_delta
+from debias.training.preserve import null_space_for, preserved_batches, project_delta
 from debias.training.protocol import DebiasData, check_data
 
 
@@ -90,9 +90,8 @@ class DebiasModule(LightningModule):
         self.delta: Any = None  # the method's edit (an `Edit`), attached by `prepare`
         self.fastpath: FastPath | None = None
         self.use_fast_path = True
-        """False: training and evaluation take the plain path (a full forward every time) although the module has a
-        fast path; its cache is kept for when it is turned back on. `model.train.cache_activations: false` builds no
-        fast path at all."""
+        """False: training and evaluation take the plain path (full forwards), keeping the fast path's cache for when it
+        is turned back on. `model.train.cache_activations: false` builds no fast path at all."""
         self.null_space: Any = None  # a NullSpace (`model.train.null_space_energy`), fitted by `prepare`
         self.identity: IdentityLatents | None = None  # `objective.identity`'s latents, chosen by `prepare`
         self.shared_upstream: dict | None = None  # set before `prepare` to share cached activations across runs
@@ -151,7 +150,8 @@ class DebiasModule(LightningModule):
         data (`load_from_checkpoint`), from `preset_mask` and the module's own features alone."""
         strategy = self._trainer.strategy if self._trainer is not None else None
         from_data: dict[str, Any] = {"texts": {}} if data is None else dict(
-            texts=data.texts, eval_batch_size=data.eval_batch_size, bias=data.bias, gap_texts=data.gap_texts())
+            texts=data.texts, eval_batch_size=data.eval_batch_size, bias=data.bias, gap_texts=data.gap_texts(),
+            preserved=lambda: preserved_batches(self, data))
         context = EditContext(
             net=self.net, tokenizer=self.tokenizer, sae=self.sae, site=self.site, parameter=self.parameter,
             parameters=self.parameters_edited, layers=self.layers_edited, features=self.features, k=self.k,

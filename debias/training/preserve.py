@@ -22,18 +22,22 @@ def preserved_texts(datamodule, seed: int = 0) -> list[str]:
     return factual + cues
 
 
+def preserved_batches(module, datamodule) -> list[dict]:
+    """`preserved_texts`, tokenised by `module` in batches of the data's eval batch size."""
+    texts, size = preserved_texts(datamodule), datamodule.eval_batch_size
+    return [module.tokenize(texts[i:i + size]) for i in range(0, len(texts), size)]
+
+
 def null_space_for(module, datamodule, energy: float) -> NullSpace:
     """Fit the null space of `module`'s edited matrices on the preserved train texts, on the original model."""
     delta = module.delta
     if not hasattr(delta, "masks"):
         raise ValueError(f"model.train.null_space_energy applies to masked and dense methods; method "
                          f"{module.edit_args.method!r} has no masked delta")
-    texts = preserved_texts(datamodule)
-    if not texts:
+    batches = preserved_batches(module, datamodule)
+    if not batches:
         raise ValueError("model.train.null_space_energy needs preserved prompts (the bias spec's factual statements "
                          "or cue prompts); the train split has none")
-    size = datamodule.eval_batch_size
-    batches = [module.tokenize(texts[i:i + size]) for i in range(0, len(texts), size)]
     with delta.disabled():
         fitted = fit_null_space(module.net, dict(zip([m.parameter for m in delta.masks], delta.layers, strict=True)),
                                 batches, energy)

@@ -157,6 +157,9 @@ def grid_masks(module, datamodule, cells: list[Cell], out: Path) -> dict[str, Pa
     from debias.edits.mask import compute_mask, feature_gradient, gap_gradient
 
     needed = {(c.method, c.k, c.seed) for c in cells if shares_mask(c.method)}
+    if needed and module.edit_args.rank_null_space_energy is not None:  # the shared one-matrix masks rank raw grads
+        raise ValueError(f"model.edit.rank_null_space_energy={module.edit_args.rank_null_space_energy} applies to "
+                         "`debias compare` under model.edit.layers only (each cell then ranks its own mask)")
     batches = [module.tokenize(b) for b in datamodule.mask_batches()]
     net = module.net
     grads, source = {}, {m: registry.grid_entry(m)[0].mask_from for m, _, _ in needed}
