@@ -1,5 +1,6 @@
 """Null-space-constrained updates (debias.edits.null_space, model.train.null_space_energy): the fitted basis, the
-exact projection of a dense update, and a masked edit kept (nearly) off the preserved prompts' inputs."""
+exact projection of a dense update, and a masked edit kept (nearly) off the preserved prompts' inputs; and a mask
+ranked inside that null space (model.edit.rank_null_space_energy)."""
 
 import re
 

@@ -1,8 +1,8 @@
 """What a masked method's entries are ranked by, for the `Method.mask_from` values whose gradient the mask does
 not compute itself: the train gap's own (`bias`) or through the features only (`feature_effect`); and the
 `random_features` control, which ranks by the feature gradient of latents drawn in place of the run's features;
-and any of these gradients projected off the inputs of the prompts the edit must keep (`model.edit.
-rank_null_space_energy`).
+and any of these gradients projected off the inputs of the prompts the edit must keep
+(`model.edit.rank_null_space_energy`).
 """
 
 from __future__ import annotations
