@@ -120,8 +120,6 @@ def pareto_figure(rows: list[dict], matched: list[dict], title: str = "") -> byt
     later steps darker) in its method's colour (`registry.colour`), the frontier of every point of every method,
     and each method's matched-KL points (`rows.pool_matched`) with their 95% intervals (over seeds, or the held-out
     bootstrap with one seed). `rows`: the `results.csv` rows (`point` = curve for the curves)."""
-    import io
-
     import matplotlib
 
     from debias.edits import registry
@@ -170,6 +168,21 @@ def pareto_figure(rows: list[dict], matched: list[dict], title: str = "") -> byt
     ax.set(xlabel="KL(original ‖ edited) on held-out neutral text, nats/token (log)",
            ylabel="held-out bias-gap reduction, %", title=title)
     ax.legend(fontsize=7, loc="best")
+    return _png_bytes(fig)
+
+
+def retention_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (factual kept, statement removal) points that no other point beats on both, by falling factual kept:
+    `frontier` with more kept in place of less KL."""
+    return [(-lost, removal) for lost, removal in frontier([(-kept, removal) for kept, removal in points])]
+
+
+def _png_bytes(fig) -> bytes:
+    """The figure as PNG bytes (110 dpi, tight layout), closed afterwards."""
+    import io
+
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -177,22 +190,10 @@ def pareto_figure(rows: list[dict], matched: list[dict], title: str = "") -> byt
     return buf.getvalue()
 
 
-def retention_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (factual kept, statement removal) points that no other point beats on both, by falling factual kept."""
-    best, out = float("-inf"), []
-    for kept, removal in sorted(points, key=lambda p: (-p[0], -p[1])):
-        if removal > best:
-            out.append((kept, removal))
-            best = removal
-    return out
-
-
 def retention_figure(rows: list[dict], max_kl: float = 0.01, title: str = "") -> bytes | None:
     """PNG bytes: held-out statement-gap reduction against held-out factual margin kept, for every curve point
     (`results.csv` rows with `point` = curve) whose held-out KL is at most `max_kl`, each method's frontier as a
     line. None when no point has both numbers (a spec without statements or factual items)."""
-    import io
-
     import matplotlib
 
     from debias.edits import registry
@@ -220,8 +221,4 @@ def retention_figure(rows: list[dict], max_kl: float = 0.01, title: str = "") ->
            title=title or f"held-out, every snapshot × α of every seed at KL ≤ {max_kl:g}; "
                           "lines: each method's frontier")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png_bytes(fig)

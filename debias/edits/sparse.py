@@ -208,7 +208,7 @@ def build_masked(ctx, mask_from: str) -> SparseDelta:
         mask = given
     else:
         grads = mask_from_gradients(ctx, mask_from, parameters)
-        energy = getattr(args, "rank_null_space_energy", None)
+        energy = args.rank_null_space_energy
         if energy is not None and mask_from != "random":
             grads = ranked_in_null_space(ctx, parameters, grads, energy)
             drawn = {**drawn, "rank_null_space_energy": energy}
